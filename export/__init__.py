@@ -1,1 +1,303 @@
-"""sdrt.export."""
+"""sdrt.export: turn a Stable Diffusion checkpoint into an sdrt model folder (PyTorch side only).
+
+    from sdrt.export import export_model
+    export_model("path/to/diffusers-folder", "models/my-model", precision="fp16", target="cuda")
+
+The folder is written into a temporary folder beside OUT and renamed at the end, so an
+interrupted export never leaves anything that loads as a model.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import platform
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+from sdrt.runtime.modelfolder import FORMAT_VERSION, GRAPHS, INCOMPLETE_MARKER, MANIFEST, sha256_file
+
+PRECISIONS = ("fp32", "fp16")
+TARGETS = ("cpu", "cuda")
+DEFAULT_OPSET = 17
+
+
+class ExportError(RuntimeError):
+    """The export cannot proceed; the message says why and what is accepted."""
+
+
+def _log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def _read_index(src: Path) -> dict:
+    index = src / "model_index.json"
+    if not src.exists():
+        raise ExportError(f"source folder {src} does not exist")
+    if not src.is_dir():
+        raise ExportError(f"source {src} is not a folder (a diffusers-format folder with model_index.json is accepted)")
+    if not index.is_file():
+        raise ExportError(
+            f"{src} is not a diffusers folder: model_index.json is missing "
+            "(accepted: a StableDiffusionPipeline or StableDiffusionInpaintPipeline folder)"
+        )
+    try:
+        data = json.loads(index.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ExportError(f"{index} is not valid JSON ({e})") from None
+    cls = data.get("_class_name", "")
+    supported = ("StableDiffusionPipeline", "StableDiffusionInpaintPipeline", "StableDiffusionImg2ImgPipeline")
+    if cls not in supported:
+        raise ExportError(f"{src} holds a {cls or 'unknown'} pipeline; sdrt exports {', '.join(supported)}")
+    expected = {
+        "unet": "UNet2DConditionModel",
+        "vae": "AutoencoderKL",
+        "text_encoder": "CLIPTextModel",
+        "tokenizer": "CLIPTokenizer",
+    }
+    for comp, want in expected.items():
+        entry = data.get(comp)
+        if not entry or not isinstance(entry, list) or entry[-1] is None:
+            raise ExportError(f"{src}: model_index.json lists no {comp}")
+        if not (src / comp).is_dir():
+            raise ExportError(f"{src}: the {comp}/ folder is missing")
+        if not str(entry[-1]).startswith(want):
+            raise ExportError(f"{src}: {comp} is a {entry[-1]}; sdrt exports a {want} there (unsupported architecture)")
+    if not (src / "scheduler" / "scheduler_config.json").is_file():
+        raise ExportError(f"{src}: scheduler/scheduler_config.json is missing")
+    return data
+
+
+def _load_pipeline(src: Path, index: dict):
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    unet = UNet2DConditionModel.from_pretrained(src, subfolder="unet", local_files_only=True, torch_dtype=torch.float32)
+    if unet.config.in_channels not in (4, 9):
+        raise ExportError(f"{src}: the UNet has {unet.config.in_channels} input channels; sdrt accepts 4 (or 9 for inpainting)")
+    if getattr(unet.config, "addition_embed_type", None) or getattr(unet.config, "time_cond_proj_dim", None):
+        raise ExportError(f"{src}: the UNet takes extra conditioning (SDXL/LCM-distilled); sdrt accepts SD 1.x/2.x UNets")
+    vae = AutoencoderKL.from_pretrained(src, subfolder="vae", local_files_only=True, torch_dtype=torch.float32)
+    text_encoder = CLIPTextModel.from_pretrained(src, subfolder="text_encoder", local_files_only=True, torch_dtype=torch.float32)
+    tokenizer = CLIPTokenizer.from_pretrained(src, subfolder="tokenizer", local_files_only=True)
+    for m in (unet, vae, text_encoder):
+        m.eval()
+
+    class Parts:  # the attributes graph_specs() reads
+        pass
+
+    p = Parts()
+    p.unet, p.vae, p.text_encoder, p.tokenizer = unet, vae, text_encoder, tokenizer
+    return p
+
+
+def _write_tokenizer(tokenizer, dst: Path) -> None:
+    """vocab.json + merges.txt + tokenizer_config.json (+ tokenizer.json), whatever the source had."""
+    dst.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(dst)
+    if not (dst / "vocab.json").is_file() or not (dst / "merges.txt").is_file():
+        tj = json.loads((dst / "tokenizer.json").read_text(encoding="utf-8"))
+        model = tj["model"]
+        (dst / "vocab.json").write_text(json.dumps(model["vocab"], ensure_ascii=False), encoding="utf-8")
+        merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+        (dst / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+
+
+def _family(unet_cfg, tokenizer, prediction_type: str) -> str:
+    from sdrt.runtime.modelfolder import _family as family
+
+    return family(int(unet_cfg.cross_attention_dim), tokenizer.pad_token, prediction_type)
+
+
+def _versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for mod in ("torch", "diffusers", "transformers", "onnx", "onnxruntime", "numpy"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except Exception:
+            pass
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        out["sdrt"] = version("sdrt")
+    except PackageNotFoundError:
+        pass
+    return out
+
+
+def _partial_name(out: Path) -> Path:
+    return out.parent / f".{out.name}.partial-{os.getpid()}"
+
+
+def _clean_stale_partials(out: Path) -> None:
+    for p in out.parent.glob(f".{out.name}.partial-*"):
+        try:
+            pid = int(p.name.rsplit("-", 1)[1])
+        except ValueError:
+            continue
+        if pid == os.getpid() or not _pid_alive(pid):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _, files in os.walk(root):
+        for f in files:
+            with open(os.path.join(dirpath, f), "rb") as fh:
+                os.fsync(fh.fileno())
+
+
+def export_model(
+    src: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    precision: str = "fp32",
+    target: str = "cpu",
+    opset: int = DEFAULT_OPSET,
+    overwrite: bool = False,
+    fp32_ops: tuple[str, ...] = (),
+    check: bool = True,
+    log: Callable[[str], None] = _log,
+) -> Path:
+    """Export the diffusers folder `src` into the sdrt model folder `out`; returns `out`.
+
+    precision/target: fp32 + cpu (fused for the CPU provider), fp32 + cuda, or fp16 + cuda
+    (fused for the CUDA provider, then converted to fp16; needs the CUDA provider to run).
+    fp32_ops: operator types kept in fp32 in fp16 graphs (e.g. ("MultiHeadAttention",) for SD 2.x).
+    """
+    src, out = Path(src).expanduser(), Path(out).expanduser()
+    if precision not in PRECISIONS:
+        raise ExportError(f"precision {precision!r} is not supported; accepted: {', '.join(PRECISIONS)}")
+    if target not in TARGETS:
+        raise ExportError(f"target {target!r} is not supported; accepted: {', '.join(TARGETS)}")
+    if precision == "fp16" and target != "cuda":
+        raise ExportError("fp16 graphs run on the CUDA provider only: use --target cuda with --precision fp16")
+    if not 14 <= opset <= 20:
+        raise ExportError(f"opset {opset} is not supported; accepted: 14 to 20")
+    index = _read_index(src)
+    if out.exists() and not overwrite:
+        raise ExportError(f"output folder {out} already exists; pass --overwrite to replace it")
+    if out.resolve() == src.resolve():
+        raise ExportError("the output folder must differ from the source folder")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _clean_stale_partials(out)
+    tmp = _partial_name(out)
+    tmp.mkdir()
+    (tmp / INCOMPLETE_MARKER).write_text("export in progress\n")
+    try:
+        manifest = _export_into(src, tmp, index, precision, target, opset, fp32_ops, check, log)
+        _fsync_tree(tmp)
+        (tmp / INCOMPLETE_MARKER).unlink()
+        if out.exists():
+            trash = out.parent / f".{out.name}.old-{os.getpid()}"
+            os.replace(out, trash)
+            os.replace(tmp, out)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if e.errno == errno.ENOSPC:
+            raise ExportError(f"no space left on the device holding {out.parent} while exporting; free some and retry") from None
+        raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log(f"exported {src} -> {out} ({precision}, {target}, {manifest['family']}, {manifest['unet_in_channels']}-channel UNet)")
+    return out
+
+
+def _export_into(src, tmp, index, precision, target, opset, fp32_ops, check, log) -> dict:
+    import torch
+
+    from .graphs import check_graph, export_graph, graph_specs
+    from .optimize import optimize_graph
+
+    torch.set_grad_enabled(False)
+    t0 = time.time()
+    pipe = _load_pipeline(src, index)
+    sched = json.loads((src / "scheduler" / "scheduler_config.json").read_text(encoding="utf-8"))
+    prediction_type = sched.get("prediction_type", "epsilon")
+    if prediction_type not in ("epsilon", "v_prediction"):
+        raise ExportError(f"{src}: prediction_type {prediction_type!r} is not supported; accepted: epsilon, v_prediction")
+
+    checks, fused, precisions = {}, {}, {}
+    for spec in graph_specs(pipe):
+        name = spec.name
+        dst = tmp / name / "model.onnx"
+        stage = tmp / "_fp32" / name / "model.onnx"
+        t = time.time()
+        export_graph(spec, stage, opset)
+        if check:
+            checks[name] = check_graph(spec, stage)
+            log(f"  {name}: fp32 ONNX vs PyTorch max abs diff {checks[name]:.3g}")
+        fused[name] = optimize_graph(stage, dst, name, target, precision, fp32_ops)
+        precisions[name] = precision
+        if check and target == "cpu":
+            # The fused CPU graph must still compute the module's output.
+            check_graph(spec, dst)
+        shutil.rmtree(stage.parent)
+        ops = ", ".join(f"{k} {v}" for k, v in sorted(fused[name].items())) or "none"
+        log(f"  {name}: {precision}/{target} graph written in {time.time() - t:.1f}s (fused: {ops})")
+    shutil.rmtree(tmp / "_fp32", ignore_errors=True)
+
+    # Configs and tokenizer, in optimum's layout.
+    (tmp / "scheduler").mkdir()
+    shutil.copy2(src / "scheduler" / "scheduler_config.json", tmp / "scheduler" / "scheduler_config.json")
+    _write_tokenizer(pipe.tokenizer, tmp / "tokenizer")
+    pipe.unet.save_config(tmp / "unet")
+    pipe.text_encoder.config.to_json_file(tmp / "text_encoder" / "config.json")
+    for d in ("vae_encoder", "vae_decoder"):
+        pipe.vae.save_config(tmp / d)
+    new_index = {k: v for k, v in index.items() if k != "vae"}
+    new_index["vae_encoder"] = ["sdrt", "OnnxGraph"]
+    new_index["vae_decoder"] = ["sdrt", "OnnxGraph"]
+    for k in ("unet", "text_encoder"):
+        new_index[k] = ["sdrt", "OnnxGraph"]
+    (tmp / "model_index.json").write_text(json.dumps(new_index, indent=2) + "\n")
+
+    vae_cfg = pipe.vae.config
+    files = {}
+    for p in sorted(tmp.rglob("*")):
+        if p.is_file() and p.name != INCOMPLETE_MARKER:
+            rel = p.relative_to(tmp).as_posix()
+            files[rel] = {"sha256": sha256_file(p), "size": p.stat().st_size}
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "family": _family(pipe.unet.config, pipe.tokenizer, prediction_type),
+        "prediction_type": prediction_type,
+        "unet_in_channels": int(pipe.unet.config.in_channels),
+        "latent_channels": int(vae_cfg.latent_channels),
+        "vae_scale_factor": 2 ** (len(vae_cfg.block_out_channels) - 1),
+        "vae_scaling_factor": float(vae_cfg.scaling_factor),
+        "sample_size": int(pipe.unet.config.sample_size),
+        "text_hidden_size": int(pipe.text_encoder.config.hidden_size),
+        "text_layers": int(pipe.text_encoder.config.num_hidden_layers),
+        "target": target,
+        "precision": precisions,
+        "opset": opset,
+        "fp32_ops": list(fp32_ops),
+        "fused_operators": fused,
+        "export_check_max_abs_diff": checks,
+        "source": src.name,
+        "versions": _versions(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "export_seconds": round(time.time() - t0, 1),
+        "files": files,
+    }
+    assert set(GRAPHS) <= set(precisions)
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest

@@ -1,0 +1,156 @@
+"""ONNX Runtime transformer-optimizer fusions and fp16 conversion for the exported graphs.
+
+Order matters (ONNX Runtime's own Stable Diffusion stack does the same): the fusions run on the
+fp32 graph first, then the fused graph is converted to fp16, because the fusion patterns only
+match fp32 graphs. GroupNorm gamma/beta stay fp32 (ONNX Runtime's float16 converter keeps them).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+
+import onnx
+
+from .graphs import save_onnx
+
+# Graph name -> the model type of onnxruntime.transformers.optimizer.
+MODEL_TYPES = {"text_encoder": "clip", "unet": "unet", "vae_encoder": "vae", "vae_decoder": "vae"}
+
+# Fused ops the CPU provider has no kernel for: they are turned off for the cpu target.
+CUDA_ONLY_FUSIONS = (
+    "enable_nhwc_conv",
+    "enable_group_norm",
+    "enable_skip_group_norm",
+    "enable_bias_splitgelu",
+    "enable_packed_qkv",
+    "enable_packed_kv",
+    "enable_bias_add",
+)
+
+# The sinusoidal timestep embedding stays fp32 (diffusers computes it in fp32 even in fp16
+# pipelines); fractional timesteps would lose their fraction in fp16 otherwise.
+TIME_PROJ_PREFIX = "/unet/time_proj/"
+
+
+def timestep_nodes(graph) -> list[str]:
+    """Names of the nodes from the `timestep` input up to the end of the timestep projection."""
+    proj = [n for n in graph.node if n.name.startswith(TIME_PROJ_PREFIX)]
+    if not proj or not any(i.name == "timestep" for i in graph.input):
+        return []
+    producer = {o: n for n in graph.node for o in n.output}
+    ancestors, stack = set(), [i for n in proj for i in n.input]
+    while stack:
+        node = producer.get(stack.pop())
+        if node is not None and node.name not in ancestors:
+            ancestors.add(node.name)
+            stack.extend(node.input)
+    consumers: dict[str, list] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    descendants, stack = set(), ["timestep"]
+    while stack:
+        for node in consumers.get(stack.pop(), []):
+            if node.name not in descendants:
+                descendants.add(node.name)
+                stack.extend(node.output)
+    return sorted((ancestors & descendants) | {n.name for n in proj})
+
+
+@contextlib.contextmanager
+def _quiet():
+    loggers = [logging.getLogger(n) for n in ("onnxruntime", "onnxruntime.transformers", "fusion_base", "")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, lvl in zip(loggers, levels):
+            lg.setLevel(lvl)
+
+
+def _keep_vae_attention_biases() -> None:
+    """ONNX Runtime's VAE attention fusion replaces the q/k/v biases with zeros ("No bias, use
+    zeros" in fusion_attention_vae.py), which changes the output of every VAE whose attention has
+    biases (SD's does). Put the real biases into the fused node's bias initializer."""
+    import numpy as np
+    from onnx import numpy_helper
+    from onnxruntime.transformers import optimizer  # noqa: F401  (puts its folder on sys.path)
+
+    # The optimizer imports its modules by their bare names; patch the class it uses.
+    import fusion_attention_vae as fav
+
+    original = fav.FusionAttentionVae.create_attention_node
+    if getattr(original, "keeps_biases", False):
+        return
+
+    def create_attention_node(self, q_matmul, q_add, k_matmul, k_add, v_matmul, v_add, *args, **kwargs):
+        node = original(self, q_matmul, q_add, k_matmul, k_add, v_matmul, v_add, *args, **kwargs)
+        if node is not None:
+            biases = []
+            for add in (q_add, k_add, v_add):
+                t = self.model.get_initializer(add.input[1]) or self.model.get_initializer(add.input[0])
+                biases.append(numpy_helper.to_array(t).astype(np.float32).reshape(-1))
+            bias = self.model.get_initializer(node.input[2])
+            bias.CopyFrom(numpy_helper.from_array(np.concatenate(biases), bias.name))
+        return node
+
+    create_attention_node.keeps_biases = True
+    fav.FusionAttentionVae.create_attention_node = create_attention_node
+
+
+def fusion_options(graph: str, target: str, precision: str):
+    from onnxruntime.transformers.fusion_options import FusionOptions
+
+    model_type = MODEL_TYPES[graph]
+    opts = FusionOptions(model_type)
+    if target == "cpu":
+        for name in CUDA_ONLY_FUSIONS:
+            if hasattr(opts, name):
+                setattr(opts, name, False)
+    elif model_type == "unet" and precision != "fp16":
+        # Packed QKV/KV kernels exist only for fp16 (ONNX Runtime's pipeline does the same).
+        opts.enable_packed_qkv = False
+        opts.enable_packed_kv = False
+    if model_type == "clip":
+        opts.enable_embed_layer_norm = False
+    return opts
+
+
+def optimize_graph(src: Path, dst: Path, graph: str, target: str, precision: str, fp32_ops: tuple[str, ...] = ()) -> dict:
+    """Fuse the fp32 graph at `src` for `target`, convert to fp16 if asked, save to `dst`.
+
+    Returns the fused-operator counts (e.g. {"MultiHeadAttention": 4, "GroupNorm": 30}).
+    """
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    _keep_vae_attention_biases()
+    with _quiet():
+        m = optimize_model(
+            str(src),
+            model_type=MODEL_TYPES[graph],
+            num_heads=0,
+            hidden_size=0,
+            opt_level=0,
+            optimization_options=fusion_options(graph, target, precision),
+            use_gpu=target == "cuda",
+        )
+        if precision == "fp16":
+            keep = [i.name for i in m.model.graph.input if i.name == "timestep"]
+            m.convert_float_to_float16(
+                keep_io_types=keep,
+                op_block_list=list(fp32_ops),
+                node_block_list=timestep_nodes(m.model.graph),
+            )
+        counts = {k: v for k, v in m.get_fused_operator_statistics().items() if v}
+    m.prune_graph()
+    m.topological_sort()
+    domains = {n.domain for n in m.model.graph.node if n.domain}
+    present = {o.domain for o in m.model.opset_import}
+    for d in sorted(domains - present):
+        m.model.opset_import.append(onnx.helper.make_opsetid(d, 1))
+    save_onnx(m.model, dst)
+    return counts

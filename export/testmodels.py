@@ -1,0 +1,208 @@
+"""Stable Diffusion pipelines with random weights, built offline, for tests and benchmarks.
+
+    python -m sdrt.export.testmodels OUT [--kind tiny-sd1|tiny-inpaint|tiny-sd2-v|sd15|sd15-inpaint] [--seed N]
+
+Each kind is a diffusers folder (`StableDiffusionPipeline` or `StableDiffusionInpaintPipeline`
+layout) with deterministic random weights and the real CLIP tokenizer vocabulary from
+`models/clip-tokenizer/`. The tiny kinds are small enough to export and run in seconds; `sd15`
+has the SD 1.5 architecture and sizes (speed does not depend on weight values).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+CLIP_TOKENIZER_DIR = Path(__file__).resolve().parents[1] / "models" / "clip-tokenizer"
+
+SD15_SCHEDULER = {
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "clip_sample": False,
+    "trained_betas": None,
+}
+
+
+@dataclass(frozen=True)
+class Kind:
+    unet: dict
+    vae: dict
+    text: dict
+    scheduler: str
+    scheduler_config: dict
+    pad_token: str = "<|endoftext|>"
+    inpaint: bool = False
+
+
+_TINY_VAE = dict(
+    block_out_channels=[32, 64],
+    in_channels=3,
+    out_channels=3,
+    down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+    up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
+    latent_channels=4,
+    layers_per_block=1,
+    norm_num_groups=32,
+    sample_size=32,
+)
+_TINY_TEXT = dict(
+    hidden_size=32,
+    intermediate_size=37,
+    num_attention_heads=4,
+    num_hidden_layers=3,
+    vocab_size=49408,
+    max_position_embeddings=77,
+    projection_dim=32,
+    bos_token_id=49406,
+    eos_token_id=49407,
+    pad_token_id=49407,
+    hidden_act="quick_gelu",
+)
+_TINY_UNET = dict(
+    sample_size=16,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=1,
+    block_out_channels=(32, 64),
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=32,
+    attention_head_dim=4,
+    norm_num_groups=32,
+)
+
+KINDS: dict[str, Kind] = {
+    "tiny-sd1": Kind(_TINY_UNET, _TINY_VAE, _TINY_TEXT, "PNDMScheduler", SD15_SCHEDULER),
+    "tiny-inpaint": Kind({**_TINY_UNET, "in_channels": 9}, _TINY_VAE, _TINY_TEXT, "PNDMScheduler", SD15_SCHEDULER, inpaint=True),
+    # SD 2.x style: v-prediction, linear projections in the transformer blocks, per-block head dims,
+    # GELU text encoder and "!" as the padding token.
+    "tiny-sd2-v": Kind(
+        {**_TINY_UNET, "attention_head_dim": (2, 4), "use_linear_projection": True},
+        _TINY_VAE,
+        {**_TINY_TEXT, "hidden_act": "gelu"},
+        "DDIMScheduler",
+        {**SD15_SCHEDULER, "prediction_type": "v_prediction"},
+        pad_token="!",
+    ),
+    "sd15": Kind(
+        dict(cross_attention_dim=768, sample_size=64),
+        dict(
+            block_out_channels=[128, 256, 512, 512],
+            down_block_types=["DownEncoderBlock2D"] * 4,
+            up_block_types=["UpDecoderBlock2D"] * 4,
+            latent_channels=4,
+            layers_per_block=2,
+            sample_size=512,
+        ),
+        dict(
+            hidden_size=768,
+            intermediate_size=3072,
+            num_attention_heads=12,
+            num_hidden_layers=12,
+            vocab_size=49408,
+            max_position_embeddings=77,
+            projection_dim=768,
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=49407,
+            hidden_act="quick_gelu",
+        ),
+        "PNDMScheduler",
+        SD15_SCHEDULER,
+    ),
+}
+KINDS["sd15-inpaint"] = Kind(
+    {**KINDS["sd15"].unet, "in_channels": 9}, KINDS["sd15"].vae, KINDS["sd15"].text, "PNDMScheduler", SD15_SCHEDULER, inpaint=True
+)
+
+
+def _init_weights(module: torch.nn.Module, seed: int) -> None:
+    """Give every parameter a deterministic value so the model does more than its default init.
+
+    Default inits leave some layers at zero or one (norm scales, biases); random values there make
+    tests sensitive to mistakes in every part of the graph.
+    """
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if p.ndim == 1 and ("norm" in name or "ln" in name) and name.endswith("weight"):
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
+            elif name.endswith("bias"):
+                p.copy_(0.02 * torch.randn(p.shape, generator=g))
+            elif p.ndim >= 2:
+                fan_in = p[0].numel()
+                p.copy_(torch.randn(p.shape, generator=g) / fan_in**0.5)
+
+
+def build_pipeline(kind: str = "tiny-sd1", seed: int = 0):
+    """Return a diffusers pipeline of `kind` with deterministic random weights (fp32, CPU)."""
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        PNDMScheduler,
+        StableDiffusionInpaintPipeline,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    if kind not in KINDS:
+        raise ValueError(f"unknown test model kind {kind!r}; accepted: {', '.join(KINDS)}")
+    k = KINDS[kind]
+    unet = UNet2DConditionModel(**k.unet)
+    vae = AutoencoderKL(**k.vae)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**k.text))
+    for i, m in enumerate((unet, vae, text_encoder)):
+        _init_weights(m, seed * 7919 + i)
+        m.eval()
+    tokenizer = CLIPTokenizer(
+        str(CLIP_TOKENIZER_DIR / "vocab.json"),
+        str(CLIP_TOKENIZER_DIR / "merges.txt"),
+        pad_token=k.pad_token,
+        model_max_length=77,
+    )
+    scheduler_cls = {"PNDMScheduler": PNDMScheduler, "DDIMScheduler": DDIMScheduler}[k.scheduler]
+    scheduler = scheduler_cls.from_config(k.scheduler_config)
+    cls = StableDiffusionInpaintPipeline if k.inpaint else StableDiffusionPipeline
+    return cls(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def build(out: str | Path, kind: str = "tiny-sd1", seed: int = 0) -> Path:
+    """Build a pipeline of `kind` and save it as a diffusers folder at `out`."""
+    out = Path(out)
+    pipe = build_pipeline(kind, seed)
+    pipe.save_pretrained(out, safe_serialization=True)
+    # Record where the folder came from, for people who find it later.
+    (out / "sdrt-testmodel.json").write_text(json.dumps({"kind": kind, "seed": seed}) + "\n")
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("out")
+    ap.add_argument("--kind", default="tiny-sd1", choices=sorted(KINDS))
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args()
+    print(build(a.out, a.kind, a.seed))
+
+
+if __name__ == "__main__":
+    main()

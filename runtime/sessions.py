@@ -1,0 +1,159 @@
+"""ONNX Runtime sessions for the four graphs of a model folder: providers, options, typed inputs."""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from .modelfolder import ModelInfo
+
+PROVIDERS = ("auto", "cpu", "cuda")
+
+_ORT_TYPES = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+}
+
+
+class ProviderError(RuntimeError):
+    """The requested execution provider cannot run here, or cannot run this model folder."""
+
+
+def physical_cores() -> int:
+    """Physical cores available to this process (ONNX Runtime's best intra-op thread count)."""
+    try:
+        avail = len(os.sched_getaffinity(0))
+    except AttributeError:
+        avail = os.cpu_count() or 1
+    cores = set()
+    try:
+        for cpu in os.sched_getaffinity(0):
+            p = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+            cores.add(((p / "physical_package_id").read_text().strip(), (p / "core_id").read_text().strip()))
+    except (OSError, AttributeError):
+        return avail
+    return max(1, min(avail, len(cores) or avail))
+
+
+def resolve_provider(provider: str, info: ModelInfo | None = None) -> str:
+    """'auto' -> 'cuda' when ONNX Runtime has a usable CUDA provider (and the model allows), else 'cpu'."""
+    import onnxruntime as ort
+
+    if provider not in PROVIDERS:
+        raise ProviderError(f"provider {provider!r} is not known; accepted: {', '.join(PROVIDERS)}")
+    available = ort.get_available_providers()
+    has_cuda = "CUDAExecutionProvider" in available
+    if provider == "auto":
+        provider = "cuda" if has_cuda and (info is None or info.target != "cpu") else "cpu"
+        if provider == "cpu" and info is not None and info.target == "cuda" and "fp16" in info.precision.values():
+            raise ProviderError(
+                f"model folder {info.path} holds fp16 graphs fused for CUDA, and this onnxruntime has no CUDA provider "
+                f"(providers: {', '.join(available)}); install onnxruntime-gpu (pip install 'sdrt[gpu]') or export the "
+                "model with --target cpu"
+            )
+    if provider == "cuda" and not has_cuda:
+        raise ProviderError(
+            "CUDA was asked for, but this onnxruntime has no CUDA provider "
+            f"(onnxruntime {ort.__version__}, providers: {', '.join(available)}); "
+            "install onnxruntime-gpu (pip install 'sdrt[gpu]') on a machine with an NVIDIA GPU, or use provider='cpu'"
+        )
+    if provider == "cpu" and info is not None and info.target == "cuda" and "fp16" in info.precision.values():
+        raise ProviderError(
+            f"model folder {info.path} holds fp16 graphs fused for CUDA; the CPU provider cannot run them. "
+            "Export the model with --target cpu for CPU use"
+        )
+    return provider
+
+
+def session_options(provider: str, threads: int | None = None):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    if provider == "cpu":
+        so.intra_op_num_threads = threads or physical_cores()
+        so.inter_op_num_threads = 1
+        so.enable_mem_pattern = True
+        so.enable_cpu_mem_arena = True
+    return so
+
+
+def provider_list(provider: str, device_id: int = 0) -> list[Any]:
+    if provider == "cuda":
+        return [
+            (
+                "CUDAExecutionProvider",
+                {
+                    "device_id": device_id,
+                    "arena_extend_strategy": "kSameAsRequested",
+                    "cudnn_conv_algo_search": "EXHAUSTIVE",
+                    "do_copy_in_default_stream": True,
+                },
+            ),
+            "CPUExecutionProvider",
+        ]
+    return ["CPUExecutionProvider"]
+
+
+class Graph:
+    """One graph of a model folder, its session created on first use (thread-safe)."""
+
+    def __init__(self, name: str, path: Path, provider: str, threads: int | None = None):
+        self.name = name
+        self.path = path
+        self.provider = provider
+        self.threads = threads
+        self._session = None
+        self._lock = threading.Lock()
+        self.input_types: dict[str, type] = {}
+        self.input_ranks: dict[str, int] = {}
+        self.output_names: list[str] = []
+
+    @property
+    def session(self):
+        if self._session is None:
+            with self._lock:
+                if self._session is None:
+                    self._session = self._create()
+        return self._session
+
+    def _create(self):
+        import onnxruntime as ort
+
+        try:
+            sess = ort.InferenceSession(
+                str(self.path), session_options(self.provider, self.threads), providers=provider_list(self.provider)
+            )
+        except Exception as e:  # ORT raises its own exception types; say which file failed
+            raise ProviderError(f"cannot load the {self.name} graph {self.path}: {str(e).splitlines()[0]}") from None
+        if self.provider == "cuda" and "CUDAExecutionProvider" not in sess.get_providers():
+            raise ProviderError(
+                f"the CUDA provider failed to start for {self.path} (CUDA/cuDNN libraries missing or no GPU visible)"
+            )
+        for i in sess.get_inputs():
+            self.input_types[i.name] = _ORT_TYPES.get(i.type, np.float32)
+            self.input_ranks[i.name] = len(i.shape)
+        self.output_names = [o.name for o in sess.get_outputs()]
+        return sess
+
+    def load(self) -> "Graph":
+        self.session  # noqa: B018 (creates it)
+        return self
+
+    def run(self, feeds: dict[str, np.ndarray], outputs: Sequence[str] | None = None) -> list[np.ndarray]:
+        sess = self.session
+        typed = {k: np.ascontiguousarray(v, dtype=self.input_types.get(k, v.dtype)) for k, v in feeds.items()}
+        try:
+            return sess.run(list(outputs) if outputs else None, typed)
+        except Exception as e:
+            shapes = ", ".join(f"{k} {tuple(v.shape)} {v.dtype}" for k, v in typed.items())
+            raise RuntimeError(f"the {self.name} graph failed on inputs [{shapes}]: {str(e).splitlines()[0]}") from None

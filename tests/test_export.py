@@ -1,0 +1,289 @@
+"""The export stage: graphs equal their PyTorch modules, fp16/cuda structure, atomicity, errors."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from sdrt.export import ExportError, export_model
+from sdrt.runtime.modelfolder import INCOMPLETE_MARKER, ModelFolderError, read_model_folder
+
+KINDS = ["tiny-sd1", "tiny-inpaint", "tiny-sd2-v"]
+
+
+def _session(path: Path) -> ort.InferenceSession:
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def _torch_modules(src: Path):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    unet = UNet2DConditionModel.from_pretrained(src, subfolder="unet").eval()
+    vae = AutoencoderKL.from_pretrained(src, subfolder="vae").eval()
+    te = CLIPTextModel.from_pretrained(src, subfolder="text_encoder").eval()
+    return unet, vae, te
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_fp32_graphs_match_pytorch(models, kind):
+    """Each exported (fused, fp32, cpu) graph computes what diffusers/transformers compute, at
+    shapes other than the ones used during export (dynamic batch, height, width)."""
+    folder = models.exported(kind)
+    manifest = json.loads((folder / "sdrt.json").read_text())
+    print(f"\n{kind}: export self-check max abs diff {manifest['export_check_max_abs_diff']}")
+    assert set(manifest["export_check_max_abs_diff"]) == {"text_encoder", "unet", "vae_encoder", "vae_decoder"}
+    assert all(v <= 1e-4 for v in manifest["export_check_max_abs_diff"].values())
+
+    unet, vae, te = _torch_modules(models.source(kind))
+    g = torch.Generator().manual_seed(1)
+    diffs = {}
+    with torch.no_grad():
+        ids = torch.randint(0, 49408, (3, 77), generator=g)
+        out = te(ids, output_hidden_states=True)
+        got = _session(folder / "text_encoder" / "model.onnx").run(None, {"input_ids": ids.numpy().astype(np.int32)})
+        diffs["text_encoder"] = float(np.abs(got[0] - out.last_hidden_state.numpy()).max())
+        final_ln = getattr(te, "text_model", te).final_layer_norm
+        skip2 = final_ln(out.hidden_states[-2]).numpy()
+        diffs["text_encoder clip skip 2"] = float(np.abs(got[2][:, 1] - skip2).max())
+
+        c = unet.config.in_channels
+        sample = torch.randn(3, c, 12, 20, generator=g)
+        enc = torch.randn(3, 77 * 2, unet.config.cross_attention_dim, generator=g)  # two prompt chunks
+        for t in (999.0, 432.7, 1.0):
+            ref = unet(sample, torch.tensor(t), enc).sample.numpy()
+            got = _session(folder / "unet" / "model.onnx").run(
+                None, {"sample": sample.numpy(), "timestep": np.array(t, np.float32), "encoder_hidden_states": enc.numpy()}
+            )[0]
+            diffs[f"unet t={t}"] = float(np.abs(got - ref).max())
+
+        img = torch.rand(2, 3, 24, 40, generator=g) * 2 - 1
+        ref = vae.encode(img).latent_dist.parameters.numpy()
+        got = _session(folder / "vae_encoder" / "model.onnx").run(None, {"sample": img.numpy()})[0]
+        diffs["vae_encoder"] = float(np.abs(got - ref).max())
+
+        lat = torch.randn(2, 4, 10, 14, generator=g)
+        ref = vae.decode(lat).sample.numpy()
+        got = _session(folder / "vae_decoder" / "model.onnx").run(None, {"latent_sample": lat.numpy()})[0]
+        diffs["vae_decoder"] = float(np.abs(got - ref).max())
+    print(f"{kind}: ONNX Runtime vs PyTorch at new shapes: " + ", ".join(f"{k} {v:.2e}" for k, v in diffs.items()))
+    assert max(diffs.values()) <= 1e-4
+
+
+def test_manifest_describes_the_model(models):
+    for kind, family, pred, channels in [
+        ("tiny-sd1", "sd1", "epsilon", 4),
+        ("tiny-inpaint", "sd1", "epsilon", 9),
+        ("tiny-sd2-v", "sd2", "v_prediction", 4),
+    ]:
+        info = read_model_folder(models.exported(kind))
+        assert (info.family, info.prediction_type, info.unet_in_channels) == (family, pred, channels)
+        assert info.vae_scale_factor == 2  # two VAE blocks in the tiny models: read, not assumed to be 8
+        assert info.vae_scaling_factor == pytest.approx(0.18215)
+        assert info.target == "cpu" and set(info.precision.values()) == {"fp32"}
+        tok = info.path / "tokenizer"
+        assert (tok / "vocab.json").is_file() and (tok / "merges.txt").is_file()
+
+
+def test_fp16_cuda_export_structure(models):
+    """The CUDA fp16 graphs need the CUDA provider to run; on the CPU, check their structure."""
+    folder = models.exported("tiny-sd1", target="cuda", precision="fp16")
+    info = read_model_folder(folder)
+    assert info.target == "cuda" and set(info.precision.values()) == {"fp16"}
+    fused = {}
+    for name in ("text_encoder", "unet", "vae_encoder", "vae_decoder"):
+        m = onnx.load(str(folder / name / "model.onnx"))
+        onnx.checker.check_model(m)
+        ops = Counter(n.op_type for n in m.graph.node)
+        fused[name] = ops
+        init_types = Counter(t.data_type for t in m.graph.initializer)
+        n_fp16 = sum(t.dims and np.prod(t.dims) or 0 for t in m.graph.initializer if t.data_type == onnx.TensorProto.FLOAT16)
+        n_fp32 = sum(t.dims and np.prod(t.dims) or 0 for t in m.graph.initializer if t.data_type == onnx.TensorProto.FLOAT)
+        print(f"{name}: {dict(init_types)} fp16 weights {n_fp16}, fp32 weights {n_fp32}")
+        assert n_fp16 > 20 * n_fp32, f"{name}: weights are not fp16"
+        # fp32 initializers that remain are GroupNorm gamma/beta (kept by the converter) or the
+        # timestep projection; nothing large.
+        for t in m.graph.initializer:
+            if t.data_type == onnx.TensorProto.FLOAT:
+                assert np.prod(t.dims) <= 4096, t.name
+    unet_ops = fused["unet"]
+    print("unet fused ops:", {k: v for k, v in unet_ops.items() if k in ("MultiHeadAttention", "GroupNorm", "SkipGroupNorm", "NhwcConv", "BiasSplitGelu", "SkipLayerNormalization")})
+    assert unet_ops["MultiHeadAttention"] >= 4  # self + cross attention in both transformer blocks
+    assert unet_ops["GroupNorm"] + unet_ops["SkipGroupNorm"] >= 10
+    assert unet_ops["NhwcConv"] >= 10 and unet_ops["BiasSplitGelu"] >= 2
+    assert unet_ops["Softmax"] == 0  # every attention is fused
+    assert fused["vae_decoder"]["Attention"] + fused["vae_decoder"]["MultiHeadAttention"] >= 1
+    assert fused["text_encoder"]["SkipLayerNormalization"] >= 2
+    unet = onnx.load(str(folder / "unet" / "model.onnx"))
+    types = {i.name: i.type.tensor_type.elem_type for i in unet.graph.input}
+    assert types["sample"] == onnx.TensorProto.FLOAT16
+    assert types["timestep"] == onnx.TensorProto.FLOAT  # the timestep embedding stays fp32
+    # Loading it for the CPU provider is refused with a message, not an ORT error.
+    from sdrt.runtime.sessions import ProviderError, resolve_provider
+
+    with pytest.raises(ProviderError, match="CUDA"):
+        resolve_provider("cpu", info)
+
+
+def test_vae_attention_fusion_keeps_biases(models, tmp_path):
+    """ONNX Runtime's VAE attention fusion drops the q/k/v biases; sdrt's export restores them.
+    Without that, the fused VAE differs from the PyTorch VAE (the export self-check catches it)."""
+    folder = models.exported("tiny-sd1")
+    m = onnx.load(str(folder / "vae_decoder" / "model.onnx"))
+    att = [n for n in m.graph.node if n.op_type == "Attention"]
+    assert att, "the VAE attention was not fused"
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in m.graph.initializer}
+    bias = inits[att[0].input[2]]
+    assert np.abs(bias).max() > 0
+
+
+def test_corrupted_file_is_reported_by_name(models, copy_folder):
+    folder = copy_folder(models.exported("tiny-sd1"))
+    read_model_folder(folder, verify="full")
+    unet = folder / "unet" / "model.onnx"
+    data = bytearray(unet.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    unet.write_bytes(bytes(data))
+    with pytest.raises(ModelFolderError, match=r"unet/model\.onnx.*sha256"):
+        read_model_folder(folder)
+    # Truncated file: size check, named.
+    vae = folder / "vae_decoder" / "model.onnx"
+    vae.write_bytes(vae.read_bytes()[:1000])
+    with pytest.raises(ModelFolderError, match=r"vae_decoder/model\.onnx has 1000 bytes"):
+        read_model_folder(folder, verify="size")
+    (folder / "text_encoder" / "model.onnx").unlink()
+    with pytest.raises(ModelFolderError, match=r"text_encoder/model\.onnx is missing"):
+        read_model_folder(folder, verify="size")
+
+
+def test_verification_cache_rehashes_changed_files(models, copy_folder):
+    """verify='auto' skips hashing an unchanged file, but a rewritten file (new mtime) is hashed."""
+    folder = copy_folder(models.exported("tiny-sd1"))
+    read_model_folder(folder)  # hashes and remembers
+    read_model_folder(folder)  # from the cache
+    p = folder / "unet" / "model.onnx"
+    data = bytearray(p.read_bytes())
+    data[100] ^= 1
+    time.sleep(0.01)
+    p.write_bytes(bytes(data))
+    with pytest.raises(ModelFolderError, match="unet/model.onnx"):
+        read_model_folder(folder)
+
+
+def test_interrupted_export_leaves_nothing_loadable(models, tmp_path):
+    src = models.source("tiny-sd1")
+    out = tmp_path / "out"
+    code = (
+        "import sys; from sdrt.export import export_model; "
+        f"export_model({str(src)!r}, {str(out)!r}, log=lambda m: print(m, flush=True))"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        # Wait until the export has written its first graph, then kill it.
+        for line in proc.stdout:
+            if "text_encoder" in line and "written" in line:
+                break
+        else:
+            pytest.fail("export finished or failed before it could be interrupted")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not out.exists()
+    partial = [p for p in tmp_path.iterdir() if p.name.startswith(".out.partial-")]
+    assert partial, "the temporary folder should be where the export was killed"
+    assert (partial[0] / INCOMPLETE_MARKER).exists()
+    with pytest.raises(ModelFolderError, match="interrupted"):
+        read_model_folder(partial[0])
+    # The next export into the same place cleans the leftovers up and succeeds.
+    export_model(src, out, log=lambda m: None)
+    assert read_model_folder(out).family == "sd1"
+    assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
+
+
+def test_export_errors(models, tmp_path):
+    src = models.source("tiny-sd1")
+    with pytest.raises(ExportError, match="does not exist"):
+        export_model(tmp_path / "nope", tmp_path / "o")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ExportError, match="model_index.json is missing"):
+        export_model(tmp_path / "empty", tmp_path / "o")
+    xl = tmp_path / "xl"
+    xl.mkdir()
+    (xl / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
+    with pytest.raises(ExportError, match="StableDiffusionXLPipeline"):
+        export_model(xl, tmp_path / "o")
+    # A UNet of another architecture.
+    odd = tmp_path / "odd"
+    import shutil
+
+    shutil.copytree(src, odd)
+    idx = json.loads((odd / "model_index.json").read_text())
+    idx["unet"] = ["diffusers", "UNet2DModel"]
+    (odd / "model_index.json").write_text(json.dumps(idx))
+    with pytest.raises(ExportError, match="unsupported architecture"):
+        export_model(odd, tmp_path / "o")
+    with pytest.raises(ExportError, match="precision"):
+        export_model(src, tmp_path / "o", precision="bf16")
+    with pytest.raises(ExportError, match="--target cuda"):
+        export_model(src, tmp_path / "o", precision="fp16", target="cpu")
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "keep.txt").write_text("mine")
+    with pytest.raises(ExportError, match="already exists.*--overwrite"):
+        export_model(src, existing)
+    assert (existing / "keep.txt").read_text() == "mine"
+
+
+def test_full_disk_is_a_clear_error(models, tmp_path, monkeypatch):
+    import sdrt.export.graphs as graphs
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(graphs.torch.onnx, "export", full)
+    with pytest.raises(ExportError, match="no space left"):
+        export_model(models.source("tiny-sd1"), tmp_path / "o", log=lambda m: None)
+    assert not any(tmp_path.iterdir()), "the temporary folder must be removed"
+
+
+def test_overwrite_replaces_atomically(models, tmp_path):
+    src = models.source("tiny-sd1")
+    out = tmp_path / "m"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    export_model(src, out, overwrite=True, log=lambda m: None)
+    assert not (out / "old.txt").exists() and read_model_folder(out).family == "sd1"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+def test_runtime_import_does_not_need_torch():
+    """sdrt.runtime, sdrt.schedulers and the CLI entry import with torch made unimportable."""
+    code = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('torch', 'diffusers', 'transformers'):\n"
+        "            raise ImportError('blocked: ' + name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import sdrt.runtime, sdrt.schedulers, sdrt.cli\n"
+        "import sdrt.runtime.modelfolder, sdrt.runtime.sessions\n"
+        "assert 'torch' not in sys.modules\n"
+        "print('ok')\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr
