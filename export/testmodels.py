@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -190,6 +191,9 @@ def build(out: str | Path, kind: str = "tiny-sd1", seed: int = 0) -> Path:
     out = Path(out)
     pipe = build_pipeline(kind, seed)
     pipe.save_pretrained(out, safe_serialization=True)
+    # Real SD folders carry the slow tokenizer's files too; older transformers need them.
+    for f in ("vocab.json", "merges.txt"):
+        shutil.copy2(CLIP_TOKENIZER_DIR / f, out / "tokenizer" / f)
     # Record where the folder came from, for people who find it later.
     (out / "sdrt-testmodel.json").write_text(json.dumps({"kind": kind, "seed": seed}) + "\n")
     return out
