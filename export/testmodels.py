@@ -186,11 +186,25 @@ def build_pipeline(kind: str = "tiny-sd1", seed: int = 0):
     )
 
 
+def _prefix_text_encoder_keys(path: Path) -> None:
+    """Store the text encoder's weights under "text_model.", as real SD checkpoints do.
+
+    transformers 5 saves CLIPTextModel without that prefix, which transformers 4 (used by other
+    tools, e.g. optimum's exporter) silently fails to load; both read the prefixed names.
+    """
+    from safetensors.numpy import load_file, save_file
+
+    weights = load_file(path)
+    if not any(k.startswith("text_model.") for k in weights):
+        save_file({f"text_model.{k}": v for k, v in weights.items()}, path, metadata={"format": "pt"})
+
+
 def build(out: str | Path, kind: str = "tiny-sd1", seed: int = 0) -> Path:
     """Build a pipeline of `kind` and save it as a diffusers folder at `out`."""
     out = Path(out)
     pipe = build_pipeline(kind, seed)
     pipe.save_pretrained(out, safe_serialization=True)
+    _prefix_text_encoder_keys(out / "text_encoder" / "model.safetensors")
     # Real SD folders carry the slow tokenizer's files too; older transformers need them.
     for f in ("vocab.json", "merges.txt"):
         shutil.copy2(CLIP_TOKENIZER_DIR / f, out / "tokenizer" / f)

@@ -1,0 +1,119 @@
+"""Loading model folders: sdrt exports and folders written by `optimum-cli export onnx`."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sdrt.runtime.modelfolder import ModelFolderError, read_model_folder
+from sdrt.runtime.sessions import Graph
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def optimum_cli() -> str:
+    """optimum-cli from its own environment (scripts/test creates .venv-optimum)."""
+    cli = os.environ.get("SDRT_OPTIMUM_CLI") or str(ROOT / ".venv-optimum" / "bin" / "optimum-cli")
+    if not Path(cli).exists():
+        pytest.fail(
+            f"optimum-cli not found at {cli}: run ./scripts/test (it creates .venv-optimum) or set SDRT_OPTIMUM_CLI"
+        )
+    return cli
+
+
+@pytest.fixture(scope="session")
+def optimum_folder(models, tmp_path_factory) -> Path:
+    """tiny-sd1 exported by optimum-onnx (its own exporter, its own graph layout)."""
+    src = models.source("tiny-sd1")
+    out = models.root / "optimum" / "tiny-sd1"
+    if not (out / "model_index.json").is_file():
+        shutil.rmtree(out, ignore_errors=True)
+        env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+        r = subprocess.run(
+            [optimum_cli(), "export", "onnx", "-m", str(src), "--task", "text-to-image", str(out)],
+            capture_output=True,
+            text=True,
+            env=env,
+        )
+        assert r.returncode == 0, r.stderr[-3000:]
+    return out
+
+
+def test_optimum_folder_loads(optimum_folder, models):
+    assert not (optimum_folder / "sdrt.json").exists()
+    info = read_model_folder(optimum_folder)
+    ours = read_model_folder(models.exported("tiny-sd1"))
+    for field in ("family", "prediction_type", "unet_in_channels", "latent_channels", "vae_scale_factor", "sample_size", "text_hidden_size"):
+        assert getattr(info, field) == getattr(ours, field), field
+    assert info.vae_scaling_factor == pytest.approx(ours.vae_scaling_factor)
+    assert info.manifest is None and info.target == "unknown"
+    # Every graph loads and runs through sdrt's session layer, with its own input types
+    # (optimum's text encoder takes int64 ids, sdrt's int32).
+    ids = np.array([[49406, 320, 1449, 49407] + [49407] * 73])
+    a = Graph("text_encoder", info.graph_files["text_encoder"], "cpu").run({"input_ids": ids})[0]
+    b = Graph("text_encoder", ours.graph_files["text_encoder"], "cpu").run({"input_ids": ids})[0]
+    np.testing.assert_allclose(a, b, atol=1e-4)
+    lat = np.random.default_rng(0).standard_normal((1, 4, 8, 8)).astype(np.float32)
+    a = Graph("vae_decoder", info.graph_files["vae_decoder"], "cpu").run({"latent_sample": lat})[0]
+    b = Graph("vae_decoder", ours.graph_files["vae_decoder"], "cpu").run({"latent_sample": lat})[0]
+    np.testing.assert_allclose(a, b, atol=1e-4)
+
+
+def test_not_a_model_folder(tmp_path):
+    with pytest.raises(ModelFolderError, match="does not exist"):
+        read_model_folder(tmp_path / "missing")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ModelFolderError, match="not a folder"):
+        read_model_folder(tmp_path / "file")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelFolderError, match="not a model folder"):
+        read_model_folder(tmp_path / "empty")
+
+
+def test_damaged_manifest(models, copy_folder):
+    folder = copy_folder(models.exported("tiny-sd1"))
+    (folder / "sdrt.json").write_text("{ not json")
+    with pytest.raises(ModelFolderError, match="sdrt.json is not valid JSON"):
+        read_model_folder(folder)
+    (folder / "sdrt.json").write_text(json.dumps({"format_version": 99}))
+    with pytest.raises(ModelFolderError, match="format version 99"):
+        read_model_folder(folder)
+    (folder / "sdrt.json").write_text(json.dumps({"format_version": 1, "family": "sd1"}))
+    with pytest.raises(ModelFolderError, match="incomplete or malformed"):
+        read_model_folder(folder)
+
+
+def test_missing_graph_in_foreign_folder(optimum_folder, tmp_path):
+    folder = tmp_path / "opt"
+    shutil.copytree(optimum_folder, folder)
+    shutil.rmtree(folder / "vae_encoder")
+    with pytest.raises(ModelFolderError, match="vae_encoder/model.onnx"):
+        read_model_folder(folder)
+
+
+def test_base_install_has_no_torch(tmp_path):
+    """`pip install .` (base dependencies only) into a fresh venv: sdrt.runtime imports without torch."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    py = venv / "bin" / "python"
+    r = subprocess.run(
+        [str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check", str(ROOT)], capture_output=True, text=True
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    code = (
+        "import sys, sdrt.runtime, sdrt.schedulers, sdrt.cli; "
+        "from sdrt.runtime import load; "
+        "assert 'torch' not in sys.modules; "
+        "import importlib.util as u; assert u.find_spec('torch') is None, 'torch was installed'; print('ok')"
+    )
+    r = subprocess.run([str(py), "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]
+    r = subprocess.run([str(venv / "bin" / "sdrt"), "--help"], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0 and "img2img" in r.stdout.lower() or "export" in r.stdout
