@@ -507,6 +507,8 @@ def _as_l_array(mask) -> np.ndarray:
 def crop_region(mask, padding: int = 0) -> tuple[int, int, int, int] | None:
     """A1111's get_crop_region_v2: the box (x1, y1, x2, y2) around the mask's nonzero pixels,
     grown by `padding` on every side and clamped to the mask; None for a blank mask."""
+    if isinstance(padding, (float, np.floating)) and float(padding).is_integer():
+        padding = int(padding)
     padding = _whole("padding", padding, allow_none=False)
     a = _as_l_array(mask)
     rows = np.flatnonzero(a.any(axis=1))

@@ -420,6 +420,9 @@ def test_crop_region_is_the_padded_bbox():
             assert box is None
             continue
         assert box == (max(xs.min() - pad, 0), max(ys.min() - pad, 0), min(xs.max() + 1 + pad, w), min(ys.max() + 1 + pad, h))
+    assert im.crop_region(Image.new("L", (9, 9), 255), 2.0) == (0, 0, 9, 9)
+    with pytest.raises(InputError, match="padding must be a whole number of pixels, got 2.5"):
+        im.crop_region(Image.new("L", (4, 4), 255), 2.5)
     with pytest.raises(InputError, match="padding must not be negative"):
         im.crop_region(Image.new("L", (4, 4), 255), -1)
 
@@ -539,3 +542,15 @@ def test_binary_mask_array():
     ref = torch.round(torch.from_numpy(a.astype(np.float32) / 255.0))[None, None].numpy()
     assert np.array_equal(im.binary_mask_array(Image.fromarray(a)), ref)
     assert np.array_equal(im.binary_mask_array(Image.fromarray(a), round=False)[0, 0], a.astype(np.float32) / 255)
+
+
+def test_no_heavy_imports_at_run_time():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, sdrt.runtime.images, sdrt.runtime.infotext; "
+        "bad = [m for m in ('cv2', 'scipy', 'torch', 'diffusers') if m in sys.modules]; "
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

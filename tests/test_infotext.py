@@ -161,7 +161,7 @@ def test_round_trip(prompt, neg, extra):
 
 def png_chunks(path):
     """(type, data) of every chunk, read from the file's bytes."""
-    data = open(path, "rb").read()
+    data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     pos, out = 8, []
     while pos < len(data):
