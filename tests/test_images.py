@@ -13,8 +13,11 @@ from PIL import Image, ImageFilter, ImageOps
 from sdrt.runtime import images as im
 from sdrt.runtime.errors import InputError
 
-torch = pytest.importorskip("torch")
-F = torch.nn.functional
+
+
+def _torch():
+    """torch (a reference only), or skip: the other tests run without it."""
+    return pytest.importorskip("torch")
 
 
 @pytest.fixture(scope="module")
@@ -265,6 +268,8 @@ def test_resize_mode_errors():
 @pytest.mark.parametrize("src, dst", [((64, 64), (96, 80)), ((64, 48), (32, 24)), ((7, 5), (13, 29)),
                                       ((40, 33), (17, 9)), ((1, 3), (4, 4)), ((8, 8), (8, 8))])
 def test_resize_latents_matches_torch_bilinear(src, dst):
+    torch = _torch()
+    F = torch.nn.functional
     x = np.random.default_rng(4).standard_normal((2, 4, *src)).astype(np.float32)
     ref = F.interpolate(torch.from_numpy(x), size=dst, mode="bilinear", align_corners=False).numpy()
     ours = im.resize_latents(x, *dst)
@@ -273,6 +278,8 @@ def test_resize_latents_matches_torch_bilinear(src, dst):
 
 
 def test_resize_latents_many_sizes():
+    torch = _torch()
+    F = torch.nn.functional
     rng = np.random.default_rng(18)
     for _ in range(60):
         sh, sw, dh, dw = (int(v) for v in rng.integers(1, 150, 4))
@@ -282,6 +289,8 @@ def test_resize_latents_many_sizes():
 
 
 def test_nearest_resize_matches_torch():
+    torch = _torch()
+    F = torch.nn.functional
     rng = np.random.default_rng(5)
     for _ in range(40):
         sh, sw, dh, dw = rng.integers(1, 200, 4)
@@ -304,6 +313,7 @@ def test_to_array_matches_diffusers_preprocess(vae_processor):
 
 
 def test_from_array_matches_diffusers_postprocess(vae_processor):
+    torch = _torch()
     rng = np.random.default_rng(7)
     x = (rng.standard_normal((2, 3, 24, 16)) * 0.8).astype(np.float32)
     # exact halves after scaling, where rounding modes differ
@@ -316,6 +326,7 @@ def test_from_array_matches_diffusers_postprocess(vae_processor):
 
 
 def test_from_array_floor_is_a1111():
+    torch = _torch()
     x = (np.random.default_rng(8).standard_normal((1, 3, 8, 8)) * 0.8).astype(np.float32)
     t = torch.clamp((torch.from_numpy(x) + 1.0) / 2.0, min=0.0, max=1.0)[0]
     ref = (255.0 * np.moveaxis(t.numpy(), 0, 2)).astype(np.uint8)  # processing.py's conversion
@@ -529,6 +540,8 @@ def test_latent_mask_a1111():
 
 
 def test_latent_mask_diffusers(mask_processor):
+    torch = _torch()
+    F = torch.nn.functional
     rng = np.random.default_rng(17)
     for w, h in [(96, 64), (64, 64), (120, 48)]:
         mask = im.blur_mask(rand_mask(rng, w, h), 5, 5)
@@ -538,6 +551,7 @@ def test_latent_mask_diffusers(mask_processor):
 
 
 def test_binary_mask_array():
+    torch = _torch()
     a = np.arange(256, dtype=np.uint8).reshape(16, 16)
     ref = torch.round(torch.from_numpy(a.astype(np.float32) / 255.0))[None, None].numpy()
     assert np.array_equal(im.binary_mask_array(Image.fromarray(a)), ref)
