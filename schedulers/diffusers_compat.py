@@ -367,6 +367,21 @@ def _dpm_multistep_schedule(cls, cfg, n, ac, sig_table, log_sigmas):
     return _f32(np.concatenate([sigmas, [final]])), np.asarray(ts, np.int64).astype(np.float64)
 
 
+def _add_midpoints(table: dict, mids: np.ndarray, ts) -> np.ndarray:
+    """Enter midpoint sigmas and their timesteps in the timestep table. diffusers gives a
+    midpoint its own timestep even where it equals a step's sigma (KDPM2Ancestral: the
+    midpoint of sigma and sigma_down is sigma_next); such a midpoint moves up by a few ulps
+    so that the table tells the two evaluations apart."""
+    out = np.array(mids, np.float64)
+    for i, (m, t) in enumerate(zip(out, ts)):
+        m, t = float(m), float(t)
+        while table.get(m, t) != t:
+            m = float(np.nextafter(m, np.inf))
+        out[i] = m
+        table[m] = t
+    return out
+
+
 def _dpm2_midpoints(sig_full, ancestral):
     """KDPM2's sigmas_interpol per step (float32): the log-midpoint of sigma and sigma_next, or
     for the ancestral variant of sigma and sigma_down; 0 on the step to sigma = 0."""
@@ -420,8 +435,8 @@ def build(cls: str, cfg: dict, n: int, t_start: int) -> Run:
             if kind == "dpm_2_ancestral":
                 run.options = {"eta": 1.0}
                 run.noise = "randn"
+            mids[:-1] = _add_midpoints(run.timesteps, mids[:-1], _f32(t_from_sigmas(mids[:-1], log_sigmas)))
             run.options["sigmas_mid"] = mids[t_start:]
-            run.timesteps.update(_tmap(mids[:-1], _f32(t_from_sigmas(mids[:-1], log_sigmas))))
             run.unet_calls = 2 * steps - 1 if steps else 0
         elif kind == "lms":
             run.options = {"prior_sigmas": sig_full[:t_start]}
@@ -433,9 +448,8 @@ def build(cls: str, cfg: dict, n: int, t_start: int) -> Run:
             s32 = s.astype(np.float32)
             t32 = -np.log(s32)
             mids = np.exp(-(t32[:-1] + (t32[1:] - t32[:-1]) * np.float32(0.5))).astype(np.float64)
-            mids = np.concatenate([mids, [0.0]])
+            mids = np.concatenate([_add_midpoints(run.timesteps, mids, mid_ts), [0.0]])
             run.options = {"sigmas_mid": mids[t_start:], "eta": 1.0}
-            run.timesteps.update(_tmap(mids[:-1], mid_ts))
             run.noise = "brownian"
             pos = sig_full[sig_full > 0]
             run.brownian_range = (float(pos.min()), float(sig_full.max()))

@@ -365,6 +365,10 @@ def _plan_a1111_timesteps(spec, steps, strength, rule, config, sampler_opts, oth
 
 def _plan_diffusers(spec, steps, strength, rule, config, options, sched_key) -> Plan:
     cls = spec.name
+    options = dict(options)
+    eta = options.pop("eta", None)  # a pipeline argument, passed to DDIMScheduler.step
+    if eta is not None and cls != "DDIMScheduler":
+        raise ValueError(f"eta is an option of DDIMScheduler only, not of {cls}")
     cfg = diffusers_compat.merged_config(cls, config, options)
     pred = cfg["prediction_type"]
     n_total, keep = tail(rule, steps, strength)
@@ -374,6 +378,9 @@ def _plan_diffusers(spec, steps, strength, rule, config, options, sched_key) -> 
     run = diffusers_compat.build(cls, cfg, n_total, 0 if keep is None else n_total - keep)
     if run.unet_calls == 0:
         return _empty(spec, label, steps, strength, rule, pred)
+    if eta:
+        run.options["eta"] = float(eta)
+        run.noise = "randn"
     log_sigmas = run.log_sigmas if run.log_sigmas is not None else diffusers_compat._table(cfg)[2]
 
     def to_t(s, _lt=log_sigmas):

@@ -1,0 +1,212 @@
+"""diffusers scheduler class names against diffusers itself.
+
+Each test builds ``Cls.from_config(sd_config, **options)`` and drives it as
+StableDiffusionImg2ImgPipeline does (set_timesteps, get_timesteps with strength,
+set_begin_index(t_start * order), add_noise at the first kept timestep, scale_model_input, the
+test model at the scheduler's timestep, step); sdrt runs make_plan(class name) with the same
+options and the pipeline-style denoiser (x / sqrt(sigma^2 + 1) at plan.timestep(sigma)).
+Stochastic schedulers get the same noise: the `randn_tensor` they import is patched, and
+DPMSolverSDE's BrownianTreeNoiseSampler is replaced by the same sequence. Float64 latents;
+final latents agree to 1e-5 relative (diffusers' k-type schedulers step in float32).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+
+from kdiffusion_ref import SequenceNoise, model_torch, rel_err, sdrt_denoiser  # noqa: E402
+
+from sdrt.schedulers import make_plan, sample  # noqa: E402
+
+# Stable Diffusion 1.5's scheduler_config.json.
+SD15 = {
+    "_class_name": "PNDMScheduler",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "trained_betas": None,
+    "clip_sample": False,
+}
+SHAPE = (1, 4, 6, 6)
+TOL = 1e-5
+
+
+class _PatchedNoise:
+    """Routes diffusers' randn_tensor (and DPMSolverSDE's Brownian noise) to a SequenceNoise."""
+
+    def __init__(self, monkeypatch, module, seq):
+        def randn_tensor(shape, generator=None, device=None, dtype=None, layout=None):
+            return seq.torch().to(dtype or torch.float64)
+
+        if hasattr(module, "randn_tensor"):
+            monkeypatch.setattr(module, "randn_tensor", randn_tensor)
+
+        class Brownian:
+            def __init__(self, *args, **kwargs):
+                pass
+
+            def __call__(self, sigma, sigma_next):
+                return seq.torch()
+
+        if hasattr(module, "BrownianTreeNoiseSampler"):
+            monkeypatch.setattr(module, "BrownianTreeNoiseSampler", Brownian)
+
+
+def _module(cls):
+    return __import__(cls.__module__, fromlist=["x"])
+
+
+def diffusers_run(cls_name, options, steps, strength, pred, x0, noise, seq, monkeypatch, eta=None):
+    """StableDiffusionImg2ImgPipeline's scheduler loop (txt2img loop when x0 is None)."""
+    cls = getattr(diffusers, cls_name)
+    _PatchedNoise(monkeypatch, _module(cls), seq.reset())
+    sch = cls.from_config({**SD15, "prediction_type": pred}, **options)
+    sch.set_timesteps(steps)
+    timesteps = sch.timesteps
+    nt = torch.from_numpy(noise)
+    if x0 is None:
+        latents = nt * sch.init_noise_sigma
+    else:
+        init = min(int(steps * strength), steps)
+        t_start = max(steps - init, 0)
+        timesteps = sch.timesteps[t_start * sch.order:]
+        if hasattr(sch, "set_begin_index"):
+            sch.set_begin_index(t_start * sch.order)
+        latents = sch.add_noise(torch.from_numpy(x0), nt, timesteps[:1])
+    extra = {"eta": eta} if eta is not None else {}
+    calls = []
+    for t in timesteps:
+        inp = sch.scale_model_input(latents, t)
+        calls.append(float(t))
+        out = model_torch(inp, t)
+        latents = sch.step(out, t, latents, **extra, return_dict=False)[0]
+    return latents.numpy(), calls
+
+
+def sdrt_run(name, options, steps, strength, pred, x0, noise, seq, eta=None):
+    kw = dict(options)
+    if eta is not None:
+        kw["eta"] = eta
+    plan = make_plan(name, steps, strength, config={**SD15, "prediction_type": pred}, **kw)
+    x = plan.start(x0, noise)
+    den = sdrt_denoiser(plan, pred)
+    out = sample(plan, den, x, noise_sampler=seq.reset().numpy)
+    return plan, plan.finish(out), den
+
+
+def inputs(seed):
+    rng = np.random.default_rng(500 + seed)
+    return rng.standard_normal(SHAPE) * 0.8, rng.standard_normal(SHAPE)
+
+
+VARIANTS = {
+    "EulerDiscreteScheduler": [{}, {"use_karras_sigmas": True}, {"timestep_spacing": "trailing"},
+                               {"timestep_spacing": "leading"}, {"use_exponential_sigmas": True},
+                               {"use_beta_sigmas": True}, {"final_sigmas_type": "sigma_min"},
+                               {"interpolation_type": "log_linear"},
+                               {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}],
+    "EulerAncestralDiscreteScheduler": [{}, {"timestep_spacing": "trailing"}],
+    "HeunDiscreteScheduler": [{}, {"use_karras_sigmas": True}, {"timestep_spacing": "leading"}],
+    "KDPM2DiscreteScheduler": [{}, {"use_karras_sigmas": True}],
+    "KDPM2AncestralDiscreteScheduler": [{}, {"use_karras_sigmas": True}],
+    "LMSDiscreteScheduler": [{}, {"use_karras_sigmas": True}],
+    "DPMSolverMultistepScheduler": [{}, {"use_karras_sigmas": True}, {"algorithm_type": "sde-dpmsolver++"},
+                                    {"solver_order": 3}, {"solver_type": "heun"}, {"final_sigmas_type": "sigma_min"},
+                                    {"timestep_spacing": "trailing"}, {"use_lu_lambdas": True},
+                                    {"euler_at_final": True}, {"solver_order": 1}, {"lower_order_final": False},
+                                    {"algorithm_type": "sde-dpmsolver++", "solver_order": 3},
+                                    {"use_exponential_sigmas": True}],
+    "DPMSolverSDEScheduler": [{}, {"use_karras_sigmas": True}],
+    "DDIMScheduler": [{}, {"timestep_spacing": "trailing"}, {"timestep_spacing": "linspace"},
+                      {"set_alpha_to_one": True}, {"clip_sample": True}],
+    "PNDMScheduler": [{}, {"timestep_spacing": "trailing"}, {"timestep_spacing": "linspace"}],
+    "UniPCMultistepScheduler": [{}, {"use_karras_sigmas": True}, {"solver_type": "bh1", "final_sigmas_type": "sigma_min"},
+                                {"solver_order": 3},
+                                {"final_sigmas_type": "sigma_min"}, {"disable_corrector": [1, 2]},
+                                {"timestep_spacing": "trailing"}],
+    "LCMScheduler": [{}],
+}
+CASES = [(10, 1.0), (13, 0.6), (22, 0.35)]
+PARAMS = [(cls, i) for cls, variants in VARIANTS.items() for i in range(len(variants))]
+
+
+def _id(p):
+    cls, i = p
+    opts = VARIANTS[cls][i]
+    return cls.replace("Scheduler", "") + ("" if not opts else "-" + "-".join(f"{k}={v}" for k, v in opts.items()))
+
+
+@pytest.mark.parametrize("pred", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("steps,strength", CASES)
+@pytest.mark.parametrize("variant", PARAMS, ids=[_id(p) for p in PARAMS])
+def test_diffusers_img2img(variant, steps, strength, pred, monkeypatch):
+    cls, i = variant
+    options = VARIANTS[cls][i]
+    if cls == "LCMScheduler":
+        steps = {10: 4, 13: 6, 22: 8}[steps]
+    x0, noise = inputs(i)
+    seq = SequenceNoise(SHAPE, seed=21)
+    ref, ref_calls = diffusers_run(cls, options, steps, strength, pred, x0, noise, seq, monkeypatch)
+    plan, out, den = sdrt_run(cls, options, steps, strength, pred, x0, noise, seq)
+    assert np.isfinite(ref).all()
+    assert rel_err(out, ref) <= TOL
+    assert [t for _, t in den.calls] == pytest.approx(ref_calls, abs=2e-4), "the UNet must see diffusers' timesteps"
+    assert plan.unet_calls == len(ref_calls)
+
+
+@pytest.mark.parametrize("cls", list(VARIANTS))
+def test_diffusers_txt2img(cls, monkeypatch):
+    _, noise = inputs(40)
+    seq = SequenceNoise(SHAPE, seed=22)
+    steps = 6 if cls == "LCMScheduler" else 12
+    ref, _ = diffusers_run(cls, {}, steps, 1.0, "epsilon", None, noise, seq, monkeypatch)
+    _, out, _ = sdrt_run(cls, {}, steps, 1.0, "epsilon", None, noise, seq)
+    assert rel_err(out, ref) <= TOL
+
+
+@pytest.mark.parametrize("eta", [0.3, 1.0])
+@pytest.mark.parametrize("steps,strength", [(12, 1.0), (15, 0.6)])
+def test_diffusers_ddim_eta(eta, steps, strength, monkeypatch):
+    x0, noise = inputs(50)
+    seq = SequenceNoise(SHAPE, seed=23)
+    ref, _ = diffusers_run("DDIMScheduler", {}, steps, strength, "epsilon", x0, noise, seq, monkeypatch, eta=eta)
+    _, out, _ = sdrt_run("DDIMScheduler", {}, steps, strength, "epsilon", x0, noise, seq, eta=eta)
+    assert rel_err(out, ref) <= TOL
+
+
+def test_options_in_name_equal_keyword_options():
+    cfg = {**SD15}
+    a = make_plan("DPMSolverMultistepScheduler(use_karras_sigmas=True, algorithm_type=sde-dpmsolver++)", 12, 0.7,
+                  config=cfg)
+    b = make_plan("DPMSolverMultistepScheduler", 12, 0.7, config=cfg, use_karras_sigmas=True,
+                  algorithm_type="sde-dpmsolver++")
+    np.testing.assert_array_equal(a.sigmas, b.sigmas)
+    assert a.options["eta"] == b.options["eta"] == 1.0
+    c = make_plan("DPMSolverMultistepScheduler", 12, 0.7, "Karras", config=cfg)
+    np.testing.assert_array_equal(a.sigmas, c.sigmas)
+    assert c.schedule_label == "Karras"
+
+
+def test_unknown_diffusers_option():
+    with pytest.raises(ValueError, match="use_karras_sigmas"):
+        make_plan("EulerDiscreteScheduler(use_karas_sigmas=True)", 10, config=SD15)
+
+
+def test_unipc_bh1_to_zero_is_finite():
+    """diffusers' UniPC with solver_type="bh1" and a final sigma of 0 multiplies -inf by 0 on its
+    last step and returns NaN; sdrt returns the denoised latent there, as every other solver."""
+    x0, noise = inputs(60)
+    plan, out, den = sdrt_run("UniPCMultistepScheduler", {"solver_type": "bh1"}, 10, 0.7, "epsilon", x0, noise,
+                              SequenceNoise(SHAPE))
+    assert np.isfinite(out).all()
+
