@@ -290,9 +290,20 @@ def _converted(cfg, sigmas, n, use_config=True):
     return None
 
 
-def _table(cfg):
+# DDIM and LCM keep alpha-bar_T = 0 under zero-terminal-SNR rescaling (the others raise it to
+# 2**-24): an infinite sigma, which k-space stands in for by this one. At it the UNet input
+# x / sqrt(sigma^2 + 1) is the VP latent to 1e-12 and a v-prediction gives x0 = -v to 1e-24.
+TERMINAL_SIGMA = 1e12
+
+
+def _table(cfg, cls=None):
     ac = alphas_cumprod(cfg, "diffusers")
-    sig = sigmas_from_alphas_cumprod(ac, "diffusers")
+    if cls in ("DDIMScheduler", "LCMScheduler") and cfg.get("rescale_betas_zero_snr"):
+        ac = ac.copy()
+        ac[-1] = 0.0
+    with np.errstate(divide="ignore"):
+        sig = sigmas_from_alphas_cumprod(ac, "diffusers")
+    sig = np.minimum(sig, TERMINAL_SIGMA)
     return ac, sig, np.log(sig.astype(np.float32)).astype(np.float64)
 
 
@@ -401,7 +412,7 @@ def _dpm2_midpoints(sig_full, ancestral):
 
 def _vp_sigma(ac, t) -> float:
     a = float(np.float32(ac[int(t)]))
-    return math.sqrt((1.0 - a) / a)
+    return math.sqrt((1.0 - a) / a) if a > 0 else TERMINAL_SIGMA
 
 
 def build(cls: str, cfg: dict, n: int, t_start: int) -> Run:
@@ -409,7 +420,7 @@ def build(cls: str, cfg: dict, n: int, t_start: int) -> Run:
     if n < 1:
         raise ValueError("steps must be at least 1")
     kind, vp = KIND[cls]
-    ac, sig_table, log_sigmas = _table(cfg)
+    ac, sig_table, log_sigmas = _table(cfg, cls)
     pred = cfg["prediction_type"]
 
     if kind in ("euler", "euler_ancestral", "heun", "dpm_2", "dpm_2_ancestral", "lms", "dpmpp_sde"):

@@ -99,7 +99,9 @@ COMFY = [
     _c("lcm", "lcm"),
 ]
 
-DIFFUSERS = [Spec(cls, "diffusers", cls, (cls[: -len("Scheduler")],)) for cls in DIFFUSERS_CLASSES]
+# Class names also without the "Scheduler" suffix, where that does not name another tool's sampler.
+DIFFUSERS = [Spec(cls, "diffusers", cls, tuple(a for a in (cls[: -len("Scheduler")],) if a not in ("DDIM", "LCM")))
+             for cls in DIFFUSERS_CLASSES]
 
 # Schedules: key -> (display label, other accepted spellings).
 A1111_SCHEDULES = {

@@ -381,7 +381,7 @@ def _plan_diffusers(spec, steps, strength, rule, config, options, sched_key) -> 
     if eta:
         run.options["eta"] = float(eta)
         run.noise = "randn"
-    log_sigmas = run.log_sigmas if run.log_sigmas is not None else diffusers_compat._table(cfg)[2]
+    log_sigmas = run.log_sigmas if run.log_sigmas is not None else diffusers_compat._table(cfg, cls)[2]
 
     def to_t(s, _lt=log_sigmas):
         return t_from_sigma(s, _lt)

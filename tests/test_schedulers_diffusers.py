@@ -128,13 +128,14 @@ VARIANTS = {
                                     {"use_exponential_sigmas": True}],
     "DPMSolverSDEScheduler": [{}, {"use_karras_sigmas": True}],
     "DDIMScheduler": [{}, {"timestep_spacing": "trailing"}, {"timestep_spacing": "linspace"},
-                      {"set_alpha_to_one": True}, {"clip_sample": True}],
+                      {"set_alpha_to_one": True}, {"clip_sample": True},
+                      {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}],
     "PNDMScheduler": [{}, {"timestep_spacing": "trailing"}, {"timestep_spacing": "linspace"}],
     "UniPCMultistepScheduler": [{}, {"use_karras_sigmas": True}, {"solver_type": "bh1", "final_sigmas_type": "sigma_min"},
                                 {"solver_order": 3},
                                 {"final_sigmas_type": "sigma_min"}, {"disable_corrector": [1, 2]},
                                 {"timestep_spacing": "trailing"}],
-    "LCMScheduler": [{}],
+    "LCMScheduler": [{}, {"rescale_betas_zero_snr": True}],
 }
 CASES = [(10, 1.0), (13, 0.6), (22, 0.35)]
 PARAMS = [(cls, i) for cls, variants in VARIANTS.items() for i in range(len(variants))]
@@ -152,6 +153,9 @@ def _id(p):
 def test_diffusers_img2img(variant, steps, strength, pred, monkeypatch):
     cls, i = variant
     options = VARIANTS[cls][i]
+    if options.get("rescale_betas_zero_snr") and cls in ("DDIMScheduler", "LCMScheduler") and pred == "epsilon" \
+            and strength == 1.0:
+        pytest.skip("zero terminal SNR: an eps model cannot denoise from pure noise (diffusers divides by 0)")
     if cls == "LCMScheduler":
         steps = {10: 4, 13: 6, 22: 8}[steps]
     x0, noise = inputs(i)
