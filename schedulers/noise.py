@@ -27,35 +27,38 @@ def randn_sampler(rng: np.random.Generator, shape, dtype=np.float32):
 
 
 class BrownianTree:
-    """A Brownian motion on [t0, t1] that can be queried at any points, in any order.
+    """A Brownian motion W on [t0, t1], W(t0) = 0, that can be queried at any points in any order.
 
-    W(t0) = 0 and W(t1) ~ N(0, t1 - t0). Between known points the path is refined by Brownian
-    bridges at interval midpoints; every midpoint has its own random stream (SeedSequence of
-    the seed and the node's position), so W is a fixed function of t for a given seed. Below
-    `tol` the last bridge is sampled at t itself from a stream keyed by t. Recent nodes are
-    cached (queries of a sampler walk nearby paths).
+    W is a fixed function of t for a given seed: its values come from a binary tree of Brownian
+    bridges, each node with its own random stream (a SeedSequence of the seed and the node's
+    position). The tree first splits at `points` (the noise levels a run will query, by median
+    rank, one draw per point) and then halves intervals down to `tol`; below that the last bridge
+    is sampled at t itself on a stream keyed by t. Without points it is the plain halving tree.
+    Node values are cached (least recently used first out).
     """
 
-    def __init__(self, t0: float, t1: float, shape, seed: int, *, tol: float = 1e-6, cache: int = 256):
+    def __init__(self, t0: float, t1: float, shape, seed: int, *, points=(), tol: float = 1e-6, cache: int = 128):
         if not t1 > t0:
             raise ValueError(f"BrownianTree needs t0 < t1, got {t0}, {t1}")
         self.t0, self.t1 = float(t0), float(t1)
         self.shape = tuple(shape)
         self.seed = int(seed)
         self.tol = float(tol)
+        inner = sorted({float(p) for p in points if self.t0 < float(p) < self.t1})
+        self.points = [self.t0, *inner, self.t1]
         self._cache: OrderedDict = OrderedDict()
         self._cache_size = cache
-        self._w1 = self._normal((0, 0)) * math.sqrt(self.t1 - self.t0)
+        self._w1 = self._normal((0,)) * math.sqrt(self.t1 - self.t0)
 
     def _normal(self, key) -> np.ndarray:
         ss = np.random.SeedSequence(self.seed, spawn_key=tuple(int(k) for k in key))
         return np.random.Generator(np.random.PCG64(ss)).standard_normal(self.shape)
 
-    def _midpoint(self, depth: int, index: int, s: float, u: float, ws, wu) -> np.ndarray:
-        key = (depth, index)
+    def _bridge(self, key, s, u, ws, wu, m) -> np.ndarray:
+        """W(m) given W(s) = ws and W(u) = wu (cached under key)."""
         w = self._cache.get(key)
         if w is None:
-            w = 0.5 * (ws + wu) + math.sqrt((u - s) / 4.0) * self._normal((1, depth, index))
+            w = ws + (wu - ws) * ((m - s) / (u - s)) + math.sqrt((m - s) * (u - m) / (u - s)) * self._normal(key)
             self._cache[key] = w
             if len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
@@ -66,33 +69,45 @@ class BrownianTree:
     def __call__(self, t: float) -> np.ndarray:
         """W(t) (float64); t is clamped to [t0, t1]."""
         t = min(max(float(t), self.t0), self.t1)
-        s, u = self.t0, self.t1
-        ws, wu = 0.0, self._w1
+        pts = self.points
+        lo, hi = 0, len(pts) - 1
+        wl, wh = np.zeros(self.shape), self._w1
+        # Split by rank at the given points.
+        while hi - lo > 1:
+            m = (lo + hi) // 2
+            wm = self._bridge((1, lo, hi), pts[lo], pts[hi], wl, wh, pts[m])
+            if t == pts[m]:
+                return wm
+            if t < pts[m]:
+                hi, wh = m, wm
+            else:
+                lo, wl = m, wm
+        s, u = pts[lo], pts[hi]
         if t == s:
-            return np.zeros(self.shape)
+            return wl
         if t == u:
-            return wu
+            return wh
+        # Halve the interval between neighbouring points.
         depth, index = 0, 0
         while u - s > self.tol:
             m = 0.5 * (s + u)
-            wm = self._midpoint(depth, index, s, u, ws, wu)
+            wm = self._bridge((2, lo, depth, index), s, u, wl, wh, m)
             if t == m:
                 return wm
             depth += 1
             if t < m:
-                u, wu, index = m, wm, 2 * index
+                u, wh, index = m, wm, 2 * index
             else:
-                s, ws, index = m, wm, 2 * index + 1
-        # Within tol: bridge from W(s) and W(u) to W(t), on a stream keyed by t's bits.
+                s, wl, index = m, wm, 2 * index + 1
         tbits = int(np.float64(t).view(np.uint64))
-        var = (t - s) * (u - t) / (u - s)
-        mean = ws + (wu - ws) * ((t - s) / (u - s))
-        return mean + math.sqrt(var) * self._normal((2, tbits >> 32, tbits & 0xFFFFFFFF))
+        key = (3, tbits >> 32, tbits & 0xFFFFFFFF)
+        return wl + (wh - wl) * ((t - s) / (u - s)) + math.sqrt((t - s) * (u - t) / (u - s)) * self._normal(key)
 
 
-def brownian_sampler(seed: int, sigma_min: float, sigma_max: float, shape, dtype=np.float32):
-    """Noise sampler of normalised Brownian increments over [sigma_min, sigma_max]."""
-    tree = BrownianTree(sigma_min, sigma_max, shape, seed)
+def brownian_sampler(seed: int, sigma_min: float, sigma_max: float, shape, dtype=np.float32, points=()):
+    """Noise sampler of normalised Brownian increments over [sigma_min, sigma_max]; `points`
+    are the noise levels the run will query (cheap, exact tree nodes)."""
+    tree = BrownianTree(sigma_min, sigma_max, shape, seed, points=points)
     dtype = np.dtype(dtype)
 
     def sample(sigma, sigma_next):

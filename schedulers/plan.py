@@ -10,7 +10,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from . import diffusers_compat, names, noise, schedules
-from .samplers import SAMPLERS
+from .samplers import SAMPLERS, sde_midpoint
 from .training import (alphas_cumprod, distilled_table, index_nearest, sigma_from_t_vp, sigmas_from_alphas_cumprod,
                        t_from_sigma)
 
@@ -43,6 +43,7 @@ class Plan:
     _img2img_scale: float = 0.0
     _relabel: float = 1.0
     _finish_scale: float = 1.0
+    _eps_from_v_at_int_t: np.ndarray | None = field(default=None, repr=False)  # A1111 UniPC, v models
 
     def timestep(self, sigma) -> float:
         """The timestep the reference feeds its UNet at noise level `sigma`."""
@@ -359,8 +360,10 @@ def _plan_a1111_timesteps(spec, steps, strength, rule, config, sampler_opts, oth
     def to_t(s, _lt=np.log(sigmas_from_alphas_cumprod(ac))):
         return t_from_sigma(s, _lt)
 
+    quirk = ac if sampler == "unipc" and pred == "v_prediction" else None
     return Plan(spec.name, label, "a1111", steps, strength, sig, calls, pred, rule, sampler, kw, noise_kind, None, None,
-                None, tmap, to_t, math.sqrt(1.0 + first * first), img_scale, relabel, 1.0 / math.sqrt(1.0 + final * final))
+                None, tmap, to_t, math.sqrt(1.0 + first * first), img_scale, relabel, 1.0 / math.sqrt(1.0 + final * final),
+                quirk)
 
 
 def _plan_diffusers(spec, steps, strength, rule, config, options, sched_key) -> Plan:
@@ -399,12 +402,44 @@ def _diffusers_label(cfg) -> str:
     return ""
 
 
+def _eps_from_v_at_int_t(denoise, timestep, alphas_cumprod):
+    """A1111's timestep samplers turn v into eps with the alpha-bar of int(t) (its
+    CompVisTimestepsVDenoiser); with UniPC's fractional t that is not the alpha-bar of sigma.
+    The x0 estimate that results, from the exact one."""
+
+    def wrapped(x, sigma):
+        den = denoise(x, sigma)
+        c = 1.0 / math.sqrt(1.0 + sigma * sigma)
+        a = float(alphas_cumprod[int(timestep(sigma))])
+        v = x * (c * c) - den
+        v *= 1.0 / (sigma * c)
+        eps = v * math.sqrt(a)
+        eps += x * (c * math.sqrt(1.0 - a))
+        eps *= -sigma
+        eps += x
+        return eps
+
+    return wrapped
+
+
 # ---------------------------------------------------------------------------------- sample
+def _query_levels(plan: Plan) -> list[float]:
+    """The noise levels at which a Brownian plan will query its noise."""
+    levels = [float(v) for v in plan.sigmas if v > 0]
+    if plan.sampler == "dpmpp_sde":
+        mids = plan.options.get("sigmas_mid")
+        r = float(plan.options.get("r", 0.5))
+        pairs = zip(plan.sigmas[:-1], plan.sigmas[1:])
+        levels += [float(m) for m in mids if m > 0] if mids is not None else \
+            [sde_midpoint(float(a), float(b), r) for a, b in pairs if b > 0]
+    return levels
+
+
 def _noise_for(plan: Plan, rng: np.random.Generator, shape, dtype):
     if plan.noise == "brownian":
         seed = plan.brownian_seed if plan.brownian_seed is not None else int(rng.integers(0, 2**63 - 1))
         lo, hi = plan.brownian_range
-        return noise.brownian_sampler(seed, lo, hi, shape, dtype)
+        return noise.brownian_sampler(seed, lo, hi, shape, dtype, points=_query_levels(plan))
     return noise.randn_sampler(rng, shape, dtype)
 
 
@@ -439,5 +474,8 @@ def sample(plan: Plan, denoise, x, *, rng: np.random.Generator | None = None, no
 
         def denoise(x_, s_):
             return np.clip(inner(x_, s_), -c, c)
+
+    if plan._eps_from_v_at_int_t is not None:
+        denoise = _eps_from_v_at_int_t(denoise, plan.timestep, plan._eps_from_v_at_int_t)
 
     return SAMPLERS[plan.sampler](denoise, x, plan.sigmas, callback=callback, **kwargs)

@@ -252,6 +252,12 @@ def sample_dpmpp_2s_ancestral(denoise, x, sigmas, *, callback=None, noise_sample
     return x
 
 
+def sde_midpoint(sigma: float, sigma_next: float, r: float = 0.5) -> float:
+    """DPM++ SDE's intermediate level: a fraction r of the way from sigma to sigma_next in log-sigma."""
+    t = -math.log(sigma)
+    return math.exp(-(t + (-math.log(sigma_next) - t) * r))
+
+
 def sample_dpmpp_sde(denoise, x, sigmas, *, callback=None, noise_sampler=None, sigmas_mid=None, eta=1.0,
                      s_noise=1.0, r=0.5):
     """DPM-Solver++ (stochastic), two stages per step with ancestral noise in each; the noise is
@@ -265,9 +271,7 @@ def sample_dpmpp_sde(denoise, x, sigmas, *, callback=None, noise_sampler=None, s
         if sn == 0:
             _toward(x, den, (sn - s) / s, buf)
         else:
-            t = -math.log(s)
-            h = -math.log(sn) - t
-            mid = math.exp(-(t + h * r)) if sigmas_mid is None else float(sigmas_mid[i])
+            mid = sde_midpoint(s, sn, r) if sigmas_mid is None else float(sigmas_mid[i])
             sd, su = ancestral_step(s, mid, eta)
             x2 = x * (sd / s)
             x2 -= den * math.expm1(math.log(sd) - math.log(s))

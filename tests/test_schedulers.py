@@ -314,7 +314,14 @@ def test_samplers_keep_float32_and_leave_input_alone(name):
         assert x_.dtype == np.float32 and den.dtype == np.float32 and s >= sn  # PLMS repeats a level
         seen.append(i)
 
-    out = sample(plan, _denoiser, x, rng=np.random.default_rng(4), callback=cb)
+    calls = []
+
+    def den(x_, s_):
+        calls.append(s_)
+        return _denoiser(x_, s_)
+
+    out = sample(plan, den, x, rng=np.random.default_rng(4), callback=cb)
+    assert len(calls) == plan.unet_calls
     assert out.dtype == np.float32 and np.isfinite(out).all()
     np.testing.assert_array_equal(x, before)
     assert seen == list(range(len(plan.sigmas) - 1))
@@ -394,3 +401,22 @@ def test_brownian_increments_are_standard_normal_and_additive():
     rhs = ns(a, b) * math.sqrt(a - b) + ns(b, c) * math.sqrt(b - c)
     np.testing.assert_allclose(lhs, rhs, atol=1e-9)
     assert abs(np.corrcoef(ns(a, b), ns(b, c))[0, 1]) < 0.01
+
+
+def test_brownian_tree_with_query_points():
+    """Points the run will query are tree nodes (one draw each); W stays a fixed function of t
+    with standard-normal, additive increments on and off those points."""
+    pts = [14.6, 9.0, 5.5, 3.3, 2.0, 1.1, 0.6, 0.2, 0.05]
+    a = BrownianTree(0.03, 14.6, (100_000,), seed=3, points=pts)
+    b = BrownianTree(0.03, 14.6, (100_000,), seed=3, points=pts)
+    qs = [9.0, 0.6, 4.2, 5.5, 0.0301, 1.1, 4.2001]
+    vals = {t: a(t).copy() for t in qs}
+    for t in reversed(qs):
+        np.testing.assert_array_equal(b(t), vals[t])
+    for lo, hi in [(5.5, 9.0), (4.2, 5.5), (0.6, 1.1), (4.2, 4.2001), (0.2, 0.6)]:
+        z = (a(hi) - a(lo)) / math.sqrt(hi - lo)
+        assert abs(z.mean()) < 0.015 and abs(z.std() - 1) < 0.015, (lo, hi, z.std())
+    z1 = (a(5.5) - a(4.2)) / math.sqrt(1.3)
+    z2 = (a(4.2) - a(3.3)) / math.sqrt(0.9)
+    assert abs(np.corrcoef(z1, z2)[0, 1]) < 0.015
+
