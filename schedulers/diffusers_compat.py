@@ -90,12 +90,6 @@ KIND = {
     "LCMScheduler": ("lcm", True),
 }
 
-# Options that change nothing here (they concern other model types or the pipeline).
-_INERT = {"dynamic_thresholding_ratio", "sample_max_value", "flow_shift", "time_shift_type", "trained_betas",
-          "num_train_timesteps", "noise_sampler_seed", "steps_offset", "timestep_spacing", "beta_start",
-          "beta_end", "beta_schedule", "prediction_type", "rescale_betas_zero_snr"}
-
-
 def parse_name(text: str) -> tuple[str, dict]:
     """"Cls" or "Cls(opt=value, ...)" -> (Cls, options). Values are Python literals; bare words
     are strings, true/false/none are accepted in any case."""
@@ -275,7 +269,9 @@ def _spacing_pndm(cfg, n):
 def _bounds(cfg, sigmas, use_config=True):
     smin = cfg.get("sigma_min") if use_config else None
     smax = cfg.get("sigma_max") if use_config else None
-    return (float(sigmas[-1]) if smin is None else float(smin)), (float(sigmas[0]) if smax is None else float(smax))
+    smin = float(sigmas[-1]) if smin is None else float(smin)
+    smax = float(sigmas[0]) if smax is None else float(smax)
+    return smin, smax
 
 
 def _converted(cfg, sigmas, n, use_config=True):
@@ -340,7 +336,8 @@ def _k_schedule(cls, cfg, n, sig_table, log_sigmas):
         last = float(sig_table[0])
     sig_f = _f32(np.concatenate([sigmas, [last]]))
     ts = np.asarray(ts, np.float64 if sde else np.float32).astype(np.float64)
-    if cls == "EulerDiscreteScheduler" and cfg["timestep_type"] == "continuous" and cfg["prediction_type"] == "v_prediction":
+    continuous = cfg.get("timestep_type") == "continuous" and cfg["prediction_type"] == "v_prediction"
+    if cls == "EulerDiscreteScheduler" and continuous:  # EDM-style v models: t = log(sigma) / 4
         ts = _f32(0.25 * np.log(sig_f[:-1].astype(np.float32)))
     return sig_f, ts
 
@@ -349,32 +346,28 @@ def _dpm_multistep_schedule(cls, cfg, n, ac, sig_table, log_sigmas):
     T = cfg["num_train_timesteps"]
     last = T
     if cls == "DPMSolverMultistepScheduler":
-        lam = (np.log(np.sqrt(ac.astype(np.float32))) - np.log(np.sqrt(1 - ac.astype(np.float32)))).astype(np.float32)
+        a32 = ac.astype(np.float32)
+        lam = (np.log(np.sqrt(a32)) - np.log(np.sqrt(np.float32(1) - a32))).astype(np.float32)
         clipped = int(np.searchsorted(lam[::-1], cfg["lambda_min_clipped"]))
         last = T - clipped
     ts = _spacing_multistep(cfg, n, last)
     flipped = sig_table[::-1]
     rounded = cfg["beta_schedule"] != "squaredcos_cap_v2"
     unipc = cls == "UniPCMultistepScheduler"
-    if cfg.get("use_karras_sigmas"):
-        sigmas = _converted({"use_karras_sigmas": True, "sigma_min": cfg.get("sigma_min"), "sigma_max": cfg.get("sigma_max")},
-                            flipped, n, use_config=unipc)
-        ts = t_from_sigmas(sigmas, log_sigmas)
-        ts = ts.round() if rounded or unipc else ts
-    elif cfg.get("use_lu_lambdas"):
-        lams = np.linspace(float(np.log(flipped[0])), float(np.log(flipped[-1])), n)
-        sigmas = np.exp(lams)
-        ts = t_from_sigmas(sigmas, log_sigmas)
-        ts = ts.round() if rounded else ts
-    elif cfg.get("use_exponential_sigmas") or cfg.get("use_beta_sigmas"):
+    converted = any(cfg.get(k) for k in _SIGMA_OPTS)
+    if converted:  # only UniPC has sigma_min / sigma_max options
         sigmas = _converted(cfg, flipped, n, use_config=unipc)
         ts = t_from_sigmas(sigmas, log_sigmas)
+        ts = ts.round() if cfg.get("use_karras_sigmas") and (rounded or unipc) else ts
+    elif cfg.get("use_lu_lambdas"):  # uniform in log-sigma over the whole table
+        sigmas = np.exp(np.linspace(float(np.log(flipped[0])), float(np.log(flipped[-1])), n))
+        ts = t_from_sigmas(sigmas, log_sigmas)
+        ts = ts.round() if rounded else ts
     else:
         sigmas = np.interp(ts, np.arange(len(sig_table)), sig_table.astype(np.float32))
     final = 0.0
     if cfg["final_sigmas_type"] == "sigma_min":
-        converted = unipc and any(cfg.get(k) for k in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas"))
-        final = float(sigmas[-1]) if converted else float(sig_table[0])
+        final = float(sigmas[-1]) if unipc and converted else float(sig_table[0])
     return _f32(np.concatenate([sigmas, [final]])), np.asarray(ts, np.int64).astype(np.float64)
 
 
@@ -430,7 +423,7 @@ def build(cls: str, cfg: dict, n: int, t_start: int) -> Run:
         sig = sig_full[t_start:]
         if cls == "EulerDiscreteScheduler" and cfg["interpolation_type"] == "log_linear":
             sig = sig_full[t_start : n + 1]  # n + 1 sigmas, n timesteps: it stops at the smallest
-        run = Run(sig, _tmap(sig_full[:-1], ts), kind, log_sigmas=log_sigmas, start_sigma=float(sig[0]) if len(sig) else 0.0,
+        run = Run(sig, _tmap(sig_full[:-1], ts), kind, log_sigmas=log_sigmas, start_sigma=float(sig[0]),
                   txt2img_scale=_init_noise_sigma(cfg, sig_full))
         steps = len(sig) - 1
         run.unet_calls = steps
@@ -539,7 +532,8 @@ def build(cls: str, cfg: dict, n: int, t_start: int) -> Run:
             s_to.append(vs(pv))
         sig = np.array(labels + [s_to[-1]]) if m else np.array([0.0])
         run = Run(sig, _tmap(labels, calls), "plms", start_sigma=float(sig[0]),
-                  txt2img_scale=math.sqrt(1.0 + float(sig[0]) ** 2), finish_scale=1.0 / math.sqrt(1.0 + float(sig[-1]) ** 2))
+                  txt2img_scale=math.sqrt(1.0 + float(sig[0]) ** 2),
+                  finish_scale=1.0 / math.sqrt(1.0 + float(sig[-1]) ** 2))
         run.options = {"weights": plms_weights(m), "bases": [0 if j == 1 else j for j in range(m)],
                        "sigmas_from": s_from, "sigmas_to": s_to, "combine": "v" if pred == "v_prediction" else "eps"}
         run.unet_calls = m

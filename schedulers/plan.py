@@ -159,8 +159,10 @@ def make_plan(sampler: str, steps: int, strength: float = 1.0, schedule: str | N
 
 
 def _empty(spec, label, steps, strength, rule, pred, sigma=0.0, finish_scale=1.0, img2img_scale=0.0) -> Plan:
+    """A plan without steps: the start latent is the result (x0 itself when nothing is noised)."""
     return Plan(spec.name, label, spec.family, steps, strength, np.array([float(sigma)]), 0, pred, rule, "euler",
-                _to_timestep=lambda s: 0.0, _img2img_scale=img2img_scale, _finish_scale=finish_scale)
+                _to_timestep=lambda s: 0.0, _txt2img_scale=1.0 / finish_scale, _img2img_scale=img2img_scale,
+                _finish_scale=finish_scale)
 
 
 def _prediction(config) -> str:
@@ -175,7 +177,8 @@ def _split_options(spec, options):
     allowed = own | set(_SCHEDULE_OPTIONS) | set(_COMMON_OPTIONS)
     unknown = sorted(set(options) - allowed)
     if unknown:
-        raise ValueError(f"{spec.name} has no option {', '.join(unknown)}; its options are: {', '.join(sorted(allowed))}")
+        raise ValueError(f"{spec.name} has no option {', '.join(unknown)}; "
+                         f"its options are: {', '.join(sorted(allowed))}")
     sampler_opts = {k: v for k, v in options.items() if k in own}
     return sampler_opts, {k: v for k, v in options.items() if k not in sampler_opts}
 
@@ -220,9 +223,7 @@ def _plan_kdiffusion(spec, steps, strength, sched_key, rule, config, options) ->
     sampler_opts, other = _split_options(spec, options)
     family = spec.family
     if spec.sampler in ("a1111_ddim", "a1111_plms", "a1111_unipc"):
-        if sched_key not in (None, "automatic"):
-            # A1111's timestep samplers have their own grid and ignore the schedule choice.
-            sched_key = None
+        # A1111's timestep samplers have their own grid and ignore the schedule choice.
         return _plan_a1111_timesteps(spec, steps, strength, rule, config, sampler_opts, other, pred)
 
     ac = alphas_cumprod(config, "ldm")
@@ -272,7 +273,7 @@ def _plan_kdiffusion(spec, steps, strength, sched_key, rule, config, options) ->
         noise_kind = "randn"
     if sampler == "lcm":
         noise_kind = "randn"
-    finish = 1.0
+        kw["vp"] = False
     calls = len(run) - 1
     if sampler == "comfy_unipc":
         sampler = "unipc"
@@ -290,14 +291,12 @@ def _plan_kdiffusion(spec, steps, strength, sched_key, rule, config, options) ->
     s0 = float(run[0])
     if family == "comfyui":
         smax = float(table[-1])
-        scale = math.sqrt(1.0 + s0 * s0) if (math.isclose(smax, s0, rel_tol=1e-5) or s0 > smax) else s0
-        txt_scale = img_scale = scale
+        # ComfyUI's noise_scaling: sqrt(1 + sigma^2) when the run starts at the model's top sigma
+        txt_scale = img_scale = math.sqrt(1.0 + s0 * s0) if (math.isclose(smax, s0, rel_tol=1e-5) or s0 > smax) else s0
     else:
         txt_scale = img_scale = s0
-    if sampler == "lcm":
-        kw["vp"] = False
     return Plan(spec.name, label, family, steps, strength, np.asarray(run, np.float64), calls, pred, rule, sampler, kw,
-                noise_kind, brownian_range, other.get("seed"), None, {}, to_t, txt_scale, img_scale, 1.0, finish)
+                noise_kind, brownian_range, other.get("seed"), None, {}, to_t, txt_scale, img_scale)
 
 
 def _plan_a1111_timesteps(spec, steps, strength, rule, config, sampler_opts, other, pred) -> Plan:
@@ -362,8 +361,8 @@ def _plan_a1111_timesteps(spec, steps, strength, rule, config, sampler_opts, oth
 
     quirk = ac if sampler == "unipc" and pred == "v_prediction" else None
     return Plan(spec.name, label, "a1111", steps, strength, sig, calls, pred, rule, sampler, kw, noise_kind, None, None,
-                None, tmap, to_t, math.sqrt(1.0 + first * first), img_scale, relabel, 1.0 / math.sqrt(1.0 + final * final),
-                quirk)
+                None, tmap, to_t, math.sqrt(1.0 + first * first), img_scale, relabel,
+                1.0 / math.sqrt(1.0 + final * final), quirk)
 
 
 def _plan_diffusers(spec, steps, strength, rule, config, options, sched_key) -> Plan:
@@ -390,9 +389,9 @@ def _plan_diffusers(spec, steps, strength, rule, config, options, sched_key) -> 
         return t_from_sigma(s, _lt)
 
     seed = cfg.get("noise_sampler_seed") if run.noise == "brownian" else None
-    return Plan(cls, label, "diffusers", steps, strength, np.asarray(run.sigmas, np.float64), run.unet_calls, pred, rule,
-                run.sampler, run.options, run.noise, run.brownian_range, seed, run.clip_sample, run.timesteps, to_t,
-                run.txt2img_scale, run.start_sigma, 1.0, run.finish_scale)
+    return Plan(cls, label, "diffusers", steps, strength, np.asarray(run.sigmas, np.float64), run.unet_calls, pred,
+                rule, run.sampler, run.options, run.noise, run.brownian_range, seed, run.clip_sample, run.timesteps,
+                to_t, run.txt2img_scale, run.start_sigma, 1.0, run.finish_scale)
 
 
 def _diffusers_label(cfg) -> str:
@@ -464,7 +463,8 @@ def sample(plan: Plan, denoise, x, *, rng: np.random.Generator | None = None, no
     if plan.noise != "none":
         if noise_sampler is None:
             if rng is None:
-                raise ValueError(f"sampler {plan.name!r} draws noise: pass rng=np.random.Generator or a noise_sampler")
+                raise ValueError(f"sampler {plan.name!r} draws noise: pass rng=np.random.Generator(...) "
+                                 "or a noise_sampler")
             noise_sampler = _noise_for(plan, rng, x.shape, x.dtype)
         kwargs["noise_sampler"] = noise_sampler
     if plan.sampler == "lcm":

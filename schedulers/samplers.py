@@ -491,7 +491,10 @@ def sample_plms(denoise, x, sigmas, *, callback=None, weights=None, bases=None, 
     sig = [float(s) for s in sigmas]
     weights = plms_weights(m) if weights is None else weights
     bases = [0 if j == 1 else j for j in range(m)] if bases is None else list(bases)
-    s_from = [sig[0] if j == 1 else sig[j] for j in range(m)] if sigmas_from is None else [float(v) for v in sigmas_from]
+    if sigmas_from is None:
+        s_from = [sig[0] if j == 1 else sig[j] for j in range(m)]
+    else:
+        s_from = [float(v) for v in sigmas_from]
     s_to = sig[1:] if sigmas_to is None else [float(v) for v in sigmas_to]
     last_use: dict[int, int] = {}
     for j, row in enumerate(weights):

@@ -54,7 +54,8 @@ def main():
     shape = tuple(int(v) for v in args.shape.split(","))
     print(f"latent {shape} float32, {args.steps} steps, best of {args.repeat}; trivial denoiser x * 0.5 subtracted")
     print(f"{'sampler':32s} {'family':9s} {'steps':>5s} {'calls':>5s} {'ms/step':>8s} {'sampler ms/step':>16s}")
-    for group, names in (("deterministic", DETERMINISTIC), ("stochastic (noise drawn from a NumPy Generator)", STOCHASTIC)):
+    groups = (("deterministic", DETERMINISTIC), ("stochastic (noise drawn from a NumPy Generator)", STOCHASTIC))
+    for group, names in groups:
         print(f"-- {group}")
         for name in names:
             plan, n, total, own = bench(name, args.steps, shape, args.repeat)

@@ -451,7 +451,8 @@ def comfy_unipc(mw, x, sigmas, variant):
     if sig[-1] == 0:
         sig[-1] = 0.001
     n = len(sig) - 1
-    sch = UniPCMultistepScheduler(solver_order=max(1, min(3, len(sig) - 2)), solver_type=variant, lower_order_final=True,
+    sch = UniPCMultistepScheduler(solver_order=max(1, min(3, len(sig) - 2)), solver_type=variant,
+                                  lower_order_final=True,
                                   num_train_timesteps=1000)
     sch.set_timesteps(n)
     sch.sigmas = sig
@@ -518,8 +519,8 @@ def test_comfy_samplers(name, steps, denoise, pred):
     assert plan.unet_calls == len(den.calls)
 
 
-@pytest.mark.parametrize("schedule", ["normal", "karras", "exponential", "sgm_uniform", "simple", "ddim_uniform", "beta",
-                                      "kl_optimal"])
+@pytest.mark.parametrize("schedule", ["normal", "karras", "exponential", "sgm_uniform", "simple", "ddim_uniform",
+                                      "beta", "kl_optimal"])
 @pytest.mark.parametrize("name", ["dpmpp_2m", "euler_ancestral", "dpm_2"])
 def test_comfy_schedulers(name, schedule):
     x0, noise = inputs(8)
