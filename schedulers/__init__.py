@@ -1,18 +1,42 @@
 """sdrt.schedulers: samplers and sigma schedules in pure NumPy (no torch, no scipy).
 
 Everything works in k-diffusion space, x = x0 + sigma * eps. A caller supplies
-``denoise(x, sigma) -> x0 estimate`` (the UNet sees ``x / sqrt(sigma^2 + 1)`` at timestep
-``plan.timestep(sigma)``; `denoised_from_output` turns its eps / v output into x0)::
+``denoise(x, sigma) -> x0 estimate``: the UNet sees ``x / sqrt(sigma^2 + 1)`` at timestep
+``plan.timestep(sigma)``, and `denoised_from_output` turns its eps / v output into x0::
 
     plan = make_plan("DPM++ 2M Karras", steps=20, strength=0.6, config=scheduler_config)
-    x = plan.start(init_latents, noise)          # None for txt2img
+    x = plan.start(init_latents, noise)               # init_latents=None for txt2img
     x = sample(plan, denoise, x, rng=np.random.default_rng(seed))
-    latents = plan.finish(x)
+    latents = plan.finish(x)                          # what the reference decodes
 
-A sampler's name decides whose semantics the run follows: AUTOMATIC1111 names ("Euler a",
-"DPM++ 2M" with schedule "Karras", legacy "DPM++ 2M Karras", k_* aliases), ComfyUI names
-(``dpmpp_2m`` with ``karras``, ``euler_ancestral``, ``uni_pc``, ...) or diffusers scheduler
-classes ("DPMSolverMultistepScheduler(use_karras_sigmas=True)"). `list_samplers` lists them.
+Names decide semantics (`list_samplers` lists them all):
+
+- AUTOMATIC1111: "Euler a", "DPM++ 2M" with schedule "Karras" (labels Automatic, Uniform,
+  Karras, Exponential, Polyexponential, SGM Uniform, KL Optimal, Align Your Steps, Simple,
+  Normal, DDIM, Beta), the legacy "DPM++ 2M Karras" form, k_* aliases. k-diffusion samplers on
+  the discrete DDPM denoiser with fractional log-sigma timesteps, each sampler's "Automatic"
+  schedule and discarded penultimate sigma; DDIM, PLMS and UniPC on A1111's own timestep grid.
+- ComfyUI: "dpmpp_2m" with "karras", "euler_ancestral", "uni_pc", "lcm", ... with integer
+  (nearest) timesteps and ComfyUI's noise scaling.
+- diffusers: scheduler classes, options in the name or as keywords:
+  "DPMSolverMultistepScheduler(use_karras_sigmas=True)"; what ``Cls.from_config(config,
+  **options)`` computes in StableDiffusionImg2ImgPipeline, float32 quirks included.
+
+img2img (`rule`, by default the name's family): "diffusers" runs int(steps * strength) steps;
+"a1111" t_enc + 1 with t_enc = int(min(strength, 0.999) * steps); "a1111_fix_steps" the
+requested steps out of steps / strength; "comfyui" the last `steps` of int(steps / strength)
+(all of them above 0.9999). Strength 0 gives a plan without steps (start returns x0).
+
+Known choices:
+
+- A1111's DDIM/PLMS/UniPC at strength 1.0 follow its txt2img path (the whole grid); its img2img
+  path at full strength is strength=0.999 (A1111 clamps to 0.999 itself).
+- diffusers' UniPC with solver_type="bh1" and a final sigma of 0 returns NaN (it multiplies
+  -inf by 0); sdrt returns the denoised latent there.
+- PNDMScheduler without skip_prk_steps (its Runge-Kutta warm-up) is not supported; Stable
+  Diffusion configs set skip_prk_steps=True.
+- Callbacks run once per step of `plan.sigmas`; the internal evaluation of 2nd-order samplers
+  is not a step (diffusers' interleaved half steps are).
 """
 
 from .names import UnknownSamplerError, family_of, list_samplers, list_schedules

@@ -142,6 +142,15 @@ def _table():
 _BY_NAME = _table()
 
 
+def _lookup(text: str):
+    """Exact name or alias, else a case-insensitive match if only one sampler has it."""
+    spec = _BY_NAME.get(text)
+    if spec is None:
+        found = {id(s): s for n, s in _BY_NAME.items() if n.lower() == text.lower()}
+        spec = next(iter(found.values())) if len(found) == 1 else None
+    return spec
+
+
 class SamplerName(NamedTuple):
     """One entry of `list_samplers`."""
 
@@ -202,7 +211,7 @@ def resolve(name: str, schedule: str | None = None) -> tuple[Spec, str | None, d
         except ValueError as e:
             raise UnknownSamplerError(f"{e}; valid names are {_valid_names()}") from None
     text = _legacy_alias(text) or text
-    spec = _BY_NAME.get(text)
+    spec = _lookup(text)
     if spec is not None and family is not None and spec.family != family:
         spec = next((s for s in {"a1111": A1111, "comfyui": COMFY, "diffusers": DIFFUSERS}[family]
                      if text == s.name or text in s.aliases), None)
@@ -210,8 +219,8 @@ def resolve(name: str, schedule: str | None = None) -> tuple[Spec, str | None, d
     if spec is None and family in (None, "a1111"):
         for key, (label, others) in sorted(A1111_SCHEDULES.items(), key=lambda kv: -len(kv[1][0])):
             for suffix in (label, key, *others):
-                if text.endswith(" " + suffix):
-                    base = _BY_NAME.get(text[: -len(suffix) - 1])
+                if text.lower().endswith(" " + suffix.lower()):
+                    base = _lookup(text[: -len(suffix) - 1])
                     if base is not None and base.family == "a1111":
                         spec, name_schedule = base, key
                         break

@@ -248,6 +248,13 @@ def test_family_prefix_and_case():
     assert make_plan("comfyui:euler", 10, config=SD).family == "comfyui"
     with pytest.raises(UnknownSamplerError):
         make_plan("diffusers:euler", 10, config=SD)
+    # Case matters only where two tools' names differ just by case (ComfyUI euler, A1111 Euler).
+    lower = make_plan("dpm++ 2m karras", 10, config=SD)
+    assert (lower.name, lower.schedule_label) == ("DPM++ 2M", "Karras")
+    assert make_plan("euler", 10, config=SD).family == "comfyui"
+    assert make_plan("EULER A", 10, config=SD).name == "Euler a"
+    with pytest.raises(UnknownSamplerError):
+        make_plan("Ddim", 10, config=SD)
 
 
 # -------------------------------------------------------------------------- img2img rules

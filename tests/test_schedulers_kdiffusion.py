@@ -26,7 +26,10 @@ from kdiffusion_ref import SequenceNoise, TorchInner, load_kdiffusion, model_tor
 
 from sdrt.schedulers import make_plan, sample  # noqa: E402
 
-sampling, external = load_kdiffusion()
+try:
+    sampling, external = load_kdiffusion()
+except ImportError as e:  # pragma: no cover - the test environment installs it
+    pytest.skip(f"k-diffusion is not available: {e}", allow_module_level=True)
 
 SD_CONFIG = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000}
 SHAPE = (1, 4, 6, 6)
