@@ -451,11 +451,19 @@ def batch_noise_sampler(plan: Plan, rngs, x):
     return noise.batched([_noise_for(plan, r, x.shape[1:], x.dtype) for r in rngs])
 
 
-def sample(plan: Plan, denoise, x, *, rng: np.random.Generator | None = None, noise_sampler=None, callback=None):
+_TWO_STAGE = ("heun", "dpm_2", "dpm_2_ancestral", "dpmpp_sde")
+
+
+def sample(plan: Plan, denoise, x, *, rng: np.random.Generator | None = None, noise_sampler=None, callback=None,
+           substep_callback=None):
     """Run `plan` from the start latent x (see Plan.start); returns the final k-space latent
     (pass it to Plan.finish for what the reference decodes).
 
-    Randomness comes from `noise_sampler(sigma, sigma_next)` if given, else from `rng`."""
+    Randomness comes from `noise_sampler(sigma, sigma_next)` if given, else from `rng`.
+    `callback(i, x, sigma, sigma_next, denoised)` runs after each step of plan.sigmas; an array
+    it returns replaces x. `substep_callback`, same contract, runs on the intermediate latent of
+    two-stage samplers (Heun, DPM2, DPM2 a, DPM++ SDE) before its evaluation, where diffusers'
+    4-channel inpainting blends too (sigma_next is the step's target)."""
     x = np.asarray(x)
     if plan.unet_calls == 0:
         return x.copy()
@@ -469,6 +477,8 @@ def sample(plan: Plan, denoise, x, *, rng: np.random.Generator | None = None, no
         kwargs["noise_sampler"] = noise_sampler
     if plan.sampler == "lcm":
         kwargs["timestep"] = plan.timestep
+    if substep_callback is not None and plan.sampler in _TWO_STAGE:
+        kwargs["substep"] = substep_callback
     if plan.clip_sample:
         inner, c = denoise, plan.clip_sample
 

@@ -8,6 +8,9 @@ Every sampler has the signature ``sample_xxx(denoise, x, sigmas, *, callback=Non
 - ``callback(i, x, sigma, sigma_next, denoised)`` runs after step i; an array it returns replaces
   x. The x it receives is the sampler's working buffer: copy it to keep it.
 - ``noise_sampler(sigma, sigma_next) -> array`` supplies all randomness (ancestral/SDE samplers).
+- two-stage samplers also take ``substep``, a callback with the same signature run on the
+  intermediate latent before its evaluation (diffusers' inpainting blends there, as its
+  interleaved schedulers make that a step of their own).
 
 Arithmetic keeps x's dtype (coefficients are Python floats) and updates x in place.
 Where a reference tool computes an intermediate noise level in its own way, the caller can pass
@@ -150,7 +153,7 @@ def sample_lcm(denoise, x, sigmas, *, callback=None, noise_sampler=None, timeste
 
 # -------------------------------------------------------------------------- second order
 def sample_heun(denoise, x, sigmas, *, callback=None, noise_sampler=None, s_churn=0.0, s_tmin=0.0,
-                s_tmax=math.inf, s_noise=1.0):
+                s_tmax=math.inf, s_noise=1.0, substep=None):
     """Heun's method (Karras et al. 2022, algorithm 2); Euler on the step to sigma = 0."""
     x = np.array(x, copy=True)
     buf = np.empty_like(x)
@@ -165,7 +168,7 @@ def sample_heun(denoise, x, sigmas, *, callback=None, noise_sampler=None, s_chur
         else:
             d = x - den
             d *= 1.0 / s_hat
-            x2 = x + d * dt
+            x2 = _done(substep, i, x + d * dt, s, sn, den)
             den2 = denoise(x2, sn)
             np.subtract(x2, den2, out=x2)
             x2 *= 1.0 / sn
@@ -176,11 +179,13 @@ def sample_heun(denoise, x, sigmas, *, callback=None, noise_sampler=None, s_chur
     return x
 
 
-def _midpoint_step(denoise, x, den, s, target, mid, buf):
-    """x + d(x_mid, mid) * (target - s), x_mid = x + d(x, s) * (mid - s): DPM-Solver-2's step."""
+def _midpoint_step(denoise, x, den, s, target, mid, substep):
+    """x + d(x_mid, mid) * (target - s), x_mid = x + d(x, s) * (mid - s): DPM-Solver-2's step.
+    `substep(x_mid)` may replace the midpoint latent before its evaluation."""
     x2 = x - den
     x2 *= (mid - s) / s
     x2 += x
+    x2 = substep(x2)
     den2 = denoise(x2, mid)
     np.subtract(x2, den2, out=x2)
     x2 *= (target - s) / mid
@@ -189,7 +194,7 @@ def _midpoint_step(denoise, x, den, s, target, mid, buf):
 
 
 def sample_dpm_2(denoise, x, sigmas, *, callback=None, noise_sampler=None, sigmas_mid=None, s_churn=0.0,
-                 s_tmin=0.0, s_tmax=math.inf, s_noise=1.0):
+                 s_tmin=0.0, s_tmax=math.inf, s_noise=1.0, substep=None):
     """DPM-Solver-2 style midpoint steps (log-midpoint of sigma and sigma_next); Euler to 0."""
     x = np.array(x, copy=True)
     buf = np.empty_like(x)
@@ -202,13 +207,13 @@ def sample_dpm_2(denoise, x, sigmas, *, callback=None, noise_sampler=None, sigma
             _toward(x, den, (sn - s_hat) / s_hat, buf)
         else:
             mid = _log_mid(s_hat, sn) if sigmas_mid is None else float(sigmas_mid[i])
-            _midpoint_step(denoise, x, den, s_hat, sn, mid, buf)
+            _midpoint_step(denoise, x, den, s_hat, sn, mid, lambda v: _done(substep, i, v, s, sn, den))
         x = _done(callback, i, x, s, sn, den)
     return x
 
 
 def sample_dpm_2_ancestral(denoise, x, sigmas, *, callback=None, noise_sampler=None, sigmas_mid=None,
-                           eta=1.0, s_noise=1.0):
+                           eta=1.0, s_noise=1.0, substep=None):
     """DPM-Solver-2 midpoint step to sigma_down, then noise up to sigma_next."""
     x = np.array(x, copy=True)
     buf = np.empty_like(x)
@@ -220,7 +225,7 @@ def sample_dpm_2_ancestral(denoise, x, sigmas, *, callback=None, noise_sampler=N
             _toward(x, den, (sd - s) / s, buf)
         else:
             mid = _log_mid(s, sd) if sigmas_mid is None else float(sigmas_mid[i])
-            _midpoint_step(denoise, x, den, s, sd, mid, buf)
+            _midpoint_step(denoise, x, den, s, sd, mid, lambda v: _done(substep, i, v, s, sn, den))
             if su > 0:
                 x += noise_sampler(s, sn) * (s_noise * su)
         x = _done(callback, i, x, s, sn, den)
@@ -259,7 +264,7 @@ def sde_midpoint(sigma: float, sigma_next: float, r: float = 0.5) -> float:
 
 
 def sample_dpmpp_sde(denoise, x, sigmas, *, callback=None, noise_sampler=None, sigmas_mid=None, eta=1.0,
-                     s_noise=1.0, r=0.5):
+                     s_noise=1.0, r=0.5, substep=None):
     """DPM-Solver++ (stochastic), two stages per step with ancestral noise in each; the noise is
     meant to come from a Brownian motion (two increments per step). Euler on the step to 0."""
     x = np.array(x, copy=True)
@@ -277,6 +282,7 @@ def sample_dpmpp_sde(denoise, x, sigmas, *, callback=None, noise_sampler=None, s
             x2 -= den * math.expm1(math.log(sd) - math.log(s))
             if su > 0:
                 x2 += noise_sampler(s, mid) * (s_noise * su)
+            x2 = _done(substep, i, x2, s, sn, den)
             den2 = denoise(x2, mid)
             sd, su = ancestral_step(s, sn, eta)
             if fac != 1.0:

@@ -52,18 +52,19 @@ def _import_kdiffusion():
 
 
 # The test "UNet": output(x_in, t) with x_in the scaled latent and t the timestep it is given.
-# Nonlinear in x_in and t; its t-dependence is steep enough that a timestep off by 0.05 moves the
-# final latents far more than the 1e-5 tolerance.
+# Nonlinear in x_in and t, and mixing neighbouring pixels (so that what happens to one region,
+# e.g. inpainting blends, reaches the others); its t-dependence is steep enough that a timestep
+# off by 0.05 moves the final latents far more than the 1e-5 tolerance.
 def model_np(x_in: np.ndarray, t: float) -> np.ndarray:
     t = float(t)
     return (0.6 * np.tanh(1.3 * x_in + 0.004 * t) + 0.25 * math.sin(0.021 * t) * x_in
-            + 0.1 * np.cos(1.7 * x_in - 0.011 * t))
+            + 0.1 * np.cos(1.7 * x_in - 0.011 * t) + 0.15 * np.roll(x_in, 1, axis=-1))
 
 
 def model_torch(x_in: torch.Tensor, t) -> torch.Tensor:
     t = torch.as_tensor(t, dtype=torch.float64).reshape(-1)[0]
     return (0.6 * torch.tanh(1.3 * x_in + 0.004 * t) + 0.25 * torch.sin(0.021 * t) * x_in
-            + 0.1 * torch.cos(1.7 * x_in - 0.011 * t))
+            + 0.1 * torch.cos(1.7 * x_in - 0.011 * t) + 0.15 * torch.roll(x_in, 1, dims=-1))
 
 
 class TorchInner(torch.nn.Module):

@@ -215,3 +215,53 @@ def test_unipc_bh1_to_zero_is_finite():
                               SequenceNoise(SHAPE))
     assert np.isfinite(out).all()
 
+
+
+INPAINT = ["EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler",
+           "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler", "LMSDiscreteScheduler",
+           "DPMSolverMultistepScheduler", "DPMSolverSDEScheduler", "DDIMScheduler", "PNDMScheduler",
+           "UniPCMultistepScheduler", "LCMScheduler"]
+
+
+@pytest.mark.parametrize("pred", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("cls", INPAINT)
+def test_diffusers_inpaint_blending(cls, pred, monkeypatch):
+    """StableDiffusionInpaintPipeline with a 4-channel UNet blends the latents with the init
+    noised to the next level after every scheduler step, half steps of the interleaved
+    second-order schedulers included: sdrt's callback and substep_callback reproduce it."""
+    x0, noise = inputs(70)
+    mask = (np.arange(SHAPE[-1]) < 3).astype(np.float64) * np.ones(SHAPE)  # 1 = repaint
+    steps, strength = (6, 0.8) if cls == "LCMScheduler" else (12, 0.7)
+    seq = SequenceNoise(SHAPE, seed=24)
+
+    sch = getattr(diffusers, cls).from_config({**SD15, "prediction_type": pred})
+    _PatchedNoise(monkeypatch, _module(type(sch)), seq.reset())
+    sch.set_timesteps(steps)
+    t_start = steps - min(int(steps * strength), steps)
+    timesteps = sch.timesteps[t_start * sch.order:]
+    if hasattr(sch, "set_begin_index"):
+        sch.set_begin_index(t_start * sch.order)
+    init, nt, m = torch.from_numpy(x0), torch.from_numpy(noise), torch.from_numpy(mask)
+    latents = sch.add_noise(init, nt, timesteps[:1])
+    for i, t in enumerate(timesteps):
+        out = model_torch(sch.scale_model_input(latents, t), t)
+        latents = sch.step(out, t, latents, return_dict=False)[0]
+        proper = sch.add_noise(init, nt, timesteps[i + 1:i + 2]) if i < len(timesteps) - 1 else init
+        latents = (1 - m) * proper + m * latents
+    ref = latents.numpy()
+
+    plan = make_plan(cls, steps, strength, config={**SD15, "prediction_type": pred})
+    last = len(plan.sigmas) - 2
+    clean = x0 / float(plan.finish(np.ones(1))[0])
+
+    def blend(final):
+        def cb(i, x, sigma, sigma_next, denoised):
+            target = clean if final and i == last else x0 + noise * sigma_next
+            return x * mask + target * (1 - mask)
+
+        return cb
+
+    x = plan.start(x0, noise)
+    out = sample(plan, sdrt_denoiser(plan, pred), x, noise_sampler=seq.reset().numpy, callback=blend(True),
+                 substep_callback=blend(False))
+    assert rel_err(plan.finish(out), ref) <= TOL
