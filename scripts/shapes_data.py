@@ -170,7 +170,7 @@ def two_shapes() -> tuple[Image.Image, Image.Image]:
 
 def write_examples(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    sketch_circle().save(out / "sketch-blue-circle.png")
+    sketch_circle().save(out / "sketch.png")
     img, mask = two_shapes()
     img.save(out / "two-shapes.png")
     mask.save(out / "two-shapes-mask.png")
