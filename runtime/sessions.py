@@ -75,6 +75,7 @@ def resolve_provider(provider: str, info: ModelInfo | None = None) -> str:
 def session_options(provider: str, threads: int | None = None):
     import onnxruntime as ort
 
+    ort.set_default_logger_severity(3)  # failures are reported as exceptions, not log lines
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = 3
@@ -102,6 +103,12 @@ def provider_list(provider: str, device_id: int = 0) -> list[Any]:
             "CPUExecutionProvider",
         ]
     return ["CPUExecutionProvider"]
+
+
+def _typed(v, dtype) -> np.ndarray:
+    """The array as the graph's input type, C-contiguous (0-d arrays stay 0-d)."""
+    a = np.asarray(v, dtype=dtype)
+    return a if a.flags.c_contiguous else np.ascontiguousarray(a)
 
 
 class Graph:
@@ -151,7 +158,7 @@ class Graph:
 
     def run(self, feeds: dict[str, np.ndarray], outputs: Sequence[str] | None = None) -> list[np.ndarray]:
         sess = self.session
-        typed = {k: np.ascontiguousarray(v, dtype=self.input_types.get(k, v.dtype)) for k, v in feeds.items()}
+        typed = {k: _typed(v, self.input_types.get(k)) for k, v in feeds.items()}
         try:
             return sess.run(list(outputs) if outputs else None, typed)
         except Exception as e:

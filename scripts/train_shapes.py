@@ -12,7 +12,8 @@ shapes in named colours (scripts/shapes_data.py):
             measured and written into the VAE config.
 3. unet     UNet2DConditionModel + CLIPTextModel trained jointly, epsilon prediction, DDPM loss on
             SD's scaled_linear beta schedule (1000 steps) with min-SNR-5 weighting, 10% empty
-            captions for classifier-free guidance; an EMA of the weights is what gets saved.
+            captions for classifier-free guidance, 10% of colour and shape words replaced by wrong
+            ones (see corrupt_caption); an EMA of the weights is what gets saved.
 4. save     A diffusers StableDiffusionPipeline folder (PNDM scheduler config as in SD 1.5, the real
             CLIP tokenizer from models/clip-tokenizer, no safety checker).
 
@@ -39,7 +40,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from shapes_data import SIZE, make_dataset, sample  # noqa: E402
+from shapes_data import BACKGROUNDS, SHAPE_COLOURS, SHAPES, SIZE, make_dataset, sample  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CLIP_TOKENIZER_DIR = ROOT / "models" / "clip-tokenizer"
@@ -249,6 +250,32 @@ def encode_latents(a, work: Path, log) -> None:
 # ---- stage 3: UNet + text encoder ----------------------------------------------------------------
 
 
+def corrupt_caption(caption: str, rng: np.random.Generator, p: float) -> str:
+    """Replace each colour and shape word by another with probability p (articles follow).
+
+    With always-exact captions the model learns to trust the text over the image at every noise
+    level, and classifier-free guidance then repaints a blue circle red even at img2img strength
+    0.2. A few wrong words teach it that a clear image outweighs the text, while at high noise
+    the text still decides."""
+    words = caption.split()
+    on = words.index("on")
+    for i, w in enumerate(words):
+        if rng.random() >= p:
+            continue
+        if w in SHAPES:
+            choices = [s for s in SHAPES if s != w]
+        elif i > on and w in BACKGROUNDS:
+            choices = [c for c in BACKGROUNDS if c != w]
+        elif w in SHAPE_COLOURS:
+            choices = [c for c in SHAPE_COLOURS if c != w]
+        else:
+            continue
+        words[i] = choices[rng.integers(len(choices))]
+        if w not in SHAPES:
+            words[i - 1] = "an" if words[i][0] in "aeiou" else "a"
+    return " ".join(words)
+
+
 def build_unet_text():
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -263,7 +290,15 @@ def train_unet(a, work: Path, log) -> None:
         log("unet: done already")
         return
     data = np.load(work / "latents.npz")
-    mean, logvar, ids, empty = data["mean"], data["logvar"], data["ids"], data["empty"]
+    mean, logvar, empty = data["mean"], data["logvar"], data["empty"]
+    captions = (work / "captions.txt").read_text().splitlines()
+    tok_fn, tok_cache = tokenizer(), {}
+
+    def token_ids(caption: str) -> np.ndarray:
+        if caption not in tok_cache:
+            tok_cache[caption] = np.asarray(tok_fn(caption, padding="max_length", max_length=77, truncation=True).input_ids, np.int64)
+        return tok_cache[caption]
+
     scaling = float(data["scaling"])
     n = len(mean)
     torch.manual_seed(a.seed)
@@ -296,7 +331,7 @@ def train_unet(a, work: Path, log) -> None:
         z = (mean[idx].astype(np.float32) + np.exp(0.5 * logvar[idx].astype(np.float32)) * eps_z) * scaling
         noise = torch.from_numpy(rng.standard_normal(z.shape, dtype=np.float32))
         t = torch.from_numpy(rng.integers(0, 1000, a.unet_batch))
-        tok = ids[idx].copy()
+        tok = np.stack([token_ids(corrupt_caption(captions[i], rng, a.caption_noise)) for i in idx])
         tok[rng.random(a.unet_batch) < a.uncond_prob] = empty
         z = torch.from_numpy(z)
         ab = acp[t].view(-1, 1, 1, 1)
@@ -394,6 +429,7 @@ def main(argv=None) -> None:
     p.add_argument("--unet-batch", type=int, default=64)
     p.add_argument("--unet-lr", type=float, default=5e-4)
     p.add_argument("--snr-gamma", type=float, default=5.0, help="min-SNR loss weighting")
+    p.add_argument("--caption-noise", type=float, default=0.1, help="probability that a colour or shape word is replaced")
     p.add_argument("--uncond-prob", type=float, default=0.1)
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--fresh", action="store_true", help="ignore checkpoints in --work and start over")

@@ -1,0 +1,549 @@
+"""img2img, inpainting and txt2img on a model folder: the denoising loop around the ONNX graphs.
+
+    from sdrt.runtime import load
+    pipe = load("models/shapes", provider="cpu")
+    r = pipe.img2img("in.png", "a red circle on a white background", strength=0.7, seed=1)
+    r.images[0].save("out.png")
+
+No torch: the graphs run in ONNX Runtime, the sampler arithmetic in NumPy (sdrt.schedulers).
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from sdrt import schedulers
+
+from . import prepare
+from .errors import InputError
+from .modelfolder import CLIP_SKIP_OUTPUT, ModelInfo, read_model_folder
+from .sessions import Graph, resolve_provider
+
+OUTPUTS = ("pil", "np", "latent")
+MAX_SEED = 2**32 - 1
+
+
+@dataclass
+class Result:
+    """What a generation returns: images plus everything needed to reproduce them."""
+
+    images: list  # PIL images (output="pil"), else empty
+    seeds: list[int]
+    parameters: dict[str, Any]
+    infotexts: list[str]
+    arrays: np.ndarray | None = None  # output="np": (B,H,W,3) float32 in [0,1]; "latent": (B,C,h,w)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def infotext(self) -> str:
+        """A1111's "parameters" text of the first image."""
+        return self.infotexts[0] if self.infotexts else ""
+
+
+class _EmbeddingCache:
+    """LRU cache of text embeddings: a prompt is encoded once, whatever the number of calls."""
+
+    def __init__(self, size: int = 32):
+        self.size = size
+        self._data: OrderedDict = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key, compute):
+        with self._lock:
+            if key in self._data:
+                self._data.move_to_end(key)
+                return self._data[key]
+        value = compute()
+        with self._lock:
+            self._data[key] = value
+            while len(self._data) > self.size:
+                self._data.popitem(last=False)
+        return value
+
+
+def _check_number(name: str, value, lo=None, hi=None, integer=False):
+    ok_type = (int, np.integer) if integer else (int, float, np.integer, np.floating)
+    if isinstance(value, bool) or not isinstance(value, ok_type):
+        kind = "an integer" if integer else "a number"
+        raise InputError(f"{name} must be {kind}, got {value!r}")
+    if lo is not None and value < lo or hi is not None and value > hi:
+        rng = f"from {lo} to {hi}" if hi is not None else f"at least {lo}"
+        raise InputError(f"{name} must be {rng}, got {value}")
+    return value
+
+
+def _seeds(seed, n: int) -> list[int]:
+    if seed is None or seed == -1:
+        seed = random.randrange(MAX_SEED)
+    _check_number("seed", seed, 0, MAX_SEED, integer=True)
+    return [int(seed + i) & MAX_SEED for i in range(n)]
+
+
+class BatchNoise:
+    """Per-image NumPy generators (seed + i): every random draw of image i comes from its own
+    stream, so an image depends only on its seed, not on the batch it was made in."""
+
+    def __init__(self, seeds: list[int]):
+        self.rngs = [np.random.default_rng(s) for s in seeds]
+
+    def randn(self, shape: tuple[int, ...], dtype=np.float32) -> np.ndarray:
+        return np.stack([r.standard_normal(shape, dtype=np.float32) for r in self.rngs]).astype(dtype, copy=False)
+
+
+
+class Pipeline:
+    """A loaded model folder. Thread-safe: several threads may call it at once."""
+
+    def __init__(self, info: ModelInfo, provider: str = "auto", threads: int | None = None):
+        self.info = info
+        self.provider = resolve_provider(provider, info)
+        self.graphs = {name: Graph(name, path, self.provider, threads) for name, path in info.graph_files.items()}
+        from .text import ClipTokenizer
+
+        self.tokenizer = ClipTokenizer.from_folder(info.path / "tokenizer")
+        self._embeddings = _EmbeddingCache()
+
+    def __repr__(self) -> str:
+        i = self.info
+        return f"Pipeline({str(i.path)!r}, family={i.family}, unet_in_channels={i.unet_in_channels}, provider={self.provider})"
+
+    # ----------------------------------------------------------------------------------- text
+    def _text_encoder(self, ids: np.ndarray, clip_skip: int) -> np.ndarray:
+        g = self.graphs["text_encoder"]
+        if clip_skip == 1:
+            return g.run({"input_ids": ids}, ["last_hidden_state"])[0].astype(np.float32, copy=False)
+        g.load()
+        if CLIP_SKIP_OUTPUT not in g.output_names:
+            raise InputError(
+                f"clip_skip={clip_skip} needs the {CLIP_SKIP_OUTPUT} output of the text encoder, which this model folder "
+                "lacks (exported by another tool); export the model with `sdrt export` or use clip_skip=1"
+            )
+        layers = g.run({"input_ids": ids}, [CLIP_SKIP_OUTPUT])[0]
+        if clip_skip > layers.shape[1]:
+            raise InputError(f"clip_skip must be from 1 to {layers.shape[1]} for this model, got {clip_skip}")
+        return layers[:, clip_skip - 1].astype(np.float32, copy=False)
+
+    def encode_prompt(self, prompt: str, negative_prompt: str = "", clip_skip: int = 1, emphasis: bool = True):
+        """(cond, uncond) embeddings (1, 77*k, D), cached per (prompt, negative, clip_skip)."""
+        from .text import encode_prompts
+
+        key = (prompt, negative_prompt, clip_skip, emphasis)
+        return self._embeddings.get(
+            key,
+            lambda: tuple(
+                x[:1]
+                for x in encode_prompts(
+                    [prompt], [negative_prompt], self.tokenizer, self._text_encoder, clip_skip=clip_skip, emphasis=emphasis
+                )
+            ),
+        )
+
+    # ------------------------------------------------------------------------------------ VAE
+    def encode_images(self, pixels: np.ndarray, noise: BatchNoise | None, sample_posterior: bool = True) -> np.ndarray:
+        """(B,3,H,W) in [-1,1] -> scaled latents; posterior sampled with each image's generator."""
+        params = self.graphs["vae_encoder"].run({"sample": pixels})[0].astype(np.float32, copy=False)
+        c = params.shape[1] // 2
+        mean, logvar = params[:, :c], np.clip(params[:, c:], -30.0, 20.0)
+        if sample_posterior:
+            if noise is None:
+                raise ValueError("sampling the posterior needs a noise source")
+            eps = noise.randn(mean.shape[1:])
+            latents = mean + np.exp(0.5 * logvar) * eps
+        else:
+            latents = mean
+        return (latents * self.info.vae_scaling_factor).astype(np.float32, copy=False)
+
+    def decode_latents(self, latents: np.ndarray) -> np.ndarray:
+        """Scaled latents (B,C,h,w) -> images (B,3,H,W) in [-1,1] (float32)."""
+        z = (latents / self.info.vae_scaling_factor).astype(np.float32, copy=False)
+        out = [self.graphs["vae_decoder"].run({"latent_sample": z[i : i + 1]})[0] for i in range(z.shape[0])]
+        return np.concatenate(out).astype(np.float32, copy=False)
+
+    # ------------------------------------------------------------------------------------ UNet
+    def _unet(self, x_in: np.ndarray, t: float, emb: np.ndarray) -> np.ndarray:
+        g = self.graphs["unet"]
+        g.load()
+        rank = g.input_ranks.get("timestep", 0)
+        ts = np.array(t, dtype=np.float64) if rank == 0 else np.full((x_in.shape[0],) if rank == 1 else (1,), t)
+        return g.run({"sample": x_in, "timestep": ts, "encoder_hidden_states": emb})[0]
+
+    def make_denoiser(self, plan, cond, uncond, guidance: float, conditioning: np.ndarray | None = None):
+        """denoise(x, sigma) -> x0 estimate, with CFG as one UNet call on a 2B batch."""
+        prediction_type = self.info.prediction_type
+        cfg = guidance > 1.0
+        emb_cache: dict[int, np.ndarray] = {}
+
+        def embeddings(b: int) -> np.ndarray:
+            if b not in emb_cache:
+                c = np.repeat(cond, b, axis=0)
+                emb_cache[b] = np.concatenate([np.repeat(uncond, b, axis=0), c]) if cfg else c
+            return emb_cache[b]
+
+        buf: dict[str, np.ndarray] = {}
+
+        def denoise(x: np.ndarray, sigma: float) -> np.ndarray:
+            b = x.shape[0]
+            n = 2 * b if cfg else b
+            c_in = 1.0 / np.sqrt(sigma * sigma + 1.0)
+            extra = conditioning.shape[1] if conditioning is not None else 0
+            shape = (n, x.shape[1] + extra, x.shape[2], x.shape[3])
+            inp = buf.get("in")
+            if inp is None or inp.shape != shape:
+                inp = buf["in"] = np.empty(shape, np.float32)
+                if conditioning is not None:
+                    cond_rep = np.concatenate([conditioning] * (n // conditioning.shape[0]))
+                    inp[:, x.shape[1] :] = cond_rep
+            np.multiply(x, c_in, out=inp[:b, : x.shape[1]])
+            if cfg:
+                inp[b:, : x.shape[1]] = inp[:b, : x.shape[1]]
+            out = self._unet(inp, plan.timestep(sigma), embeddings(b)).astype(np.float32, copy=False)
+            if cfg:
+                u, c = out[:b], out[b:]
+                model_out = u + guidance * (c - u)
+            else:
+                model_out = out
+            return schedulers.denoised_from_output(model_out, x, sigma, prediction_type)
+
+        return denoise
+
+    # -------------------------------------------------------------------------------- public
+    def img2img(
+        self,
+        image,
+        prompt: str,
+        negative_prompt: str = "",
+        strength: float = 0.75,
+        steps: int = 20,
+        guidance: float = 7.5,
+        sampler: str = "Euler a",
+        schedule: str | None = None,
+        seed: int | None = None,
+        batch_size: int = 1,
+        width: int | None = None,
+        height: int | None = None,
+        resize_mode: str = "just_resize",
+        clip_skip: int = 1,
+        noise: np.ndarray | None = None,
+        sample_posterior: bool = True,
+        output: str = "pil",
+        progress: Callable[[int, int], None] | None = None,
+        **sampler_options,
+    ) -> Result:
+        """Transform `image` towards `prompt`. strength 0 returns the VAE round trip of the input,
+        1 ignores it (almost: A1111-named samplers keep a trace of it, as A1111 does)."""
+        job = prepare.img2img_job(self.info, image, width=width, height=height, resize_mode=resize_mode, batch_size=batch_size)
+        return self._generate(
+            job,
+            mode="img2img",
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            strength=strength,
+            steps=steps,
+            guidance=guidance,
+            sampler=sampler,
+            schedule=schedule,
+            seed=seed,
+            clip_skip=clip_skip,
+            noise=noise,
+            sample_posterior=sample_posterior,
+            output=output,
+            progress=progress,
+            sampler_options=sampler_options,
+        )
+
+    def inpaint(
+        self,
+        image,
+        mask,
+        prompt: str,
+        negative_prompt: str = "",
+        strength: float = 0.75,
+        steps: int = 20,
+        guidance: float = 7.5,
+        sampler: str = "Euler a",
+        schedule: str | None = None,
+        seed: int | None = None,
+        batch_size: int = 1,
+        width: int | None = None,
+        height: int | None = None,
+        resize_mode: str = "just_resize",
+        clip_skip: int = 1,
+        noise: np.ndarray | None = None,
+        sample_posterior: bool = True,
+        output: str = "pil",
+        mask_blur: int = 4,
+        mask_blur_x: int | None = None,
+        mask_blur_y: int | None = None,
+        invert_mask: bool = False,
+        mask_round: bool = True,
+        fill: str = "original",
+        only_masked: bool = False,
+        padding: int = 32,
+        overlay: bool = True,
+        progress: Callable[[int, int], None] | None = None,
+        **sampler_options,
+    ) -> Result:
+        """Repaint the white part of `mask` in `image` (A1111's inpainting options)."""
+        job = prepare.inpaint_job(
+            self.info,
+            image,
+            mask,
+            width=width,
+            height=height,
+            resize_mode=resize_mode,
+            batch_size=batch_size,
+            mask_blur_x=mask_blur if mask_blur_x is None else mask_blur_x,
+            mask_blur_y=mask_blur if mask_blur_y is None else mask_blur_y,
+            invert_mask=invert_mask,
+            mask_round=mask_round,
+            fill=fill,
+            only_masked=only_masked,
+            padding=padding,
+            overlay=overlay,
+            family=_family(sampler),
+        )
+        return self._generate(
+            job,
+            mode="inpaint",
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            strength=strength,
+            steps=steps,
+            guidance=guidance,
+            sampler=sampler,
+            schedule=schedule,
+            seed=seed,
+            clip_skip=clip_skip,
+            noise=noise,
+            sample_posterior=sample_posterior,
+            output=output,
+            progress=progress,
+            sampler_options=sampler_options,
+        )
+
+    def txt2img(
+        self,
+        prompt: str,
+        negative_prompt: str = "",
+        steps: int = 20,
+        guidance: float = 7.5,
+        sampler: str = "Euler a",
+        schedule: str | None = None,
+        seed: int | None = None,
+        batch_size: int = 1,
+        width: int = 512,
+        height: int = 512,
+        clip_skip: int = 1,
+        noise: np.ndarray | None = None,
+        output: str = "pil",
+        progress: Callable[[int, int], None] | None = None,
+        **sampler_options,
+    ) -> Result:
+        """Generate from `prompt` alone (the latents start as pure noise)."""
+        job = prepare.txt2img_job(self.info, width=width, height=height, batch_size=batch_size)
+        return self._generate(
+            job,
+            mode="txt2img",
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            strength=1.0,
+            steps=steps,
+            guidance=guidance,
+            sampler=sampler,
+            schedule=schedule,
+            seed=seed,
+            clip_skip=clip_skip,
+            noise=noise,
+            sample_posterior=True,
+            output=output,
+            progress=progress,
+            sampler_options=sampler_options,
+        )
+
+    # ------------------------------------------------------------------------------- the loop
+    def _generate(self, job, *, mode, prompt, negative_prompt, strength, steps, guidance, sampler, schedule, seed,
+                  clip_skip, noise, sample_posterior, output, progress, sampler_options) -> Result:
+        t_start = time.perf_counter()
+        timings: dict[str, float] = {}
+        # Everything that can be wrong with the request is checked before any model runs.
+        if not isinstance(prompt, str):
+            raise InputError(f"prompt must be a string, got {type(prompt).__name__}")
+        if not isinstance(negative_prompt, str):
+            raise InputError(f"negative_prompt must be a string, got {type(negative_prompt).__name__}")
+        _check_number("strength", strength, 0.0, 1.0)
+        _check_number("steps", steps, 1, 10000, integer=True)
+        _check_number("guidance", guidance, 0.0, 100.0)
+        _check_number("clip_skip", clip_skip, 1, 24, integer=True)
+        if output not in OUTPUTS:
+            raise InputError(f"output must be one of {', '.join(OUTPUTS)}, got {output!r}")
+        family = _family(sampler)
+        # A1111 clamps img2img strength to 0.999: at 1.0 its img2img path still starts from the image.
+        plan_strength = min(strength, 0.999) if family == "a1111" and mode != "txt2img" else strength
+        try:
+            plan = schedulers.make_plan(
+                sampler, steps, plan_strength, schedule, config=self.info.scheduler_config, **sampler_options
+            )
+        except schedulers.UnknownSamplerError as e:
+            raise InputError(str(e)) from None
+        except (TypeError, ValueError) as e:
+            raise InputError(f"sampler {sampler!r}: {e}") from None
+        b = job.batch_size
+        lat_shape = (self.info.latent_channels, job.height // self.info.vae_scale_factor, job.width // self.info.vae_scale_factor)
+        if noise is not None:
+            noise = np.asarray(noise, dtype=np.float32)
+            if noise.shape != (b, *lat_shape):
+                raise InputError(f"noise must have shape {(b, *lat_shape)} for this request, got {noise.shape}")
+        prepare.check_memory(self.info, job, self.provider, cfg=guidance > 1.0)
+        seeds = _seeds(seed, b)
+        rand = BatchNoise(seeds)
+
+        t = time.perf_counter()
+        cond, uncond = self.encode_prompt(prompt, negative_prompt, clip_skip)
+        timings["text_encoder"] = time.perf_counter() - t
+
+        # Start latents.
+        t = time.perf_counter()
+        init_latents = None
+        if job.pixels is not None:
+            init_latents = self.encode_images(job.pixels, rand if sample_posterior else None, sample_posterior)
+            if init_latents.shape[0] != b:
+                init_latents = np.repeat(init_latents, b // init_latents.shape[0], axis=0)
+            if job.latent_size is not None:
+                from .images import resize_latents
+
+                init_latents = resize_latents(init_latents, *job.latent_size)
+                lat_shape = init_latents.shape[1:]
+        conditioning = None
+        if self.info.is_inpainting_model:
+            conditioning = self._inpaint_conditioning(job, rand, sample_posterior, b, lat_shape)
+        timings["vae_encode"] = time.perf_counter() - t
+
+        if noise is None:
+            noise = rand.randn(lat_shape)
+        if init_latents is not None and job.latent_fill is not None:
+            init_latents = prepare.apply_latent_fill(init_latents, job.latent_fill, job.latent_keep, rand)
+        if mode == "inpaint" and plan.family == "diffusers" and strength == 1.0:
+            x = plan.start(None, noise)  # diffusers' inpainting starts from pure noise at full strength
+        else:
+            x = plan.start(init_latents, noise)
+
+        # The loop.
+        denoise = self.make_denoiser(plan, cond, uncond, guidance, conditioning)
+        blend = prepare.latent_blender(job, plan, init_latents, noise) if job.latent_keep is not None else None
+        denoise_fn = blend.wrap(denoise) if blend is not None else denoise
+        n_calls = {"unet": 0}
+        total = max(1, len(plan.sigmas) - 1)
+
+        def counted(x_, s_):
+            n_calls["unet"] += 1
+            return denoise_fn(x_, s_)
+
+        def callback(i, x_, sigma, sigma_next, denoised):
+            if progress is not None:
+                progress(i + 1, total)
+            return blend.after_step(i, x_, sigma, sigma_next, denoised) if blend is not None else None
+
+        t = time.perf_counter()
+        if len(plan.sigmas) > 1:
+            # Ancestral/SDE noise: each image from its own generator (one Brownian motion each).
+            noise_sampler = schedulers.batch_noise_sampler(plan, rand.rngs, x)
+            x = schedulers.sample(plan, counted, x, noise_sampler=noise_sampler, callback=callback,
+                                  substep_callback=blend.after_substep if blend is not None else None)
+        timings["denoise"] = time.perf_counter() - t
+        latents = plan.finish(x)
+        if blend is not None:
+            latents = blend.finish(latents)
+
+        params = self._parameters(mode, job, plan, prompt, negative_prompt, steps, guidance, clip_skip, strength, seeds, sampler)
+        if output == "latent":
+            timings["total"] = time.perf_counter() - t_start
+            return Result([], seeds, params, self._infotexts(params, seeds), arrays=latents, timings=timings)
+        t = time.perf_counter()
+        pixels = self.decode_latents(latents)
+        timings["vae_decode"] = time.perf_counter() - t
+        images = prepare.finish_images(job, pixels)
+        timings["total"] = time.perf_counter() - t_start
+        timings["unet_calls"] = n_calls["unet"]
+        if output == "np":
+            arr = np.stack([np.asarray(im, dtype=np.float32) / 255.0 for im in images])
+            return Result([], seeds, params, self._infotexts(params, seeds), arrays=arr, timings=timings)
+        return Result(images, seeds, params, self._infotexts(params, seeds), timings=timings)
+
+
+    def _inpaint_conditioning(self, job, rand, sample_posterior, b, lat_shape) -> np.ndarray:
+        """The 5 extra channels of a 9-channel inpainting UNet: mask ++ masked-image latents."""
+        masked = job.masked_pixels if job.masked_pixels is not None else np.zeros((1, 3, job.height, job.width), np.float32)
+        lat = self.encode_images(masked, rand if sample_posterior else None, sample_posterior)
+        if lat.shape[0] != b:
+            lat = np.repeat(lat, b // lat.shape[0], axis=0)
+        mask = job.conditioning_mask if job.conditioning_mask is not None else np.ones((1, 1, *lat_shape[1:]), np.float32)
+        mask = np.broadcast_to(mask, (b, 1, *lat.shape[2:]))
+        return np.concatenate([mask, lat], axis=1).astype(np.float32)
+
+    def _parameters(self, mode, job, plan, prompt, negative_prompt, steps, guidance, clip_skip, strength, seeds, sampler):
+        p = {
+            "mode": mode,
+            "prompt": prompt,
+            "negative_prompt": negative_prompt,
+            "steps": steps,
+            "sampler": plan.name,
+            "schedule": plan.schedule_label,
+            "sampler_family": plan.family,
+            "guidance": guidance,
+            "seed": seeds[0],
+            "width": job.out_width,
+            "height": job.out_height,
+            "batch_size": job.batch_size,
+            "clip_skip": clip_skip,
+            "model": self.info.name,
+            "model_hash": self.info.short_hash,
+        }
+        if mode != "txt2img":
+            p["strength"] = strength
+        p.update(job.parameters)
+        return p
+
+    def _infotexts(self, params: dict, seeds: list[int]) -> list[str]:
+        from .infotext import format_infotext
+
+        out = []
+        for s in seeds:
+            fields = {
+                "Steps": params["steps"],
+                "Sampler": params["sampler"],
+                "Schedule type": params["schedule"],
+                "CFG scale": params["guidance"],
+                "Seed": s,
+                "Size": f"{params['width']}x{params['height']}",
+                "Model hash": params["model_hash"] or None,
+                "Model": params["model"],
+                "Denoising strength": params.get("strength"),
+                "Clip skip": params["clip_skip"] if params["clip_skip"] > 1 else None,
+            }
+            fields.update(params.get("infotext_extra", {}))
+            out.append(format_infotext(params["prompt"], params["negative_prompt"], {k: v for k, v in fields.items() if v is not None}))
+        return out
+
+
+def _family(sampler) -> str | None:
+    try:
+        return schedulers.family_of(sampler)
+    except (schedulers.UnknownSamplerError, TypeError, ValueError):
+        return None  # make_plan reports the unknown name with the list of valid ones
+
+
+def load(path: str | Path | None = None, provider: str = "auto", *, verify: str = "auto", threads: int | None = None) -> Pipeline:
+    """Load a model folder (sdrt export or optimum export). path=None loads the embedded default model."""
+    if path is None:
+        from sdrt.models import default_model_path
+
+        path = default_model_path()
+    return Pipeline(read_model_folder(path, verify=verify), provider=provider, threads=threads)

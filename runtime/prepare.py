@@ -1,0 +1,328 @@
+"""From a request to the arrays the loop needs, and back to images: A1111's img2img/inpaint
+"init" sequence (resize, mask blur, invert, only-masked crop, fill, overlay) and diffusers'
+equivalents, chosen by the sampler's family. Pure NumPy/PIL; no model runs here.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from . import images as im
+from .errors import InputError
+from .modelfolder import ModelInfo
+
+RESIZE_MODES = ("just_resize", "crop_and_resize", "resize_and_fill", "latent_upscale")
+FILL_MODES = ("fill", "original", "latent_noise", "latent_nothing")
+MAX_BATCH = 64
+
+
+@dataclass
+class Job:
+    """Everything about one request that does not depend on the models."""
+
+    batch_size: int
+    width: int  # size the VAE sees
+    height: int
+    out_width: int  # size of the returned images
+    out_height: int
+    pixels: np.ndarray | None = None  # (1 or B, 3, H, W) in [-1, 1]
+    latent_size: tuple[int, int] | None = None  # latent_upscale: (h, w) the latents are resized to
+    # Inpainting
+    latent_keep: np.ndarray | None = None  # (1 or B, 1, h, w): 1 where the original is kept
+    latent_fill: str | None = None  # "latent_noise" | "latent_nothing"
+    masked_pixels: np.ndarray | None = None  # 9-channel models: image with the hole greyed, [-1, 1]
+    conditioning_mask: np.ndarray | None = None  # 9-channel models: (1, 1, h, w), 1 = repaint
+    blend: str = "a1111"  # per-step latent blending: a1111 | comfyui | diffusers
+    overlay: Any = None  # PIL RGBA of the original outside the mask, or None
+    paste_box: tuple[int, int, int, int] | None = None  # only-masked: where the output goes
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+
+def _check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise InputError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+
+
+def _check_batch(batch_size) -> None:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or not 1 <= batch_size <= MAX_BATCH:
+        raise InputError(f"batch_size must be an integer from 1 to {MAX_BATCH}, got {batch_size!r}")
+
+
+def _size_arg(name: str, value) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0):
+        raise InputError(f"{name} must be a whole number of pixels (0 keeps the aspect ratio), got {value!r}")
+
+
+def txt2img_job(info: ModelInfo, width: int, height: int, batch_size: int) -> Job:
+    _check_batch(batch_size)
+    for n, v in (("width", width), ("height", height)):
+        _size_arg(n, v)
+        if not v:
+            raise InputError(f"{n} must be at least {info.vae_scale_factor} pixels for txt2img, got {v!r}")
+    w, h = im.target_size((width, height), width, height, info.vae_scale_factor)
+    return Job(batch_size, w, h, w, h, parameters={})
+
+
+def img2img_job(info: ModelInfo, image, *, width, height, resize_mode: str, batch_size: int) -> Job:
+    _check_batch(batch_size)
+    _check_choice("resize_mode", resize_mode, RESIZE_MODES)
+    _size_arg("width", width)
+    _size_arg("height", height)
+    img = im.load_image(image, "image")
+    w, h = im.target_size(img.size, width, height, info.vae_scale_factor)
+    f = info.vae_scale_factor
+    if resize_mode == "latent_upscale":
+        # A1111 mode 3: encode the image at its own size, then resize the latents.
+        ew, eh = im.target_size(img.size, None, None, f)
+        pixels = im.to_array(im.resize_image(img, ew, eh, "just_resize"))
+        job = Job(batch_size, ew, eh, w, h, pixels=pixels, latent_size=(h // f, w // f))
+    else:
+        pixels = im.to_array(im.resize_image(img, w, h, resize_mode))
+        job = Job(batch_size, w, h, w, h, pixels=pixels)
+    job.parameters = {"resize_mode": resize_mode}
+    if job.latent_size is not None:
+        job.width, job.height = w, h  # the loop works at the resized latent size
+    return job
+
+
+def inpaint_job(
+    info: ModelInfo,
+    image,
+    mask,
+    *,
+    width,
+    height,
+    resize_mode: str,
+    batch_size: int,
+    mask_blur_x: int,
+    mask_blur_y: int,
+    invert_mask: bool,
+    mask_round: bool,
+    fill: str,
+    only_masked: bool,
+    padding: int,
+    overlay: bool,
+    family: str | None,
+) -> Job:
+    """A1111's inpainting preparation (processing.py StableDiffusionProcessingImg2Img.init), or
+    diffusers' StableDiffusionInpaintPipeline's when the sampler is a diffusers scheduler name."""
+    _check_batch(batch_size)
+    _check_choice("resize_mode", resize_mode, RESIZE_MODES[:3])
+    _check_choice("fill", fill, FILL_MODES)
+    _size_arg("width", width)
+    _size_arg("height", height)
+    for n, v in (("mask_blur_x", mask_blur_x), ("mask_blur_y", mask_blur_y), ("padding", padding)):
+        if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or v < 0 or v > 512:
+            raise InputError(f"{n} must be a number from 0 to 512, got {v!r}")
+    diffusers = family == "diffusers"
+    f = info.vae_scale_factor
+
+    img = im.load_image(image, "image")
+    m = im.load_mask(mask, "mask", round=mask_round)
+    m = im.match_mask(m, img)  # same aspect ratio -> resized to the image; otherwise an InputError
+    if invert_mask:
+        m = im.invert(m)
+    if not diffusers:
+        m = im.blur_mask(m, mask_blur_x, mask_blur_y)
+    w, h = im.target_size(img.size, width, height, f)
+
+    paste_box = None
+    crop = im.crop_region(m, padding) if only_masked else None
+    if crop is not None:
+        # Only masked: work on the region around the mask at the requested size, paste it back.
+        x1, y1, x2, y2 = im.expand_crop_region(crop, w, h, img.width, img.height)
+        paste_box = (x1, y1, x2, y2)
+        mask_for_overlay = m
+        work_mask = im.resize_image(m.crop(paste_box), w, h, "resize_and_fill")
+        work_img = im.resize_image(img.crop(paste_box), w, h, "resize_and_fill")
+        out_w, out_h = img.width, img.height
+        overlay_base = img
+    else:
+        work_mask = im.resize_image(m, w, h, resize_mode)
+        work_img = im.resize_image(img, w, h, resize_mode)
+        out_w, out_h = w, h
+        mask_for_overlay = work_mask if diffusers else im.double_mask(work_mask)
+        overlay_base = work_img
+
+    if fill == "fill":
+        work_img = im.fill_masked(work_img, work_mask)
+    pixels = im.to_array(work_img)
+    hl, wl = h // f, w // f
+    if diffusers:
+        latmask = im.latent_mask_diffusers(work_mask, hl, wl)
+    else:
+        latmask = im.latent_mask(work_mask, hl, wl, round=mask_round)
+    keep = (1.0 - latmask).astype(np.float32)
+
+    job = Job(batch_size, w, h, out_w, out_h, pixels=pixels, blend=family if family in ("comfyui", "diffusers") else "a1111")
+    job.latent_fill = fill if fill in ("latent_noise", "latent_nothing") else None
+    # diffusers blends latents only for 4-channel UNets; A1111 and ComfyUI do it for both kinds.
+    if not (diffusers and info.is_inpainting_model):
+        job.latent_keep = keep
+    if info.is_inpainting_model:
+        binary = im.binary_mask_array(work_mask, round=mask_round)  # (1, 1, H, W) float, 1 = repaint
+        job.masked_pixels = (pixels * (1.0 - binary)).astype(np.float32)
+        job.conditioning_mask = (
+            latmask if diffusers else im.nearest_resize(binary, hl, wl)
+        ).astype(np.float32)
+    if overlay:
+        job.overlay = im.make_overlay(overlay_base, mask_for_overlay)
+    job.paste_box = paste_box
+    job.parameters = {
+        "resize_mode": resize_mode,
+        "mask_blur_x": mask_blur_x,
+        "mask_blur_y": mask_blur_y,
+        "invert_mask": invert_mask,
+        "mask_round": mask_round,
+        "fill": fill,
+        "only_masked": only_masked,
+        "padding": padding,
+        "overlay": overlay,
+        "infotext_extra": _inpaint_infotext(mask_blur_x, mask_blur_y, invert_mask, fill, only_masked, padding),
+    }
+    return job
+
+
+def _inpaint_infotext(bx, by, invert, fill, only_masked, padding) -> dict[str, Any]:
+    extra: dict[str, Any] = {}
+    if bx == by:
+        extra["Mask blur"] = bx
+    else:
+        extra["Mask blur x"] = bx
+        extra["Mask blur y"] = by
+    if invert:
+        extra["Mask mode"] = "Inpaint not masked"
+    extra["Masked content"] = {"fill": "fill", "original": "original", "latent_noise": "latent noise", "latent_nothing": "latent nothing"}[fill]
+    if only_masked:
+        extra["Inpaint area"] = "Only masked"
+        extra["Masked area padding"] = padding
+    return extra
+
+
+def apply_latent_fill(init: np.ndarray, fill: str, keep: np.ndarray, rand) -> np.ndarray:
+    """A1111's latent noise / latent nothing: replace the masked latents before sampling."""
+    if fill == "latent_noise":
+        return (init * keep + rand.randn(init.shape[1:]) * (1.0 - keep)).astype(np.float32)
+    return (init * keep).astype(np.float32)
+
+
+class LatentBlender:
+    """Keeps the unmasked part of the latents on the original during sampling.
+
+    a1111: the x0 prediction is blended with the clean init latents at every model call, and
+    the result once more at the end (CFGDenoiser + the final blend in processing.py).
+    comfyui: the model input is blended with the noised init and its output with the clean init
+    (KSamplerX0Inpaint).
+    diffusers: after each step, the latents are blended with the init noised to the next
+    step's level (StableDiffusionInpaintPipeline, 4-channel UNets).
+    """
+
+    def __init__(self, style: str, keep: np.ndarray, init: np.ndarray, noise: np.ndarray, plan, steps_total: int):
+        self.style = style
+        self.keep = keep
+        self.repaint = (1.0 - keep).astype(np.float32)
+        self.init = init
+        self.noise = noise
+        self.plan = plan
+        self.steps_total = steps_total
+        # What the reference's clean init is in the sampler's space at its final sigma (VP
+        # schedulers that end above sigma 0 decode x / sqrt(1 + s^2)).
+        self.final_scale = 1.0 / float(plan.finish(np.ones(1))[0])
+
+    def wrap(self, denoise):
+        if self.style == "a1111":
+            def blended(x, sigma):
+                return denoise(x, sigma) * self.repaint + self.init * self.keep
+
+            return blended
+        if self.style == "comfyui":
+            def blended(x, sigma):
+                x_in = x * self.repaint + (self.init + self.noise * sigma) * self.keep
+                return denoise(x_in, sigma) * self.repaint + self.init * self.keep
+
+            return blended
+        return denoise
+
+    def after_step(self, i, x, sigma, sigma_next, denoised):
+        if self.style != "diffusers":
+            return None
+        last = i == self.steps_total - 1
+        target = self.init * self.final_scale if last else self.init + self.noise * sigma_next
+        return x * self.repaint + target * self.keep
+
+    def after_substep(self, i, x, sigma, sigma_next, denoised):
+        """diffusers blends the intermediate latent of two-stage schedulers too."""
+        if self.style != "diffusers":
+            return None
+        return x * self.repaint + (self.init + self.noise * sigma_next) * self.keep
+
+    def finish(self, latents):
+        if self.style == "a1111":
+            return latents * self.repaint + self.init * self.keep
+        return latents
+
+
+def latent_blender(job: Job, plan, init: np.ndarray | None, noise: np.ndarray):
+    if job.latent_keep is None or init is None:
+        return None
+    return LatentBlender(job.blend, job.latent_keep, init, noise, plan, max(1, len(plan.sigmas) - 1))
+
+
+def finish_images(job: Job, pixels: np.ndarray) -> list:
+    """Decoded (B,3,H,W) in [-1,1] -> PIL images, pasted back and overlaid as the job says."""
+    out = []
+    for img in im.from_array(pixels):
+        if job.overlay is not None or job.paste_box is not None:
+            img = im.apply_overlay(img, job.overlay, job.paste_box, (job.out_width, job.out_height))
+        out.append(img)
+    return out
+
+
+def available_memory(provider: str) -> int | None:
+    """Bytes the request may use: free RAM on the CPU (None when unknown or on CUDA)."""
+    if provider != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def estimate_memory(info: ModelInfo, job: Job, cfg: bool) -> int:
+    """A rough upper bound of the working memory of one request, in bytes.
+
+    The largest buffers are the attention score matrices at the highest resolution: the UNet's
+    self-attention (tokens^2 per head) on the CFG batch, and the VAE's single-head mid-block
+    attention (tokens^2) plus its full-resolution conv activations.
+    """
+    f = info.vae_scale_factor
+    hl, wl = job.height // f, job.width // f
+    tokens = hl * wl
+    b = job.batch_size
+    unet_attn = (2 if cfg else 1) * b * 8 * tokens * tokens * 4
+    vae_attn = tokens * tokens * 4 * 2  # one image at a time
+    vae_act = job.width * job.height * 128 * 4 * 3
+    return int(max(unet_attn, vae_attn + vae_act) * 1.5)
+
+
+def check_memory(info: ModelInfo, job: Job, provider: str, cfg: bool) -> None:
+    avail = available_memory(provider)
+    if avail is None:
+        return
+    need = estimate_memory(info, job, cfg)
+    if need > avail:
+        raise InputError(
+            f"a {job.width}x{job.height} request with batch_size {job.batch_size} needs about {need / 2**30:.1f} GiB of "
+            f"memory, more than the {avail / 2**30:.1f} GiB available; use a smaller size or batch"
+        )
