@@ -1,20 +1,28 @@
 """The `sdrt` command line (typer). A thin layer over sdrt.runtime and sdrt.export.
 
-Heavy modules (onnxruntime, PIL, the pipeline, torch for export) are imported inside the
-commands that need them, so `sdrt --help` and argument errors answer at once.
+Heavy modules (onnxruntime, PIL, NumPy, the pipeline, torch for export) are imported inside
+the commands that need them, so `sdrt --help` and argument errors answer at once.
+
+img2img, inpaint and txt2img run in two passes: every input is first checked by the pipeline
+itself (dry_run=True: files, sizes, sampler, numbers) and every output name is checked for
+collisions, and only then does a model run, so a refused run writes nothing.
 """
 
 from __future__ import annotations
 
+import json
 import sys
+import time
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Any, List, Optional
 
 import typer
+
 
 app = typer.Typer(
     name="sdrt",
     help="Fast Stable Diffusion img2img and inpainting on ONNX Runtime.",
+    epilog="Run `sdrt COMMAND --help` for a command's options. Exit status: 0 ok, 1 failure, 2 usage error.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -22,6 +30,25 @@ app = typer.Typer(
 )
 
 _state = {"debug": False}
+
+# Files a folder argument contributes (sorted by name); other files in it are ignored.
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+
+# The pipeline's defaults, for the help text only: options left out are not passed, so the
+# API's own defaults apply (tests/test_cli.py checks that these match Pipeline's signatures).
+DEFAULTS = {
+    "steps": 20,
+    "guidance": 7.5,
+    "sampler": "Euler a",
+    "strength": 0.75,
+    "batch_size": 1,
+    "resize_mode": "just_resize",
+    "clip_skip": 1,
+    "mask_blur": 4,
+    "fill": "original",
+    "padding": 32,
+    "txt2img_size": 512,
+}
 
 
 def fail(message: str, code: int = 1) -> None:
@@ -45,8 +72,8 @@ def _run_guarded(fn, *args, **kwargs):
         raise
     except KeyboardInterrupt:
         fail("interrupted", 130)
-    except (ValueError, RuntimeError, OSError) as e:
-        fail(str(e) or e.__class__.__name__)
+    except (ValueError, RuntimeError, OSError, MemoryError) as e:
+        fail(" ".join(str(e).split()) or e.__class__.__name__)
 
 
 @app.command()
@@ -103,6 +130,390 @@ def info(
             typer.echo(f"{k:<{w}}  {v}")
 
     _run_guarded(go)
+
+
+# ------------------------------------------------------------------------ generation options
+_GEN = "Generation"
+_OUT = "Output"
+_INP = "Inpainting"
+_d = DEFAULTS
+
+Prompt = Annotated[Optional[str], typer.Option("--prompt", "-p", help="What to make (A1111 prompt syntax: (emphasis:1.2), BREAK). Required unless --from-png gives one.", rich_help_panel=_GEN, show_default=False)]
+Negative = Annotated[Optional[str], typer.Option("--negative", "-n", help="Negative prompt.", rich_help_panel=_GEN, show_default=False)]
+Model = Annotated[Optional[Path], typer.Option("--model", "-m", help="Model folder (from `sdrt export`, or optimum's). Default: the embedded default model.", rich_help_panel=_GEN, show_default=False)]
+Strength = Annotated[Optional[float], typer.Option("--strength", "-s", help=f"Denoising strength, 0 (keep the input) to 1 (ignore it). (default: {_d['strength']})", rich_help_panel=_GEN, show_default=False)]
+Steps = Annotated[Optional[int], typer.Option("--steps", help=f"Sampling steps (img2img runs fewer, by the sampler's rule). (default: {_d['steps']})", rich_help_panel=_GEN, show_default=False)]
+Cfg = Annotated[Optional[float], typer.Option("--cfg", "--guidance", help=f"CFG scale (classifier-free guidance). (default: {_d['guidance']})", rich_help_panel=_GEN, show_default=False)]
+Sampler = Annotated[Optional[str], typer.Option("--sampler", help=f"Sampler, by its A1111, ComfyUI or diffusers name; see `sdrt samplers`. (default: {_d['sampler']})", rich_help_panel=_GEN, show_default=False)]
+Schedule = Annotated[Optional[str], typer.Option("--schedule", help="Sigma schedule (Karras, Exponential, karras, ...); default: the sampler's own. See `sdrt samplers`.", rich_help_panel=_GEN, show_default=False)]
+Seed = Annotated[Optional[int], typer.Option("--seed", help="Seed of the first image; image i of a batch uses seed+i, every input the same seeds. Default (or -1): random.", rich_help_panel=_GEN, show_default=False)]
+BatchSize = Annotated[Optional[int], typer.Option("--batch-size", "-b", help=f"Images per input, with seeds seed, seed+1, ... (default: {_d['batch_size']})", rich_help_panel=_GEN, show_default=False)]
+Width = Annotated[Optional[int], typer.Option("--width", "-W", help="Width to work at (rounded to the model's multiple; 0 keeps the aspect ratio). Default: the input's.", rich_help_panel=_GEN, show_default=False)]
+Height = Annotated[Optional[int], typer.Option("--height", "-H", help="Height to work at (as --width). Default: the input's.", rich_help_panel=_GEN, show_default=False)]
+ResizeMode = Annotated[Optional[str], typer.Option("--resize-mode", help=f"just_resize, crop_and_resize, resize_and_fill or latent_upscale (img2img only), as A1111. (default: {_d['resize_mode']})", rich_help_panel=_GEN, show_default=False)]
+ClipSkip = Annotated[Optional[int], typer.Option("--clip-skip", help=f"Use the text encoder's n-th layer from the end (A1111's Clip skip). (default: {_d['clip_skip']})", rich_help_panel=_GEN, show_default=False)]
+FromPng = Annotated[Optional[Path], typer.Option("--from-png", help="Take prompt, negative prompt, steps, sampler, schedule, CFG, seed, size, strength and clip skip from the parameters of a PNG written by sdrt or A1111; options given here override them.", rich_help_panel=_GEN, show_default=False)]
+Out = Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder (created if missing), or a .png file name when the run makes one image. Files are named <input stem>-<seed>.png. Default: the current folder.", rich_help_panel=_OUT, show_default=False)]
+Provider = Annotated[str, typer.Option("--provider", help="Execution provider: auto (CUDA when usable), cpu or cuda.", rich_help_panel=_OUT)]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace existing output files (otherwise an existing file stops the run before anything runs).", rich_help_panel=_OUT)]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no list of written files.", rich_help_panel=_OUT)]
+Json = Annotated[bool, typer.Option("--json", help="Print one JSON document with a record per image (input, output file, seed, parameters, timings).", rich_help_panel=_OUT)]
+
+
+def _expand(paths: List[Path], what: str) -> list[Path]:
+    """Files as given; folders as the image files in them, sorted by name."""
+    out: list[Path] = []
+    for p in paths:
+        if p.is_dir():
+            found = sorted(f for f in p.iterdir() if f.is_file() and not f.name.startswith(".") and f.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                fail(f"{what} folder {p} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+            out += found
+        else:
+            out.append(p)
+    return out
+
+
+def _masks_for(images: list[Path], mask: Path) -> list[Path]:
+    """One mask file for every image, or, from a folder, the mask with the image's file stem."""
+    if not mask.is_dir():
+        return [mask] * len(images)
+    by_stem: dict[str, list[Path]] = {}
+    for f in _expand([mask], "mask"):
+        by_stem.setdefault(f.stem, []).append(f)
+    out = []
+    for img in images:
+        found = by_stem.get(img.stem, [])
+        if not found:
+            fail(f"no mask for image {img} in {mask} (masks are matched by file stem: expected {img.stem}.png or another image type)")
+        if len(found) > 1:
+            fail(f"more than one mask for image {img} in {mask}: {', '.join(f.name for f in found)}")
+        out.append(found[0])
+    return out
+
+
+def _load_pipeline(model: Optional[Path], provider: str):
+    from sdrt.runtime import load
+
+    if model is None:
+        from sdrt.models import default_model_path
+
+        try:
+            model = default_model_path()
+        except FileNotFoundError:
+            fail("no --model given and the embedded default model is not installed; pass --model DIR, "
+                 "or export a model folder with `sdrt export SRC OUT` (see `sdrt export --help`)")
+    return load(model, provider=provider)
+
+
+def _out_paths(out: Optional[Path], jobs: list, overwrite: bool) -> tuple[list[list[Path]], Optional[Path]]:
+    """The file of every image, checked for collisions before anything runs: (paths per job, folder to create)."""
+    n = sum(len(seeds) for _, _, seeds in jobs)
+    if out is not None and not out.is_dir() and out.suffix.lower() in IMAGE_SUFFIXES:
+        if out.suffix.lower() != ".png":
+            fail(f"--out {out}: sdrt writes PNG files (with their parameters text); name the file .png, or give a folder")
+        if n != 1:
+            fail(f"--out {out} names one file, but this run makes {n} images; give a folder instead")
+        paths = [[out]]
+        folder = out.parent
+    else:
+        folder = out if out is not None else Path(".")
+        if folder.exists() and not folder.is_dir():
+            fail(f"--out {folder} is a file, not a folder")
+        paths = [[folder / f"{img.stem if img is not None else 'txt2img'}-{s}.png" for s in seeds] for img, _, seeds in jobs]
+    seen: dict[Path, Any] = {}
+    for (img, _, _), ps in zip(jobs, paths):
+        for p in ps:
+            if p in seen:
+                fail(f"{seen[p]} and {img} would both write {p}; give them different names or run them separately")
+            seen[p] = img
+    if not overwrite:
+        taken = [p for ps in paths for p in ps if p.exists()]
+        if taken:
+            more = f" (and {len(taken) - 1} more)" if len(taken) > 1 else ""
+            fail(f"{taken[0]} already exists{more}; pass --overwrite to replace it, or choose another --out or --seed")
+    return paths, (folder if not folder.is_dir() else None)
+
+
+class _Progress:
+    """A rich progress bar on stderr (images, and the steps of the current one), or nothing."""
+
+    def __init__(self, enabled: bool, n_images: int):
+        self.bar = None
+        if enabled:
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+            self.bar = Progress(TextColumn("{task.description:<8}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                                TimeRemainingColumn(), console=Console(stderr=True), transient=True)
+            self.images = self.bar.add_task("images", total=n_images)
+            self.steps = self.bar.add_task("steps", total=None)
+
+    def __enter__(self):
+        if self.bar is not None:
+            self.bar.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.stop()
+
+    def callback(self):
+        if self.bar is None:
+            return None
+        self.bar.reset(self.steps, total=None)
+
+        def on_step(step: int, total: int) -> None:
+            self.bar.update(self.steps, completed=step, total=total)
+
+        return on_step
+
+    def done(self, n: int) -> None:
+        if self.bar is not None:
+            self.bar.advance(self.images, n)
+
+
+def _jsonable(x):
+    if hasattr(x, "item"):  # NumPy scalars
+        return x.item()
+    if isinstance(x, (set, frozenset)):
+        return sorted(x)
+    return str(x)
+
+
+def _generate(mode: str, images: Optional[List[Path]], mask: Optional[Path], options: dict, *, from_png: Optional[Path],
+              model: Optional[Path], out: Optional[Path], provider: str, overwrite: bool, quiet: bool, as_json: bool) -> None:
+    from sdrt.runtime.errors import InputError
+    from sdrt.runtime.infotext import arguments_from_infotext, read_infotext, save_png
+
+    t_start = time.perf_counter()
+    kwargs: dict = {}
+    if from_png is not None:
+        try:
+            text = read_infotext(from_png)
+        except InputError as e:
+            fail(f"--from-png: {str(e).removeprefix('image: ')}")
+        if not text:
+            fail(f"--from-png: {from_png} holds no generation parameters (no PNG 'parameters' text from sdrt or A1111)")
+        kwargs.update(arguments_from_infotext(text, mode))
+    kwargs.update({k: v for k, v in options.items() if v is not None})
+    if kwargs.get("prompt") is None:
+        fail("missing option --prompt/-p (or --from-png FILE to take it from a PNG)", 2)
+
+    if images is None:
+        pairs: list = [(None, None)]
+    else:
+        files = _expand(images, "image")
+        pairs = list(zip(files, _masks_for(files, mask) if mask is not None else [None] * len(files)))
+
+    t = time.perf_counter()
+    pipe = _load_pipeline(model, provider)
+    t_load = time.perf_counter() - t
+    run = getattr(pipe, mode)
+
+    def call(img, m, **kw):
+        args = () if img is None else (img,) if m is None else (img, m)
+        try:
+            return run(*args, **kwargs, **kw)
+        except InputError as e:
+            # Name the input when the message does not and there are several (a mask's aspect ratio, ...).
+            msg = str(e)
+            if len(pairs) > 1 and img is not None and msg.startswith(("image", "mask")) \
+                    and not any(str(p) in msg for p in (img, m) if p is not None):
+                raise InputError(f"{img}{f' (mask {m})' if m is not None else ''}: {msg}") from e
+            raise
+
+    # Pass 1: the pipeline checks every request and tells the seeds; nothing runs, nothing is written.
+    jobs = []
+    for img, m in pairs:
+        r = call(img, m, dry_run=True)
+        if kwargs.get("seed") in (None, -1):
+            kwargs["seed"] = r.seeds[0]  # the random seed drawn once, the same for every input
+        jobs.append((img, m, r.seeds))
+    paths, new_folder = _out_paths(out, jobs, overwrite)
+    if new_folder is not None:
+        new_folder.mkdir(parents=True, exist_ok=True)
+
+    # Pass 2: run and write.
+    records = []
+    n_images = sum(len(ps) for ps in paths)
+    show = not quiet and sys.stderr.isatty()
+    with _Progress(show, n_images) as bar:
+        for (img, m, seeds), ps in zip(jobs, paths):
+            r = call(img, m, progress=bar.callback())
+            for image, seed, infotext, path in zip(r.images, r.seeds, r.infotexts, ps):
+                save_png(image, path, infotext, overwrite=overwrite)
+                records.append({
+                    "input": None if img is None else str(img),
+                    "mask": None if m is None else str(m),
+                    "output": str(path),
+                    "seed": seed,
+                    "parameters": {**r.parameters, "seed": seed},
+                    "infotext": infotext,
+                    "timings": r.timings,
+                })
+                if not quiet and not as_json:
+                    typer.echo(str(path))
+            bar.done(len(ps))
+    if as_json:
+        doc = {
+            "command": mode,
+            "model": str(pipe.info.path),
+            "provider": pipe.provider,
+            "images": records,
+            "timings": {"load": t_load, "total": time.perf_counter() - t_start},
+        }
+        typer.echo(json.dumps(doc, indent=2, ensure_ascii=False, default=_jsonable))
+
+
+def _common(prompt, negative, steps, cfg, sampler, schedule, seed, batch_size, width, height, clip_skip) -> dict:
+    return dict(prompt=prompt, negative_prompt=negative, steps=steps, guidance=cfg, sampler=sampler, schedule=schedule,
+                seed=seed, batch_size=batch_size, width=width, height=height, clip_skip=clip_skip)
+
+
+@app.command()
+def img2img(
+    images: List[Path] = typer.Argument(..., metavar="IMAGE", help="Input images: files, or folders (every image in them, sorted by name).", show_default=False),
+    prompt: Prompt = None,
+    negative: Negative = None,
+    model: Model = None,
+    strength: Strength = None,
+    steps: Steps = None,
+    cfg: Cfg = None,
+    sampler: Sampler = None,
+    schedule: Schedule = None,
+    seed: Seed = None,
+    batch_size: BatchSize = None,
+    width: Width = None,
+    height: Height = None,
+    resize_mode: ResizeMode = None,
+    clip_skip: ClipSkip = None,
+    from_png: FromPng = None,
+    out: Out = None,
+    provider: Provider = "auto",
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+    json_: Json = False,
+) -> None:
+    """Transform images towards a prompt.
+
+    Writes <input stem>-<seed>.png for every input (seed+1, ... for the rest of a batch), with A1111's parameters text, which `--from-png` and A1111's PNG Info read back.
+
+    Example: sdrt img2img photo.png -p "an oil painting" --strength 0.6 --seed 1 -o out.png
+    """
+    opts = _common(prompt, negative, steps, cfg, sampler, schedule, seed, batch_size, width, height, clip_skip)
+    opts.update(strength=strength, resize_mode=resize_mode)
+    _run_guarded(_generate, "img2img", images, None, opts, from_png=from_png, model=model, out=out,
+                 provider=provider, overwrite=overwrite, quiet=quiet, as_json=json_)
+
+
+@app.command()
+def inpaint(
+    images: List[Path] = typer.Argument(..., metavar="IMAGE", help="Input images: files, or folders (every image in them, sorted by name).", show_default=False),
+    mask: Path = typer.Option(..., "--mask", help="Mask (white = repaint): one file for every image, or a folder with a mask per image, matched by file stem.", rich_help_panel=_INP, show_default=False),
+    prompt: Prompt = None,
+    negative: Negative = None,
+    model: Model = None,
+    mask_blur: Optional[int] = typer.Option(None, "--mask-blur", help=f"Blur of the mask edge in pixels (A1111 samplers). (default: {_d['mask_blur']})", rich_help_panel=_INP, show_default=False),
+    invert_mask: Optional[bool] = typer.Option(None, "--invert-mask/--no-invert-mask", help="Repaint the black part of the mask instead (A1111's 'Inpaint not masked').", rich_help_panel=_INP, show_default=False),
+    fill: Optional[str] = typer.Option(None, "--fill", help=f"What the masked area starts from: fill, original, latent_noise or latent_nothing. (default: {_d['fill']})", rich_help_panel=_INP, show_default=False),
+    only_masked: Optional[bool] = typer.Option(None, "--only-masked/--whole-picture", help="Work on the region around the mask at full resolution and paste it back (A1111's 'Only masked').", rich_help_panel=_INP, show_default=False),
+    padding: Optional[int] = typer.Option(None, "--padding", help=f"Pixels around the mask with --only-masked. (default: {_d['padding']})", rich_help_panel=_INP, show_default=False),
+    no_overlay: bool = typer.Option(False, "--no-overlay", help="Keep the decoded pixels outside the mask instead of the original's.", rich_help_panel=_INP),
+    strength: Strength = None,
+    steps: Steps = None,
+    cfg: Cfg = None,
+    sampler: Sampler = None,
+    schedule: Schedule = None,
+    seed: Seed = None,
+    batch_size: BatchSize = None,
+    width: Width = None,
+    height: Height = None,
+    resize_mode: ResizeMode = None,
+    clip_skip: ClipSkip = None,
+    from_png: FromPng = None,
+    out: Out = None,
+    provider: Provider = "auto",
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+    json_: Json = False,
+) -> None:
+    """Repaint the white part of a mask (A1111's inpainting options; 4- and 9-channel models).
+
+    Writes <input stem>-<seed>.png for every input, as img2img does; --from-png also takes the mask blur, mask mode, masked content, inpaint area and padding.
+
+    Example: sdrt inpaint photo.png --mask mask.png -p "a red hat" --mask-blur 4 --only-masked
+    """
+    opts = _common(prompt, negative, steps, cfg, sampler, schedule, seed, batch_size, width, height, clip_skip)
+    opts.update(strength=strength, resize_mode=resize_mode, mask_blur=mask_blur, invert_mask=invert_mask, fill=fill,
+                only_masked=only_masked, padding=padding, overlay=False if no_overlay else None)
+    _run_guarded(_generate, "inpaint", images, mask, opts, from_png=from_png, model=model, out=out,
+                 provider=provider, overwrite=overwrite, quiet=quiet, as_json=json_)
+
+
+@app.command()
+def txt2img(
+    prompt: Prompt = None,
+    negative: Negative = None,
+    model: Model = None,
+    width: Annotated[Optional[int], typer.Option("--width", "-W", help=f"Image width (rounded to the model's multiple). (default: {_d['txt2img_size']})", rich_help_panel=_GEN, show_default=False)] = None,
+    height: Annotated[Optional[int], typer.Option("--height", "-H", help=f"Image height. (default: {_d['txt2img_size']})", rich_help_panel=_GEN, show_default=False)] = None,
+    steps: Steps = None,
+    cfg: Cfg = None,
+    sampler: Sampler = None,
+    schedule: Schedule = None,
+    seed: Seed = None,
+    batch_size: BatchSize = None,
+    clip_skip: ClipSkip = None,
+    from_png: FromPng = None,
+    out: Out = None,
+    provider: Provider = "auto",
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+    json_: Json = False,
+) -> None:
+    """Generate images from a prompt alone.
+
+    Writes txt2img-<seed>.png (seed+1, ... for the rest of a batch), with A1111's parameters text.
+
+    Example: sdrt txt2img -p "a lighthouse at dusk" --width 512 --height 512 --seed 7
+    """
+    opts = _common(prompt, negative, steps, cfg, sampler, schedule, seed, batch_size, width, height, clip_skip)
+    _run_guarded(_generate, "txt2img", None, None, opts, from_png=from_png, model=model, out=out,
+                 provider=provider, overwrite=overwrite, quiet=quiet, as_json=json_)
+
+
+@app.command()
+def samplers(json_: bool = typer.Option(False, "--json", help="Print the list as JSON.")) -> None:
+    """List every accepted sampler name (with aliases and default schedule) and the schedules of each family."""
+    from sdrt.schedulers import list_samplers, list_schedules
+
+    names = list_samplers()
+    schedules = list_schedules()
+    if json_:
+        doc = {"samplers": [{"name": s.name, "family": s.family, "aliases": list(s.aliases), "default_schedule": s.schedule}
+                            for s in names], "schedules": schedules}
+        typer.echo(json.dumps(doc, indent=2))
+        return
+    titles = {"a1111": "AUTOMATIC1111 names (k-diffusion samplers, A1111's img2img step rules)",
+              "comfyui": "ComfyUI names (use with a ComfyUI schedule: --schedule karras)",
+              "diffusers": "diffusers scheduler classes (options in the name: \"DPMSolverMultistepScheduler(use_karras_sigmas=True)\")"}
+    w = max(len(s.name) for s in names)
+    for family, title in titles.items():
+        typer.echo(f"{title}:")
+        for s in (s for s in names if s.family == family):
+            extra = []
+            if s.schedule:
+                extra.append(f"default schedule {s.schedule}")
+            if s.aliases:
+                extra.append(f"aliases: {', '.join(s.aliases)}")
+            typer.echo(f"  {s.name:<{w}}  {'; '.join(extra)}".rstrip())
+        typer.echo("")
+    typer.echo("Schedules (--schedule):")
+    for family, labels in schedules.items():
+        typer.echo(f"  {family + ':':<10} {', '.join(labels)}")
+    typer.echo("")
+    typer.echo('Names are case-insensitive where unambiguous; prefix "a1111:", "comfyui:" or "diffusers:" to pick a family.')
 
 
 def main() -> None:  # pragma: no cover - console entry

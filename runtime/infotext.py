@@ -30,6 +30,7 @@ __all__ = [
     "unquote",
     "format_infotext",
     "parse_infotext",
+    "arguments_from_infotext",
     "save_png",
     "read_infotext",
 ]
@@ -160,6 +161,75 @@ def parse_infotext(text: str) -> tuple[str, str, dict[str, str]]:
     for key, value in _PAIR.findall(last):
         params[key] = unquote(value)
     return parts["prompt"], parts["negative"], params
+
+
+# What an infotext records, as keyword arguments of Pipeline.img2img / inpaint / txt2img:
+# key -> (argument, type). Inpainting keys are handled in arguments_from_infotext.
+_ARGUMENTS = {
+    "Steps": ("steps", int),
+    "Sampler": ("sampler", str),
+    "Schedule type": ("schedule", str),
+    "CFG scale": ("guidance", float),
+    "Seed": ("seed", int),
+    "Denoising strength": ("strength", float),
+    "Clip skip": ("clip_skip", int),
+}
+_INPAINT_NUMBERS = {"Mask blur": "mask_blur", "Mask blur x": "mask_blur_x", "Mask blur y": "mask_blur_y",
+                    "Masked area padding": "padding"}
+_CHOICES = {
+    "Mask mode": ("invert_mask", {"Inpaint masked": False, "Inpaint not masked": True}),
+    "Masked content": ("fill", {"fill": "fill", "original": "original", "latent noise": "latent_noise",
+                                "latent nothing": "latent_nothing"}),
+    "Inpaint area": ("only_masked", {"Whole picture": False, "Only masked": True}),
+}
+MODES = ("img2img", "inpaint", "txt2img")
+
+
+def arguments_from_infotext(text: str, mode: str = "img2img") -> dict[str, Any]:
+    """The keyword arguments of Pipeline.<mode> an infotext records, to run a request again:
+    prompt, negative_prompt, steps, sampler, schedule, guidance, seed, width and height (from
+    Size), clip_skip, strength (not for txt2img) and, for inpaint, mask blur, mask mode, masked
+    content, inpaint area and padding. Keys the text lacks are left out (the method's defaults
+    apply); other keys (Model, Model hash, ...) are ignored. A value that does not read as its
+    type is an InputError naming the key."""
+    if mode not in MODES:
+        raise InputError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    prompt, negative, params = parse_infotext(text)
+    out: dict[str, Any] = {"prompt": prompt, "negative_prompt": negative}
+
+    def read(key, kind):
+        value = params[key]
+        try:
+            if kind is int:
+                f = float(value)
+                if f != int(f):
+                    raise ValueError
+                return int(f)
+            return kind(value)
+        except (ValueError, OverflowError):
+            what = "a whole number" if kind is int else "a number"
+            raise InputError(f"infotext: {key} must be {what}, got {value!r}") from None
+
+    for key, (arg, kind) in _ARGUMENTS.items():
+        if key in params and not (kind is str and params[key] == ""):
+            out[arg] = read(key, kind)
+    if "Size" in params:
+        w, sep, h = params["Size"].partition("x")
+        if not (sep and w.strip().isdigit() and h.strip().isdigit()):
+            raise InputError(f"infotext: Size must be WIDTHxHEIGHT, got {params['Size']!r}")
+        out["width"], out["height"] = int(w), int(h)
+    if mode == "txt2img":
+        out.pop("strength", None)
+    if mode == "inpaint":
+        for key, arg in _INPAINT_NUMBERS.items():
+            if key in params:
+                out[arg] = read(key, int)
+        for key, (arg, table) in _CHOICES.items():
+            if key in params:
+                if params[key] not in table:
+                    raise InputError(f"infotext: {key} must be one of {', '.join(table)}, got {params[key]!r}")
+                out[arg] = table[params[key]]
+    return out
 
 
 def save_png(image, path, infotext: str | None, *, overwrite: bool = False) -> Path:

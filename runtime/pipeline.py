@@ -235,10 +235,14 @@ class Pipeline:
         sample_posterior: bool = True,
         output: str = "pil",
         progress: Callable[[int, int], None] | None = None,
+        dry_run: bool = False,
         **sampler_options,
     ) -> Result:
         """Transform `image` towards `prompt`. strength 0 returns the VAE round trip of the input,
-        1 ignores it (almost: A1111-named samplers keep a trace of it, as A1111 does)."""
+        1 ignores it (almost: A1111-named samplers keep a trace of it, as A1111 does).
+
+        dry_run=True (here, in inpaint and in txt2img) checks the whole request and returns the
+        Result it would make (seeds, parameters, infotexts; no images) without running a model."""
         job = prepare.img2img_job(self.info, image, width=width, height=height, resize_mode=resize_mode, batch_size=batch_size)
         return self._generate(
             job,
@@ -256,6 +260,7 @@ class Pipeline:
             sample_posterior=sample_posterior,
             output=output,
             progress=progress,
+            dry_run=dry_run,
             sampler_options=sampler_options,
         )
 
@@ -289,6 +294,7 @@ class Pipeline:
         padding: int = 32,
         overlay: bool = True,
         progress: Callable[[int, int], None] | None = None,
+        dry_run: bool = False,
         **sampler_options,
     ) -> Result:
         """Repaint the white part of `mask` in `image` (A1111's inpainting options)."""
@@ -326,6 +332,7 @@ class Pipeline:
             sample_posterior=sample_posterior,
             output=output,
             progress=progress,
+            dry_run=dry_run,
             sampler_options=sampler_options,
         )
 
@@ -345,6 +352,7 @@ class Pipeline:
         noise: np.ndarray | None = None,
         output: str = "pil",
         progress: Callable[[int, int], None] | None = None,
+        dry_run: bool = False,
         **sampler_options,
     ) -> Result:
         """Generate from `prompt` alone (the latents start as pure noise)."""
@@ -365,12 +373,13 @@ class Pipeline:
             sample_posterior=True,
             output=output,
             progress=progress,
+            dry_run=dry_run,
             sampler_options=sampler_options,
         )
 
     # ------------------------------------------------------------------------------- the loop
     def _generate(self, job, *, mode, prompt, negative_prompt, strength, steps, guidance, sampler, schedule, seed,
-                  clip_skip, noise, sample_posterior, output, progress, sampler_options) -> Result:
+                  clip_skip, noise, sample_posterior, output, progress, sampler_options, dry_run=False) -> Result:
         t_start = time.perf_counter()
         timings: dict[str, float] = {}
         # Everything that can be wrong with the request is checked before any model runs.
@@ -403,6 +412,9 @@ class Pipeline:
                 raise InputError(f"noise must have shape {(b, *lat_shape)} for this request, got {noise.shape}")
         prepare.check_memory(self.info, job, self.provider, cfg=guidance > 1.0)
         seeds = _seeds(seed, b)
+        if dry_run:  # the request is valid: report what it would make, run nothing
+            params = self._parameters(mode, job, plan, prompt, negative_prompt, steps, guidance, clip_skip, strength, seeds, sampler)
+            return Result([], seeds, params, self._infotexts(params, seeds))
         rand = BatchNoise(seeds)
 
         t = time.perf_counter()
