@@ -87,6 +87,8 @@ def _read_file(path: Path, name: str) -> Image.Image:
         raise InputError(f"{name}: file not found: {path}")
     if path.is_dir():
         raise InputError(f"{name}: {path} is a folder; expected an image file (PNG, JPEG, WebP, ...)")
+    if path.stat().st_size == 0:
+        raise InputError(f"{name}: {path} is an empty file (0 bytes); expected an image file (PNG, JPEG, WebP, ...)")
     try:
         fp = open(path, "rb")
     except OSError as e:

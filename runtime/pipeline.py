@@ -71,8 +71,9 @@ class _EmbeddingCache:
 
 def _check_number(name: str, value, lo=None, hi=None, integer=False):
     ok_type = (int, np.integer) if integer else (int, float, np.integer, np.floating)
-    if isinstance(value, bool) or not isinstance(value, ok_type):
-        kind = "an integer" if integer else "a number"
+    finite = not isinstance(value, (float, np.floating)) or np.isfinite(value)
+    if isinstance(value, bool) or not isinstance(value, ok_type) or not finite:
+        kind = "an integer" if integer else "a finite number"
         raise InputError(f"{name} must be {kind}, got {value!r}")
     if lo is not None and value < lo or hi is not None and value > hi:
         rng = f"from {lo} to {hi}" if hi is not None else f"at least {lo}"
@@ -116,16 +117,25 @@ class Pipeline:
         return f"Pipeline({str(i.path)!r}, family={i.family}, unet_in_channels={i.unet_in_channels}, provider={self.provider})"
 
     # ----------------------------------------------------------------------------------- text
-    def _text_encoder(self, ids: np.ndarray, clip_skip: int) -> np.ndarray:
-        g = self.graphs["text_encoder"]
+    def _check_clip_skip(self, clip_skip: int) -> None:
+        """clip_skip against the text encoder graph's outputs (loads the session, runs nothing)."""
         if clip_skip == 1:
-            return g.run({"input_ids": ids}, ["last_hidden_state"])[0].astype(np.float32, copy=False)
-        g.load()
-        if CLIP_SKIP_OUTPUT not in g.output_names:
+            return
+        g = self.graphs["text_encoder"].load()
+        shape = next((o.shape for o in g.session.get_outputs() if o.name == CLIP_SKIP_OUTPUT), None)
+        if shape is None:
             raise InputError(
                 f"clip_skip={clip_skip} needs the {CLIP_SKIP_OUTPUT} output of the text encoder, which this model folder "
                 "lacks (exported by another tool); export the model with `sdrt export` or use clip_skip=1"
             )
+        if len(shape) > 1 and isinstance(shape[1], int) and clip_skip > shape[1]:
+            raise InputError(f"clip_skip must be from 1 to {shape[1]} for this model, got {clip_skip}")
+
+    def _text_encoder(self, ids: np.ndarray, clip_skip: int) -> np.ndarray:
+        g = self.graphs["text_encoder"]
+        if clip_skip == 1:
+            return g.run({"input_ids": ids}, ["last_hidden_state"])[0].astype(np.float32, copy=False)
+        self._check_clip_skip(clip_skip)
         layers = g.run({"input_ids": ids}, [CLIP_SKIP_OUTPUT])[0]
         if clip_skip > layers.shape[1]:
             raise InputError(f"clip_skip must be from 1 to {layers.shape[1]} for this model, got {clip_skip}")
@@ -391,6 +401,7 @@ class Pipeline:
         _check_number("steps", steps, 1, 10000, integer=True)
         _check_number("guidance", guidance, 0.0, 100.0)
         _check_number("clip_skip", clip_skip, 1, 24, integer=True)
+        self._check_clip_skip(clip_skip)
         if output not in OUTPUTS:
             raise InputError(f"output must be one of {', '.join(OUTPUTS)}, got {output!r}")
         family = _family(sampler)
@@ -441,7 +452,7 @@ class Pipeline:
         if noise is None:
             noise = rand.randn(lat_shape)
         if init_latents is not None and job.latent_fill is not None:
-            init_latents = prepare.apply_latent_fill(init_latents, job.latent_fill, job.latent_keep, rand)
+            init_latents = prepare.apply_latent_fill(init_latents, job.latent_fill, job.fill_keep, noise)
         if mode == "inpaint" and plan.family == "diffusers" and strength == 1.0:
             x = plan.start(None, noise)  # diffusers' inpainting starts from pure noise at full strength
         else:

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from . import images as im
 from .errors import InputError
@@ -34,6 +35,7 @@ class Job:
     # Inpainting
     latent_keep: np.ndarray | None = None  # (1 or B, 1, h, w): 1 where the original is kept
     latent_fill: str | None = None  # "latent_noise" | "latent_nothing"
+    fill_keep: np.ndarray | None = None  # (1, 1, h, w): 1 where latent_fill keeps the original
     masked_pixels: np.ndarray | None = None  # 9-channel models: image with the hole greyed, [-1, 1]
     conditioning_mask: np.ndarray | None = None  # 9-channel models: (1, 1, h, w), 1 = repaint
     blend: str = "a1111"  # per-step latent blending: a1111 | comfyui | diffusers
@@ -148,7 +150,7 @@ def inpaint_job(
         mask_for_overlay = work_mask if diffusers else im.double_mask(work_mask)
         overlay_base = work_img
 
-    if fill == "fill":
+    if fill != "original":  # A1111 fills the hole's pixels for the latent fills too
         work_img = im.fill_masked(work_img, work_mask)
     pixels = im.to_array(work_img)
     hl, wl = h // f, w // f
@@ -159,7 +161,8 @@ def inpaint_job(
     keep = (1.0 - latmask).astype(np.float32)
 
     job = Job(batch_size, w, h, out_w, out_h, pixels=pixels, blend=family if family in ("comfyui", "diffusers") else "a1111")
-    job.latent_fill = fill if fill in ("latent_noise", "latent_nothing") else None
+    if fill in ("latent_noise", "latent_nothing"):
+        job.latent_fill, job.fill_keep = fill, keep
     # diffusers blends latents only for 4-channel UNets; A1111 and ComfyUI do it for both kinds.
     if not (diffusers and info.is_inpainting_model):
         job.latent_keep = keep
@@ -171,6 +174,11 @@ def inpaint_job(
         ).astype(np.float32)
     if overlay:
         job.overlay = im.make_overlay(overlay_base, mask_for_overlay)
+    elif paste_box is not None:
+        # No overlay: the generated region still goes back into the original, not onto black.
+        box = Image.new("L", img.size, 0)
+        box.paste(255, paste_box)
+        job.overlay = im.make_overlay(img, box)
     job.paste_box = paste_box
     job.parameters = {
         "resize_mode": resize_mode,
@@ -203,10 +211,11 @@ def _inpaint_infotext(bx, by, invert, fill, only_masked, padding) -> dict[str, A
     return extra
 
 
-def apply_latent_fill(init: np.ndarray, fill: str, keep: np.ndarray, rand) -> np.ndarray:
-    """A1111's latent noise / latent nothing: replace the masked latents before sampling."""
+def apply_latent_fill(init: np.ndarray, fill: str, keep: np.ndarray, noise: np.ndarray) -> np.ndarray:
+    """A1111's latent noise / latent nothing: replace the masked latents before sampling. The
+    noise is the initial noise: A1111 draws randn(seeds) again from the same seeds."""
     if fill == "latent_noise":
-        return (init * keep + rand.randn(init.shape[1:]) * (1.0 - keep)).astype(np.float32)
+        return (init * keep + noise * (1.0 - keep)).astype(np.float32)
     return (init * keep).astype(np.float32)
 
 
