@@ -80,7 +80,7 @@ def _run_guarded(fn, *args, **kwargs):
 def export(
     src: Path = typer.Argument(..., help="A diffusers-format Stable Diffusion folder (model_index.json, unet/, vae/, ...)."),
     out: Path = typer.Argument(..., help="The model folder to write (must not exist unless --overwrite)."),
-    precision: str = typer.Option("fp32", "--precision", help="fp32, or fp16 (with --target cuda)."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32; int8 (cpu target: the UNet's matrix products in int8); or fp16 (with --target cuda)."),
     target: str = typer.Option("cpu", "--target", help="cpu (fused for the CPU provider) or cuda (fused for the CUDA provider)."),
     opset: int = typer.Option(17, "--opset", help="ONNX opset, 14 to 20."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it exists (atomically, at the end)."),
@@ -514,6 +514,43 @@ def samplers(json_: bool = typer.Option(False, "--json", help="Print the list as
         typer.echo(f"  {family + ':':<10} {', '.join(labels)}")
     typer.echo("")
     typer.echo('Names are case-insensitive where unambiguous; prefix "a1111:", "comfyui:" or "diffusers:" to pick a family.')
+
+
+@app.command()
+def bench(
+    model: Annotated[Optional[Path], typer.Option("--model", "-m", help="Model folder (default: the embedded default model).")] = None,
+    mode: Annotated[str, typer.Option("--mode", help="img2img, inpaint or txt2img.")] = "img2img",
+    size: Annotated[int, typer.Option("--size", min=8, help="Width and height in pixels.")] = 256,
+    steps: Annotated[int, typer.Option("--steps", help="Sampling steps.")] = 10,
+    strength: Annotated[float, typer.Option("--strength", help="Denoising strength (img2img, inpaint).")] = 0.5,
+    cfg: Annotated[float, typer.Option("--cfg", help="Guidance scale (above 1: a CFG batch of 2).")] = 7.5,
+    sampler: Annotated[str, typer.Option("--sampler", help="Sampler name (see `sdrt samplers`).")] = "PNDMScheduler",
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per run.")] = 1,
+    repeats: Annotated[int, typer.Option("--repeats", min=1, help="Timed runs after one warm-up run; the best is reported.")] = 2,
+    provider: Annotated[str, typer.Option("--provider", help="auto, cpu or cuda.")] = "auto",
+    threads: Annotated[Optional[int], typer.Option("--threads", help="Intra-op threads (default: physical cores).")] = None,
+    json_: Annotated[bool, typer.Option("--json", help="Print the record as JSON.")] = False,
+) -> None:
+    """Time sdrt on one workload: end to end and per stage (text encoder, VAE encode, UNet per call, VAE decode,
+    sampler arithmetic, the rest), peak RSS. For the side-by-side comparison with diffusers and optimum, see
+    benchmarks/cpu.py."""
+
+    def go():
+        from sdrt.runtime.bench import Workload, bench as run_bench, format_record
+
+        w = Workload(mode=mode, size=size, steps=steps, strength=strength, guidance=cfg, sampler=sampler, batch_size=batch_size)
+        path = model
+        if path is None:
+            from sdrt.models import default_model_path
+
+            path = default_model_path()
+        if not json_:
+            typer.echo(f"{w.label}: 1 warm-up run, then best of {repeats}", err=True)
+        rec = run_bench(path, w, provider=provider, repeats=repeats, threads=threads)
+        rec.pop("image", None)
+        typer.echo(json.dumps(rec, indent=2) if json_ else format_record(rec))
+
+    _run_guarded(go)
 
 
 def main() -> None:  # pragma: no cover - console entry

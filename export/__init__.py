@@ -20,9 +20,11 @@ from typing import Callable
 
 from sdrt.runtime.modelfolder import FORMAT_VERSION, GRAPHS, INCOMPLETE_MARKER, MANIFEST, sha256_file
 
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = ("fp32", "fp16", "int8")
 TARGETS = ("cpu", "cuda")
 DEFAULT_OPSET = 17
+# Graphs quantized by --precision int8 (the others stay fp32: the UNet is where the time goes).
+INT8_GRAPHS = ("unet",)
 
 
 class ExportError(RuntimeError):
@@ -174,8 +176,9 @@ def export_model(
 ) -> Path:
     """Export the diffusers folder `src` into the sdrt model folder `out`; returns `out`.
 
-    precision/target: fp32 + cpu (fused for the CPU provider), fp32 + cuda, or fp16 + cuda
-    (fused for the CUDA provider, then converted to fp16; needs the CUDA provider to run).
+    precision/target: fp32 + cpu (fused for the CPU provider), int8 + cpu (the same, with the
+    UNet's matrix products dynamically quantized to int8), fp32 + cuda, or fp16 + cuda (fused for
+    the CUDA provider, then converted to fp16; needs the CUDA provider to run).
     fp32_ops: operator types kept in fp32 in fp16 graphs (e.g. ("MultiHeadAttention",) for SD 2.x).
     """
     src, out = Path(src).expanduser(), Path(out).expanduser()
@@ -185,6 +188,8 @@ def export_model(
         raise ExportError(f"target {target!r} is not supported; accepted: {', '.join(TARGETS)}")
     if precision == "fp16" and target != "cuda":
         raise ExportError("fp16 graphs run on the CUDA provider only: use --target cuda with --precision fp16")
+    if precision == "int8" and target != "cpu":
+        raise ExportError("int8 graphs are for the CPU provider: use --target cpu with --precision int8")
     if not 14 <= opset <= 20:
         raise ExportError(f"opset {opset} is not supported; accepted: 14 to 20")
     index = _read_index(src)
@@ -244,9 +249,10 @@ def _export_into(src, tmp, index, precision, target, opset, fp32_ops, check, log
         if check:
             checks[name] = check_graph(spec, stage)
             log(f"  {name}: fp32 ONNX vs PyTorch max abs diff {checks[name]:.3g}")
-        fused[name] = optimize_graph(stage, dst, name, target, precision, fp32_ops)
-        precisions[name] = precision
-        if check and target == "cpu":
+        graph_precision = precision if precision != "int8" or name in INT8_GRAPHS else "fp32"
+        fused[name] = optimize_graph(stage, dst, name, target, graph_precision, fp32_ops)
+        precisions[name] = graph_precision
+        if check and target == "cpu" and graph_precision == "fp32":
             # The fused CPU graph must still compute the module's output.
             check_graph(spec, dst)
         shutil.rmtree(stage.parent)

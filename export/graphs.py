@@ -82,6 +82,10 @@ def graph_specs(pipe) -> list[GraphSpec]:
     unet, vae, te = pipe.unet, pipe.vae, pipe.text_encoder
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
     h = w = 8  # latent size of the example inputs
+    # The UNet is traced at an odd latent size: diffusers then takes each upsampler's output size
+    # from its skip connection, so the graph runs at every latent size (an even example would bake
+    # in "double the size", and latents the UNet cannot halve evenly would fail).
+    uh = uw = 9
     g = torch.Generator().manual_seed(0)
     ids = torch.tensor([pipe.tokenizer("a red circle on a white background", padding="max_length", max_length=77).input_ids])
     hidden = te.config.hidden_size
@@ -103,7 +107,7 @@ def graph_specs(pipe) -> list[GraphSpec]:
             "unet",
             UNetGraph(unet),
             {
-                "sample": torch.randn(2, unet.config.in_channels, h, w, generator=g),
+                "sample": torch.randn(2, unet.config.in_channels, uh, uw, generator=g),
                 "timestep": torch.tensor(500.25, dtype=torch.float32),
                 "encoder_hidden_states": torch.randn(2, 77, unet.config.cross_attention_dim, generator=g),
             },
@@ -181,6 +185,16 @@ def export_graph(spec: GraphSpec, path: Path, opset: int) -> Path:
     return path
 
 
+def _tensor_bytes(model) -> int:
+    """Bytes of the graph's initializers (ByteSize() itself fails on protos past 2 GB)."""
+    from onnx import external_data_helper
+
+    return sum(
+        len(t.raw_data) if t.HasField("raw_data") else t.ByteSize()
+        for t in external_data_helper._get_all_tensors(model)
+    )
+
+
 def save_onnx(model, path: Path) -> None:
     """Save an onnx ModelProto, with its tensors in `model.onnx_data` when it would pass 2 GB."""
     import onnx
@@ -189,7 +203,7 @@ def save_onnx(model, path: Path) -> None:
     data = path.with_name(path.name + "_data")
     if data.exists():
         data.unlink()
-    if model.ByteSize() >= TWO_GB - (64 << 20):
+    if _tensor_bytes(model) >= TWO_GB - (64 << 20):
         onnx.save_model(
             model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data.name, size_threshold=1024
         )

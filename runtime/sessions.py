@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -124,6 +125,9 @@ class Graph:
         self.input_types: dict[str, type] = {}
         self.input_ranks: dict[str, int] = {}
         self.output_names: list[str] = []
+        # Time spent inside ONNX Runtime for this graph (read by benchmarks; reset freely).
+        self.calls = 0
+        self.seconds = 0.0
 
     @property
     def session(self):
@@ -159,8 +163,13 @@ class Graph:
     def run(self, feeds: dict[str, np.ndarray], outputs: Sequence[str] | None = None) -> list[np.ndarray]:
         sess = self.session
         typed = {k: _typed(v, self.input_types.get(k)) for k, v in feeds.items()}
+        t = time.perf_counter()
         try:
-            return sess.run(list(outputs) if outputs else None, typed)
+            out = sess.run(list(outputs) if outputs else None, typed)
         except Exception as e:
             shapes = ", ".join(f"{k} {tuple(v.shape)} {v.dtype}" for k, v in typed.items())
             raise RuntimeError(f"the {self.name} graph failed on inputs [{shapes}]: {str(e).splitlines()[0]}") from None
+        with self._lock:
+            self.calls += 1
+            self.seconds += time.perf_counter() - t
+        return out

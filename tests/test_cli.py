@@ -143,6 +143,8 @@ HELP = {
     "samplers": ["--json"],
     "info": ["model", "--verify"],
     "export": ["src", "out", "--precision", "--target", "--opset", "--overwrite", "--fp32-ops"],
+    "bench": ["--model", "--mode", "--size", "--steps", "--strength", "--cfg", "--sampler", "--batch-size", "--repeats",
+              "--provider", "--threads", "--json"],
 }
 
 
@@ -154,6 +156,27 @@ def test_command_help_lists_its_options(command):
         assert re.search(rf"(?<![\w-]){re.escape(opt)}(?![\w-])", text), f"{command} --help lacks {opt}"
     top = ANSI.sub("", cli("--help").stdout)
     assert command in top
+
+
+@pytest.mark.parametrize("mode, sampler, calls", [("img2img", "EulerDiscreteScheduler", 2), ("txt2img", "DDIMScheduler", 4),
+                                                  ("inpaint", "Euler a", 3)])
+def test_bench_times_every_stage(sd1, mode, sampler, calls):
+    """`sdrt bench`: the stages add up to the run, the UNet count is the plan's (4 steps at strength
+    0.5: 2 calls for diffusers, A1111's t_enc + 1 = 3), and the human-readable form names every stage."""
+    r = cli("bench", "-m", sd1, "--mode", mode, "--size", 32, "--steps", 4, "--sampler", sampler, "--repeats", 1,
+            "--provider", "cpu", "--json")
+    rec = json.loads(r.stdout)
+    assert rec["unet_calls"] == calls and rec["workload"]["mode"] == mode
+    stages = rec["stages"]
+    assert set(stages) == {"text_encoder", "vae_encode", "unet", "vae_decode", "sampler", "other"}
+    assert all(v >= 0 for v in stages.values()) and stages["unet"] > 0 and stages["vae_decode"] > 0
+    assert (stages["vae_encode"] > 0) == (mode != "txt2img")
+    assert sum(stages.values()) == pytest.approx(rec["seconds"], rel=1e-6)
+    assert rec["unet_per_call"] == pytest.approx(stages["unet"] / calls)
+    assert rec["peak_rss_mib"] > 50
+    text = ANSI.sub("", cli("bench", "-m", sd1, "--size", 32, "--steps", 2, "--repeats", 1, "--provider", "cpu").stdout)
+    for word in ("end to end", "text encoder", "vae encode", "unet", "vae decode", "sampler", "per call", "peak RSS"):
+        assert word in text
 
 
 def test_help_defaults_and_choices_are_the_apis():

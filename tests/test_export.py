@@ -69,6 +69,14 @@ def test_fp32_graphs_match_pytorch(models, kind):
                 None, {"sample": sample.numpy(), "timestep": np.array(t, np.float32), "encoder_hidden_states": enc.numpy()}
             )[0]
             diffs[f"unet t={t}"] = float(np.abs(got - ref).max())
+        # Latent sizes the UNet cannot halve evenly: upsamplers follow the skip connections.
+        for h, w in ((11, 18), (7, 5), (1, 1)):
+            odd = torch.randn(2, c, h, w, generator=g)
+            ref = unet(odd, torch.tensor(500.0), enc[:2]).sample.numpy()
+            got = _session(folder / "unet" / "model.onnx").run(
+                None, {"sample": odd.numpy(), "timestep": np.array(500.0, np.float32), "encoder_hidden_states": enc[:2].numpy()}
+            )[0]
+            diffs[f"unet {h}x{w}"] = float(np.abs(got - ref).max())
 
         img = torch.rand(2, 3, 24, 40, generator=g) * 2 - 1
         ref = vae.encode(img).latent_dist.parameters.numpy()
@@ -96,6 +104,31 @@ def test_manifest_describes_the_model(models):
         assert info.target == "cpu" and set(info.precision.values()) == {"fp32"}
         tok = info.path / "tokenizer"
         assert (tok / "vocab.json").is_file() and (tok / "merges.txt").is_file()
+
+
+def test_int8_cpu_export(models):
+    """--precision int8: the UNet's matrix products become int8 (dynamic quantization), the other
+    graphs stay fp32, and the int8 UNet stays close to the fp32 one."""
+    folder = models.exported("tiny-sd1", target="cpu", precision="int8")
+    info = read_model_folder(folder, verify="full")
+    assert info.target == "cpu"
+    assert info.precision == {"text_encoder": "fp32", "unet": "int8", "vae_encoder": "fp32", "vae_decoder": "fp32"}
+    ops = Counter(n.op_type for n in onnx.load(str(folder / "unet" / "model.onnx")).graph.node)
+    assert ops["MatMulInteger"] + ops["DynamicQuantizeMatMul"] >= 8 and ops["MultiHeadAttention"] >= 4
+    fp32 = models.exported("tiny-sd1")
+    g = np.random.default_rng(0)
+    feeds = {
+        "sample": g.standard_normal((2, 4, 16, 16), dtype=np.float32),
+        "timestep": np.array(500.0, np.float32),
+        "encoder_hidden_states": g.standard_normal((2, 77, 32), dtype=np.float32),
+    }
+    ref = _session(fp32 / "unet" / "model.onnx").run(None, feeds)[0]
+    got = _session(folder / "unet" / "model.onnx").run(None, feeds)[0]
+    rel = float(np.abs(got - ref).mean() / np.abs(ref).mean())
+    print(f"int8 UNet vs fp32: mean abs difference {100 * rel:.2f}% of the mean output")
+    assert 0 < rel < 0.1
+    with pytest.raises(ExportError, match="int8"):
+        export_model(models.source("tiny-sd1"), folder.parent / "nope", precision="int8", target="cuda")
 
 
 def test_fp16_cuda_export_structure(models):

@@ -361,12 +361,6 @@ def test_txt2img_size(sd1):
     assert r.images[0].size == (36, 20)
 
 
-@pytest.mark.xfail(
-    raises=RuntimeError, strict=True,
-    reason="the exported UNet graph was traced at an 8x8 latent, so its upsamplers double the size instead of "
-           "following the skip connection (diffusers' forward_upsample_size path): latent sizes must be multiples of "
-           "2**(down blocks - 1) until the UNet is exported from an example latent size that is not such a multiple",
-)
 @pytest.mark.parametrize("size", [(30, 20), (32, 18), (2, 2)])
 def test_latent_sizes_the_unet_does_not_divide(sd1, size):
     r = sd1.txt2img(PROMPT, steps=2, seed=0, width=size[0], height=size[1])

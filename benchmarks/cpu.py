@@ -1,0 +1,356 @@
+#!/usr/bin/env python3
+"""sdrt beside diffusers and optimum on the CPU: the same work, measured in one run.
+
+    python benchmarks/cpu.py                       # both workloads, all systems (about 45 min on 2 cores)
+    python benchmarks/cpu.py --workloads small     # img2img 256x256 only
+
+What it does, all offline:
+1. builds a diffusers folder with the Stable Diffusion 1.5 architecture and random weights
+   (python -m sdrt.export.testmodels --kind sd15; speed does not depend on weight values);
+2. exports it for sdrt (`sdrt export`, fp32 cpu target, and `--precision int8` with --int8) and
+   for optimum (`optimum-cli export onnx`, in optimum's own virtual environment: optimum-onnx
+   0.1.0 pins transformers<4.58, which sdrt's environment need not share);
+3. runs each system in its own process (so peak RSS is its own): load, one warm-up run, then the
+   best of --repeats timed runs of each workload; same prompt, same input image, same sampler
+   (diffusers' PNDM, the SD 1.5 default), same steps, strength and guidance;
+4. prints a table per workload and writes it into docs/benchmarks.md (between the CPU markers)
+   and the records into benchmarks/results/cpu-<date>.json.
+
+Stages: text encoder, VAE encode, UNet (total and per call), VAE decode, sampler arithmetic (the
+scheduler's step function), everything else (pre/post-processing, tokenizing, Python overhead).
+diffusers is timed through wrappers around its modules, optimum around its ONNX Runtime model
+objects, sdrt by its own per-graph counters (sdrt.runtime.bench).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPT = "a photograph of an astronaut riding a horse"
+WORKLOADS = {
+    "small": dict(mode="img2img", size=256, steps=10, strength=0.5, guidance=7.5, sampler="PNDMScheduler"),
+    "large": dict(mode="img2img", size=512, steps=20, strength=0.75, guidance=7.5, sampler="PNDMScheduler"),
+}
+STAGES = ("text_encoder", "vae_encode", "unet", "vae_decode", "sampler", "other")
+OPTIMUM_PINS = ["optimum-onnx[onnxruntime]==0.1.0", "diffusers", "numpy<2.3"]
+
+
+def physical_cores() -> int:
+    cores = set()
+    for cpu in os.sched_getaffinity(0):
+        p = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+        try:
+            cores.add(((p / "physical_package_id").read_text(), (p / "core_id").read_text()))
+        except OSError:
+            return len(os.sched_getaffinity(0))
+    return max(1, len(cores))
+
+
+def peak_rss_mib() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# ---- workers: one system per process ---------------------------------------------------------
+
+
+class Timer:
+    """Accumulates seconds and calls per stage; wraps callables."""
+
+    def __init__(self):
+        self.seconds = dict.fromkeys(STAGES, 0.0)
+        self.calls = dict.fromkeys(STAGES, 0)
+
+    def wrap(self, stage, fn):
+        def timed(*a, **k):
+            t = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                self.seconds[stage] += time.perf_counter() - t
+                self.calls[stage] += 1
+
+        return timed
+
+    def reset(self):
+        self.seconds = dict.fromkeys(STAGES, 0.0)
+        self.calls = dict.fromkeys(STAGES, 0)
+
+
+def _peer_runs(call, timer: Timer, repeats: int) -> dict:
+    t = time.perf_counter()
+    call()
+    first = time.perf_counter() - t
+    runs = []
+    for _ in range(repeats):
+        timer.reset()
+        t = time.perf_counter()
+        call()
+        total = time.perf_counter() - t
+        stages = dict(timer.seconds)
+        stages["other"] = max(0.0, total - sum(stages.values()))
+        runs.append({"seconds": total, "stages": stages, "unet_calls": timer.calls["unet"]})
+    best = min(runs, key=lambda r: r["seconds"])
+    return {
+        **best,
+        "all_seconds": [r["seconds"] for r in runs],
+        "unet_per_call": best["stages"]["unet"] / max(1, best["unet_calls"]),
+        "first_run_seconds": first,
+    }
+
+
+def worker_diffusers(model: Path, w: dict, image: Path, repeats: int) -> dict:
+    import torch
+    from diffusers import PNDMScheduler, StableDiffusionImg2ImgPipeline
+    from PIL import Image
+
+    torch.set_num_threads(physical_cores())
+    t = time.perf_counter()
+    pipe = StableDiffusionImg2ImgPipeline.from_pretrained(model, safety_checker=None, requires_safety_checker=False)
+    pipe.scheduler = PNDMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    load = time.perf_counter() - t
+    timer = Timer()
+    pipe.text_encoder.forward = timer.wrap("text_encoder", pipe.text_encoder.forward)
+    pipe.unet.forward = timer.wrap("unet", pipe.unet.forward)
+    pipe.vae.encode = timer.wrap("vae_encode", pipe.vae.encode)
+    pipe.vae.decode = timer.wrap("vae_decode", pipe.vae.decode)
+    pipe.scheduler.step = timer.wrap("sampler", pipe.scheduler.step)
+    img = Image.open(image).convert("RGB")
+
+    def call():
+        with torch.inference_mode():
+            pipe(PROMPT, image=img, strength=w["strength"], num_inference_steps=w["steps"], guidance_scale=w["guidance"],
+                 generator=torch.Generator().manual_seed(0))
+
+    rec = _peer_runs(call, timer, repeats)
+    return {**rec, "system": "diffusers", "detail": f"PyTorch {torch.__version__} CPU fp32, {torch.get_num_threads()} threads",
+            "load_seconds": load}
+
+
+def worker_optimum(model: Path, w: dict, image: Path, repeats: int) -> dict:
+    import numpy as np
+    import onnxruntime as ort
+    from diffusers import PNDMScheduler
+    from optimum.onnxruntime import ORTStableDiffusionImg2ImgPipeline
+    from PIL import Image
+
+    t = time.perf_counter()
+    pipe = ORTStableDiffusionImg2ImgPipeline.from_pretrained(model, provider="CPUExecutionProvider")
+    pipe.scheduler = PNDMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    load = time.perf_counter() - t
+    timer = Timer()
+    for attr, stage in (("text_encoder", "text_encoder"), ("unet", "unet"), ("vae_encoder", "vae_encode"), ("vae_decoder", "vae_decode")):
+        m = getattr(pipe, attr)
+        m.forward = timer.wrap(stage, m.forward)
+    pipe.scheduler.step = timer.wrap("sampler", pipe.scheduler.step)
+    img = Image.open(image).convert("RGB")
+
+    def call():
+        pipe(PROMPT, image=img, strength=w["strength"], num_inference_steps=w["steps"], guidance_scale=w["guidance"],
+             generator=np.random.RandomState(0))
+
+    rec = _peer_runs(call, timer, repeats)
+    import optimum.onnxruntime as oo
+
+    version = getattr(oo, "__version__", None) or _dist_version("optimum-onnx")
+    return {**rec, "system": "optimum", "detail": f"optimum-onnx {version}, ONNX Runtime {ort.__version__} CPU", "load_seconds": load}
+
+
+def _dist_version(name: str) -> str:
+    from importlib.metadata import version
+
+    try:
+        return version(name)
+    except Exception:
+        return "?"
+
+
+def worker_sdrt(model: Path, w: dict, image: Path, repeats: int) -> dict:
+    import onnxruntime as ort
+
+    from sdrt.runtime.bench import Workload, bench
+
+    wl = Workload(mode=w["mode"], size=w["size"], steps=w["steps"], strength=w["strength"], guidance=w["guidance"],
+                  sampler=w["sampler"], prompt=PROMPT)
+    rec = bench(model, wl, provider="cpu", repeats=repeats, image=image)
+    rec.pop("image", None)
+    precision = json.loads((Path(model) / "sdrt.json").read_text()).get("precision", {}).get("unet", "?")
+    return {**rec, "system": "sdrt" if precision == "fp32" else f"sdrt {precision}",
+            "detail": f"ONNX Runtime {ort.__version__} CPU, UNet {precision}"}
+
+
+WORKERS = {"diffusers": worker_diffusers, "optimum": worker_optimum, "sdrt": worker_sdrt}
+
+
+# ---- the driver ---------------------------------------------------------------------------------
+
+
+def sh(cmd: list, **kw) -> None:
+    print("$ " + " ".join(str(c) for c in cmd), flush=True)
+    subprocess.run([str(c) for c in cmd], check=True, **kw)
+
+
+def prepare(work: Path, args) -> dict:
+    work.mkdir(parents=True, exist_ok=True)
+    py = Path(sys.executable)
+    sdrt_cli = py.parent / "sdrt"
+    src = work / "sd15-src"
+    if not (src / "model_index.json").exists():
+        sh([py, "-m", "sdrt.export.testmodels", src, "--kind", "sd15"])
+    models = {}
+    sdrt_dir = work / "sd15-sdrt-cpu"
+    if not (sdrt_dir / "sdrt.json").exists():
+        sh([sdrt_cli, "export", src, sdrt_dir])
+    models["sdrt"] = sdrt_dir
+    if args.int8:
+        q = work / "sd15-sdrt-int8"
+        if not (q / "sdrt.json").exists():
+            sh([sdrt_cli, "export", src, q, "--precision", "int8"])
+        models["sdrt int8"] = q
+    if "optimum" in args.systems:
+        opt_py = Path(args.optimum_python) if args.optimum_python else work / "venv-optimum" / "bin" / "python"
+        if not opt_py.exists():
+            sh([sys.executable, "-m", "venv", opt_py.parents[1]])
+            sh([opt_py, "-m", "pip", "install", "-q", "torch==2.13.0"])
+            sh([opt_py, "-m", "pip", "install", "-q", *OPTIMUM_PINS])
+        opt_dir = work / "sd15-optimum"
+        if not (opt_dir / "model_index.json").exists():
+            env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+            sh([opt_py.parent / "optimum-cli", "export", "onnx", "-m", src, "--task", "text-to-image", opt_dir], env=env)
+        models["optimum"] = opt_dir
+        args.optimum_py = opt_py
+    models["diffusers"] = src
+    return models
+
+
+def run_worker(system: str, python: Path, model: Path, w: dict, image: Path, repeats: int) -> dict:
+    cmd = [str(python), str(Path(__file__).resolve()), "--worker", system.split()[0], "--model", str(model),
+           "--workload", json.dumps(w), "--image", str(image), "--repeats", str(repeats)]
+    env = {**os.environ, "PYTHONPATH": ""} if system == "optimum" else dict(os.environ)
+    print(f"running {system} on {w['size']}x{w['size']} ...", flush=True)
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
+    if p.returncode != 0 or not lines:
+        raise SystemExit(f"{system} failed:\n{p.stderr[-3000:]}")
+    rec = json.loads(lines[-1][len("RESULT "):])
+    rec["system"] = system
+    return rec
+
+
+def machine() -> str:
+    cpu = ""
+    try:
+        for ln in Path("/proc/cpuinfo").read_text().splitlines():
+            if ln.startswith("model name"):
+                cpu = ln.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu or platform.processor()}, {physical_cores()} physical cores, {os.cpu_count()} logical, Python {platform.python_version()}"
+
+
+def table(recs: list[dict]) -> str:
+    base = {r["system"]: r for r in recs}
+    ref = base.get("sdrt")
+    head = "| system | end to end (s) | text encoder | VAE encode | UNet (calls x s) | VAE decode | sampler | other | peak RSS (MiB) | sdrt speed-up |"
+    rows = [head, "|" + "---|" * 10]
+    for r in recs:
+        s = r["stages"]
+        speed = f"{r['seconds'] / ref['seconds']:.2f}x" if ref and r is not ref else "—"
+        rows.append(
+            f"| {r['system']} | **{r['seconds']:.2f}** | {s['text_encoder']:.3f} | {s['vae_encode']:.3f} | "
+            f"{s['unet']:.2f} ({r['unet_calls']} x {r['unet_per_call']:.3f}) | {s['vae_decode']:.3f} | {s['sampler']:.4f} | "
+            f"{s['other']:.3f} | {r['peak_rss_mib']:.0f} | {speed} |"
+        )
+    notes = [f"- {r['system']}: {r['detail']}; load {r['load_seconds']:.1f} s, runs {', '.join(f'{x:.2f}' for x in r['all_seconds'])} s"
+             for r in recs]
+    if ref and "outside_ort_share" in ref:
+        notes.append(f"- sdrt time outside ONNX Runtime calls (sampler arithmetic + everything else): "
+                     f"{100 * ref['outside_ort_share']:.2f}% of the total")
+    return "\n".join(rows + [""] + notes)
+
+
+def write_docs(sections: list[str], command: str) -> Path:
+    doc = ROOT / "docs" / "benchmarks.md"
+    start, end = "<!-- cpu-benchmark:start -->", "<!-- cpu-benchmark:end -->"
+    body = f"{start}\n\nCommand: `{command}`\n\n" + "\n\n".join(sections) + f"\n\n{end}"
+    text = doc.read_text() if doc.exists() else "# Benchmarks\n\n## CPU\n\n"
+    if start in text and end in text:
+        text = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: body, text, flags=re.S)
+    else:
+        text = text.rstrip() + "\n\n" + body + "\n"
+    doc.parent.mkdir(exist_ok=True)
+    doc.write_text(text)
+    return doc
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--work", type=Path, default=ROOT / ".bench", help="models and environments (re-used between runs)")
+    p.add_argument("--workloads", default="small,large", help=f"comma-separated: {', '.join(WORKLOADS)}")
+    p.add_argument("--systems", default="sdrt,diffusers,optimum")
+    p.add_argument("--repeats", type=int, default=2, help="timed runs after the warm-up; the best is reported")
+    p.add_argument("--int8", action="store_true", help="also run sdrt with the int8 UNet (--precision int8)")
+    p.add_argument("--optimum-python", help="python of an environment with optimum-onnx 0.1.0 (default: one is made in --work)")
+    p.add_argument("--no-docs", action="store_true", help="do not write docs/benchmarks.md and benchmarks/results/")
+    p.add_argument("--worker", choices=list(WORKERS), help=argparse.SUPPRESS)
+    p.add_argument("--model", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--workload", help=argparse.SUPPRESS)
+    p.add_argument("--image", type=Path, help=argparse.SUPPRESS)
+    args = p.parse_args()
+
+    if args.worker:
+        rec = WORKERS[args.worker](args.model, json.loads(args.workload), args.image, args.repeats)
+        rec["peak_rss_mib"] = peak_rss_mib()
+        print("RESULT " + json.dumps(rec), flush=True)
+        return
+
+    from sdrt.runtime.bench import test_image
+
+    systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    models = prepare(args.work, args)
+    if args.int8 and "sdrt" in systems:
+        systems.insert(systems.index("sdrt") + 1, "sdrt int8")
+    date = dt.date.today().isoformat()
+    command = "python benchmarks/cpu.py " + " ".join(sys.argv[1:])
+    sections, records = [], []
+    for name in [s.strip() for s in args.workloads.split(",")]:
+        w = WORKLOADS[name]
+        image = args.work / f"input-{w['size']}.png"
+        test_image(w["size"]).save(image)
+        recs = []
+        for system in systems:
+            python = args.optimum_py if system == "optimum" else Path(sys.executable)
+            recs.append(run_worker(system, python, models[system], w, image, args.repeats))
+            print(f"  {system}: {recs[-1]['seconds']:.2f} s", flush=True)
+        label = (f"img2img {w['size']}x{w['size']}, {w['steps']} steps at strength {w['strength']} "
+                 f"({recs[0]['unet_calls']} UNet calls on a CFG batch of 2), guidance {w['guidance']}, PNDM, best of {args.repeats} after a warm-up")
+        t = table(recs)
+        print(f"\n### {label}\n\n{t}\n", flush=True)
+        sections.append(f"### {label}\n\n{t}")
+        for r in recs:
+            records.append({"date": date, "device": machine(), "workload": {**w, "name": name, "prompt": PROMPT}, **r})
+    sections.insert(0, f"Machine: {machine()}. Model: Stable Diffusion 1.5 architecture, random weights, fp32. Date: {date}.")
+    if not args.no_docs:
+        doc = write_docs(sections, command)
+        out = ROOT / "benchmarks" / "results" / f"cpu-{date}.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(records, indent=1) + "\n")
+        print(f"wrote {doc} and {out}")
+
+
+if __name__ == "__main__":
+    main()
