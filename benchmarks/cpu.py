@@ -306,6 +306,7 @@ def main() -> None:
     p.add_argument("--int8", action="store_true", help="also run sdrt with the int8 UNet (--precision int8)")
     p.add_argument("--optimum-python", help="python of an environment with optimum-onnx 0.1.0 (default: one is made in --work)")
     p.add_argument("--no-docs", action="store_true", help="do not write docs/benchmarks.md and benchmarks/results/")
+    p.add_argument("--prepare-only", action="store_true", help="build and export the models, then stop")
     p.add_argument("--worker", choices=list(WORKERS), help=argparse.SUPPRESS)
     p.add_argument("--model", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--workload", help=argparse.SUPPRESS)
@@ -322,6 +323,8 @@ def main() -> None:
 
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     models = prepare(args.work, args)
+    if args.prepare_only:
+        return
     if args.int8 and "sdrt" in systems:
         systems.insert(systems.index("sdrt") + 1, "sdrt int8")
     date = dt.date.today().isoformat()

@@ -83,7 +83,11 @@ _KEY = re.compile(r"\w[\w \-/]+")
 def quote(value: Any) -> str:
     """The value as it appears after `key: `: as is, or as a JSON string when it holds a comma,
     colon, newline or double quote, starts or ends with white space, or is empty (A1111 quotes
-    commas, colons and newlines; the other cases are quoted so that they read back unchanged)."""
+    commas, colons and newlines; the other cases are quoted so that they read back unchanged).
+    Whole floats are written as integers (CFG scale: 7, Denoising strength: 1), as A1111 writes the
+    numbers its UI hands over."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
     text = str(value)
     if not text or any(c in text for c in ',:\n\r"') or text != text.strip():
         return json.dumps(text, ensure_ascii=False)

@@ -49,9 +49,9 @@ def test_format_a1111_layout():
 
 def test_format_without_negative_prompt_and_none_values():
     params = {"Steps": 20, "Sampler": "Euler", "CFG scale": 7.0, "Seed": 5, "Clip skip": None}
-    assert it.format_infotext("x", "", params) == "x\nSteps: 20, Sampler: Euler, CFG scale: 7.0, Seed: 5"
+    assert it.format_infotext("x", "", params) == "x\nSteps: 20, Sampler: Euler, CFG scale: 7, Seed: 5"  # whole floats as A1111 writes them
     assert it.format_infotext("x", None, params) == it.format_infotext("x", "", params)
-    assert it.format_infotext("", "", params) == "Steps: 20, Sampler: Euler, CFG scale: 7.0, Seed: 5"
+    assert it.format_infotext("", "", params) == "Steps: 20, Sampler: Euler, CFG scale: 7, Seed: 5"
     assert it.format_infotext("", "neg", {"Steps": 1}) == "Negative prompt: neg\nSteps: 1"
 
 
