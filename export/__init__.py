@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from sdrt.runtime.modelfolder import FORMAT_VERSION, GRAPHS, INCOMPLETE_MARKER, MANIFEST, sha256_file
+from sdrt.runtime.modelfolder import FORMAT_VERSION, FP32_VAE_DECODER, GRAPHS, INCOMPLETE_MARKER, MANIFEST, sha256_file
 
 PRECISIONS = ("fp32", "fp16", "int8")
 TARGETS = ("cpu", "cuda")
@@ -171,6 +171,7 @@ def export_model(
     opset: int = DEFAULT_OPSET,
     overwrite: bool = False,
     fp32_ops: tuple[str, ...] = (),
+    fp32_vae_decoder: bool = False,
     check: bool = True,
     log: Callable[[str], None] = _log,
 ) -> Path:
@@ -180,6 +181,8 @@ def export_model(
     UNet's matrix products dynamically quantized to int8), fp32 + cuda, or fp16 + cuda (fused for
     the CUDA provider, then converted to fp16; needs the CUDA provider to run).
     fp32_ops: operator types kept in fp32 in fp16 graphs (e.g. ("MultiHeadAttention",) for SD 2.x).
+    fp32_vae_decoder: with fp16, also write an fp32 VAE decoder, which the pipeline uses for an
+    image whose fp16 decoding overflows (NaN/Inf).
     """
     src, out = Path(src).expanduser(), Path(out).expanduser()
     if precision not in PRECISIONS:
@@ -190,6 +193,8 @@ def export_model(
         raise ExportError("fp16 graphs run on the CUDA provider only: use --target cuda with --precision fp16")
     if precision == "int8" and target != "cpu":
         raise ExportError("int8 graphs are for the CPU provider: use --target cpu with --precision int8")
+    if fp32_vae_decoder and precision != "fp16":
+        raise ExportError("--fp32-vae-decoder goes with --precision fp16 (the VAE decoder is fp32 otherwise)")
     if not 14 <= opset <= 20:
         raise ExportError(f"opset {opset} is not supported; accepted: 14 to 20")
     index = _read_index(src)
@@ -203,7 +208,7 @@ def export_model(
     tmp.mkdir()
     (tmp / INCOMPLETE_MARKER).write_text("export in progress\n")
     try:
-        manifest = _export_into(src, tmp, index, precision, target, opset, fp32_ops, check, log)
+        manifest = _export_into(src, tmp, index, precision, target, opset, fp32_ops, fp32_vae_decoder, check, log)
         _fsync_tree(tmp)
         (tmp / INCOMPLETE_MARKER).unlink()
         if out.exists():
@@ -225,7 +230,7 @@ def export_model(
     return out
 
 
-def _export_into(src, tmp, index, precision, target, opset, fp32_ops, check, log) -> dict:
+def _export_into(src, tmp, index, precision, target, opset, fp32_ops, fp32_vae_decoder, check, log) -> dict:
     import torch
 
     from .graphs import check_graph, export_graph, graph_specs
@@ -255,6 +260,9 @@ def _export_into(src, tmp, index, precision, target, opset, fp32_ops, check, log
         if check and target == "cpu" and graph_precision == "fp32":
             # The fused CPU graph must still compute the module's output.
             check_graph(spec, dst)
+        if name == "vae_decoder" and fp32_vae_decoder:
+            fused[FP32_VAE_DECODER] = optimize_graph(stage, tmp / FP32_VAE_DECODER / "model.onnx", name, target, "fp32")
+            precisions[FP32_VAE_DECODER] = "fp32"
         shutil.rmtree(stage.parent)
         ops = ", ".join(f"{k} {v}" for k, v in sorted(fused[name].items())) or "none"
         log(f"  {name}: {precision}/{target} graph written in {time.time() - t:.1f}s (fused: {ops})")
@@ -266,7 +274,7 @@ def _export_into(src, tmp, index, precision, target, opset, fp32_ops, check, log
     _write_tokenizer(pipe.tokenizer, tmp / "tokenizer")
     pipe.unet.save_config(tmp / "unet")
     pipe.text_encoder.config.to_json_file(tmp / "text_encoder" / "config.json")
-    for d in ("vae_encoder", "vae_decoder"):
+    for d in ("vae_encoder", "vae_decoder") + ((FP32_VAE_DECODER,) if fp32_vae_decoder else ()):
         pipe.vae.save_config(tmp / d)
     new_index = {k: v for k, v in index.items() if k != "vae"}
     new_index["vae_encoder"] = ["sdrt", "OnnxGraph"]

@@ -18,6 +18,9 @@ from typing import Any
 MANIFEST = "sdrt.json"
 FORMAT_VERSION = 1
 GRAPHS = ("text_encoder", "unet", "vae_encoder", "vae_decoder")
+# An fp32 copy of the VAE decoder next to an fp16 one (sdrt export --fp32-vae-decoder): the
+# pipeline decodes with it when the fp16 decoder overflows (NaN/Inf).
+FP32_VAE_DECODER = "vae_decoder_fp32"
 # Written first into a folder being exported and removed just before it is renamed into place:
 # a folder that still has it was interrupted and must never load.
 INCOMPLETE_MARKER = ".sdrt-incomplete"
@@ -170,6 +173,9 @@ def _graph_files(root: Path) -> dict[str, Path]:
         if not p.is_file():
             raise ModelFolderError(f"model folder {root} has no {g}/model.onnx (expected graphs: {', '.join(GRAPHS)})")
         out[g] = p
+    fallback = root / FP32_VAE_DECODER / "model.onnx"
+    if fallback.is_file():
+        out[FP32_VAE_DECODER] = fallback
     return out
 
 

@@ -24,7 +24,7 @@ from sdrt import schedulers
 
 from . import prepare
 from .errors import InputError
-from .modelfolder import CLIP_SKIP_OUTPUT, ModelInfo, read_model_folder
+from .modelfolder import CLIP_SKIP_OUTPUT, FP32_VAE_DECODER, ModelInfo, read_model_folder
 from .sessions import Graph, resolve_provider
 
 OUTPUTS = ("pil", "np", "latent")
@@ -111,6 +111,7 @@ class Pipeline:
 
         self.tokenizer = ClipTokenizer.from_folder(info.path / "tokenizer")
         self._embeddings = _EmbeddingCache()
+        self.fp32_decodes = 0  # images decoded again by the fp32 VAE decoder (fp16 overflow)
 
     def __repr__(self) -> str:
         i = self.info
@@ -172,9 +173,28 @@ class Pipeline:
         return (latents * self.info.vae_scaling_factor).astype(np.float32, copy=False)
 
     def decode_latents(self, latents: np.ndarray) -> np.ndarray:
-        """Scaled latents (B,C,h,w) -> images (B,3,H,W) in [-1,1] (float32)."""
+        """Scaled latents (B,C,h,w) -> images (B,3,H,W) in [-1,1] (float32).
+
+        An image whose decoding overflows (NaN/Inf, which fp16 VAE decoders do on some latents) is
+        decoded again with the folder's fp32 decoder when it has one, and is an error otherwise:
+        never a black or noisy image in silence."""
         z = (latents / self.info.vae_scaling_factor).astype(np.float32, copy=False)
-        out = [self.graphs["vae_decoder"].run({"latent_sample": z[i : i + 1]})[0] for i in range(z.shape[0])]
+        if not np.isfinite(z).all():
+            raise RuntimeError("the denoising loop produced NaN/Inf latents; the UNet overflowed (an fp16 graph "
+                               "that needs --fp32-ops, or a broken model)")
+        out = []
+        for i in range(z.shape[0]):
+            x = self.graphs["vae_decoder"].run({"latent_sample": z[i : i + 1]})[0]
+            if not np.isfinite(x).all():
+                fallback = self.graphs.get(FP32_VAE_DECODER)
+                if fallback is None:
+                    raise RuntimeError(
+                        f"the VAE decoder of {self.info.path} produced NaN/Inf for image {i} (fp16 overflow); export "
+                        "the model with --fp32-vae-decoder to decode such images in fp32"
+                    )
+                x = fallback.run({"latent_sample": z[i : i + 1]})[0]
+                self.fp32_decodes += 1
+            out.append(x)
         return np.concatenate(out).astype(np.float32, copy=False)
 
     # ------------------------------------------------------------------------------------ UNet

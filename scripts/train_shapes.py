@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from sdrt.export.testmodels import SD15_SCHEDULER  # noqa: E402
 from shapes_data import BACKGROUNDS, SHAPE_COLOURS, SHAPES, SIZE, make_dataset, sample  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,18 +85,7 @@ UNET_CONFIG = dict(
     norm_num_groups=8,
 )
 # Stable Diffusion 1.5's noise schedule and scheduler config: sdrt's samplers use it unchanged.
-SCHEDULER_CONFIG = {
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "num_train_timesteps": 1000,
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "clip_sample": False,
-    "trained_betas": None,
-    "prediction_type": "epsilon",
-}
+SCHEDULER_CONFIG = {**SD15_SCHEDULER, "prediction_type": "epsilon"}
 STAGE_SEEDS = {"vae": 1, "latents": 2, "unet": 3}
 
 

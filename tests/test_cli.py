@@ -142,7 +142,7 @@ HELP = {
                 "--from-png"],
     "samplers": ["--json"],
     "info": ["model", "--verify"],
-    "export": ["src", "out", "--precision", "--target", "--opset", "--overwrite", "--fp32-ops"],
+    "export": ["src", "out", "--precision", "--target", "--opset", "--overwrite", "--fp32-ops", "--fp32-vae-decoder"],
     "bench": ["--model", "--mode", "--size", "--steps", "--strength", "--cfg", "--sampler", "--batch-size", "--repeats",
               "--provider", "--threads", "--json"],
 }

@@ -131,6 +131,21 @@ def test_int8_cpu_export(models):
         export_model(models.source("tiny-sd1"), folder.parent / "nope", precision="int8", target="cuda")
 
 
+def test_fp32_vae_decoder_beside_fp16(models, tmp_path):
+    """--fp32-vae-decoder writes an fp32 decoder next to the fp16 one; the loader lists it."""
+    from sdrt.runtime.modelfolder import FP32_VAE_DECODER
+
+    out = export_model(models.source("tiny-sd1"), tmp_path / "m", target="cuda", precision="fp16", fp32_vae_decoder=True,
+                       log=lambda m: None)
+    info = read_model_folder(out, verify="full")
+    assert info.precision["vae_decoder"] == "fp16" and info.precision[FP32_VAE_DECODER] == "fp32"
+    assert info.graph_files[FP32_VAE_DECODER] == out / FP32_VAE_DECODER / "model.onnx"
+    types = Counter(t.data_type for t in onnx.load(str(info.graph_files[FP32_VAE_DECODER])).graph.initializer)
+    assert types[onnx.TensorProto.FLOAT] > 10 and types[onnx.TensorProto.FLOAT16] == 0
+    with pytest.raises(ExportError, match="--fp32-vae-decoder goes with --precision fp16"):
+        export_model(models.source("tiny-sd1"), tmp_path / "n", fp32_vae_decoder=True)
+
+
 def test_fp16_cuda_export_structure(models):
     """The CUDA fp16 graphs need the CUDA provider to run; on the CPU, check their structure."""
     folder = models.exported("tiny-sd1", target="cuda", precision="fp16")

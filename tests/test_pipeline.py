@@ -587,3 +587,40 @@ def test_output_kinds_and_infotext(sd1, models):
     assert "Seed: 10," in pil.infotexts[1]
     t = sd1.txt2img(PROMPT, steps=2, seed=1, width=SIZE, height=SIZE)
     assert "Denoising strength" not in t.infotext and "Steps: 2," in t.infotext
+
+
+# ------------------------------------------------------------------- fp16 overflow in the VAE
+def _nan_decoder(graph):
+    real = graph.run
+
+    def run(feeds, outputs=None):
+        out = real(feeds, outputs)
+        return [np.full_like(out[0], np.nan)]
+
+    return run
+
+
+def test_overflowing_decoder_falls_back_to_fp32(models, copy_folder, monkeypatch):
+    """An image whose (fp16) decoding gives NaN is decoded again by the folder's fp32 decoder: the
+    result is the image a sound decoder gives; without an fp32 decoder it is an error, never a
+    black image."""
+    import shutil
+
+    from sdrt.runtime.modelfolder import FP32_VAE_DECODER
+
+    folder = copy_folder(models.exported("tiny-sd1"))
+    shutil.copytree(folder / "vae_decoder", folder / FP32_VAE_DECODER)
+    pipe = load(folder, provider="cpu", verify="none")
+    assert FP32_VAE_DECODER in pipe.graphs
+    call = dict(prompt=PROMPT, strength=0.6, steps=3, seed=4, batch_size=2)
+    want = pipe.img2img(IMG, **call)
+    monkeypatch.setattr(pipe.graphs["vae_decoder"], "run", _nan_decoder(pipe.graphs["vae_decoder"]))
+    got = pipe.img2img(IMG, **call)
+    assert pipe.fp32_decodes == 2
+    for i in range(2):
+        assert np.array_equal(_px(got, i), _px(want, i))
+
+    plain = load(models.exported("tiny-sd1"), provider="cpu")
+    monkeypatch.setattr(plain.graphs["vae_decoder"], "run", _nan_decoder(plain.graphs["vae_decoder"]))
+    with pytest.raises(RuntimeError, match="NaN/Inf.*--fp32-vae-decoder"):
+        plain.img2img(IMG, **call)

@@ -1,0 +1,209 @@
+"""img2img, inpainting and txt2img do what users mean, on the embedded `shapes` model.
+
+The model (models/shapes) draws simple shapes in named colours on plain backgrounds. Outputs are
+judged by plain pixel arithmetic, independent of sdrt: each pixel is given the nearest named
+colour, the background is the commonest colour along the border, and the shape is every pixel far
+from the background colour. Generation is stochastic, so each property is measured over 10 seeds
+and must hold in at least 8; the rates are printed (pytest -s shows them).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = ROOT / "models" / "shapes"
+EXAMPLES = ROOT / "models" / "examples"
+SEEDS = range(10)
+MIN_RATE = 8 / 10
+# Quick settings: the model is tiny, 64x64 images in 16x16 latents.
+FAST = dict(steps=20, guidance=7.5, sampler="Euler a")
+
+# The named colours of the model's training data (sRGB).
+PALETTE = {
+    "red": (220, 30, 30),
+    "green": (30, 160, 50),
+    "blue": (30, 70, 220),
+    "yellow": (245, 215, 30),
+    "orange": (245, 135, 20),
+    "purple": (135, 50, 175),
+    "black": (20, 20, 20),
+    "white": (245, 245, 245),
+    "gray": (128, 128, 128),
+}
+NAMES = list(PALETTE)
+COLOURS = np.array([PALETTE[n] for n in NAMES], np.float32)
+# A pixel belongs to a shape when it is this far (Euclidean, 0-255 RGB) from the background colour.
+# The closest pair of named colours an image can hold is about 95 apart (red/orange), so a pixel
+# beyond 80 is not a shade of the background.
+SHAPE_DISTANCE = 80.0
+
+
+def _rgb(image) -> np.ndarray:
+    return np.asarray(image.convert("RGB"), np.float32)
+
+
+def colour_names(rgb: np.ndarray) -> np.ndarray:
+    """Index into NAMES of the nearest named colour, per pixel."""
+    d = ((rgb[..., None, :] - COLOURS) ** 2).sum(-1)
+    return d.argmin(-1)
+
+
+def background(rgb: np.ndarray) -> np.ndarray:
+    """The mean colour of the border pixels that carry the border's commonest colour name."""
+    border = np.concatenate([rgb[0], rgb[-1], rgb[:, 0], rgb[:, -1]])
+    names = colour_names(border)
+    return border[names == np.bincount(names).argmax()].mean(0)
+
+
+def shape_mask(rgb: np.ndarray) -> np.ndarray:
+    return np.sqrt(((rgb - background(rgb)) ** 2).sum(-1)) > SHAPE_DISTANCE
+
+
+def dominant(rgb: np.ndarray, mask: np.ndarray) -> tuple[str | None, float]:
+    """The commonest colour name among the pixels of `mask`, and its share of them."""
+    if mask.sum() == 0:
+        return None, 0.0
+    counts = np.bincount(colour_names(rgb[mask]), minlength=len(NAMES))
+    return NAMES[counts.argmax()], float(counts.max() / counts.sum())
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a & b).sum() / max(1, (a | b).sum()))
+
+
+def circle(colour: str, bg: str = "white", centre=(32, 32), r: float = 16, size: int = 64) -> Image.Image:
+    """An anti-aliased disc (drawn at 4x and reduced)."""
+    s = 4
+    im = Image.new("RGB", (size * s, size * s), PALETTE[bg])
+    cx, cy = centre
+    ImageDraw.Draw(im).ellipse([(cx - r) * s, (cy - r) * s, (cx + r) * s, (cy + r) * s], fill=PALETTE[colour])
+    return im.reduce(s)
+
+
+def report(name: str, outcomes: list[bool], details: list) -> float:
+    rate = sum(outcomes) / len(outcomes)
+    print(f"\n{name}: {sum(outcomes)}/{len(outcomes)} = {rate:.0%}  {details}")
+    return rate
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    from sdrt.runtime import load
+
+    return load(MODEL, provider="cpu")
+
+
+# ---- the measuring stick itself ------------------------------------------------------------------
+
+
+def test_measures_on_drawn_images():
+    img = _rgb(circle("blue", centre=(30, 34), r=15))
+    m = shape_mask(img)
+    assert dominant(img, m) == ("blue", 1.0)
+    assert abs(m.sum() - np.pi * 15**2) < 0.05 * np.pi * 15**2
+    assert iou(m, shape_mask(_rgb(circle("red", centre=(30, 34), r=15)))) > 0.95
+    assert iou(m, shape_mask(_rgb(circle("blue", centre=(40, 34), r=15)))) < 0.6
+
+
+# ---- img2img ------------------------------------------------------------------------------------
+
+
+def test_img2img_changes_colour_and_keeps_the_shape(pipe):
+    """A blue circle, prompted as a red one at strength 0.7: a red shape where the circle was."""
+    src = circle("blue")
+    src_mask = shape_mask(_rgb(src))
+    outcomes, details = [], []
+    for seed in SEEDS:
+        out = _rgb(pipe.img2img(src, "a red circle on a white background", strength=0.7, seed=seed, **FAST).images[0])
+        m = shape_mask(out)
+        colour, share = dominant(out, m)
+        overlap = iou(m, src_mask)
+        outcomes.append(colour == "red" and share > 0.5 and overlap >= 0.6)
+        details.append((seed, colour, round(share, 2), round(overlap, 2)))
+    assert report("img2img blue->red circle, strength 0.7", outcomes, details) >= MIN_RATE
+
+
+def test_img2img_low_strength_stays_close(pipe):
+    """At strength 0.2 the image barely moves, whatever the prompt asks.
+
+    Bound: recolouring the circle red would move the image by D = mean |red circle - blue circle|
+    (about 28 on the 0-255 scale, all of it inside the circle); strength 0.2 may move it by at most
+    a quarter of that. The VAE round trip alone (strength 0) costs about a tenth of D.
+    """
+    src = circle("blue")
+    d_recolour = float(np.abs(_rgb(circle("red")) - _rgb(src)).mean())
+    bound = 0.25 * d_recolour
+    outcomes, details = [], []
+    for seed in SEEDS:
+        out = _rgb(pipe.img2img(src, "a red circle on a white background", strength=0.2, seed=seed, **FAST).images[0])
+        diff = float(np.abs(out - _rgb(src)).mean())
+        colour, _ = dominant(out, shape_mask(out))
+        outcomes.append(diff < bound and colour == "blue")
+        details.append((seed, round(diff, 2), colour))
+    assert report(f"img2img strength 0.2, mean abs diff < {bound:.1f}", outcomes, details) >= MIN_RATE
+
+
+@pytest.mark.parametrize("colour,strength", [("blue", 0.6), ("red", 0.7)])
+def test_img2img_turns_a_sketch_into_a_clean_shape(pipe, colour, strength):
+    """The rough hand-drawn blue circle of models/examples becomes a clean circle of the prompted
+    colour in its place (red at 0.7 is the README's first command)."""
+    src = Image.open(EXAMPLES / "sketch.png").convert("RGB")
+    src_mask = shape_mask(_rgb(src))
+    outcomes, details = [], []
+    for seed in SEEDS:
+        out = _rgb(pipe.img2img(src, f"a {colour} circle on a white background", strength=strength, seed=seed, **FAST).images[0])
+        m = shape_mask(out)
+        got, share = dominant(out, m)
+        overlap = iou(m, src_mask)
+        outcomes.append(got == colour and share > 0.5 and overlap >= 0.6)
+        details.append((seed, got, round(share, 2), round(overlap, 2)))
+    assert report(f"img2img sketch -> {colour} circle, strength {strength}", outcomes, details) >= MIN_RATE
+
+
+# ---- inpainting ---------------------------------------------------------------------------------
+
+
+def test_inpaint_recolours_the_masked_shape_only(pipe):
+    """Two shapes, the blue square masked, prompted green: the masked region turns green, and with
+    overlay and no mask blur not one pixel outside the mask changes."""
+    img = Image.open(EXAMPLES / "two-shapes.png").convert("RGB")
+    mask = np.asarray(Image.open(EXAMPLES / "two-shapes-mask.png").convert("L")) > 127
+    src = _rgb(img)
+    prompt = "a red circle and a green square on a white background"
+    outcomes, details = [], []
+    for seed in SEEDS:
+        out = _rgb(
+            pipe.inpaint(img, Image.fromarray(mask), prompt, strength=0.85, seed=seed, mask_blur=0, overlay=True, fill="original", **FAST).images[0]
+        )
+        assert np.array_equal(out[~mask], src[~mask]), f"seed {seed}: pixels outside the mask changed"
+        region = shape_mask(out) & mask
+        colour, share = dominant(out, region)
+        outcomes.append(colour == "green" and share > 0.5 and region.sum() >= 0.3 * (shape_mask(src) & mask).sum())
+        details.append((seed, colour, round(share, 2), int(region.sum())))
+    assert report("inpaint blue square -> green", outcomes, details) >= MIN_RATE
+
+
+# ---- txt2img ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("colour,shape,bg", [("red", "circle", "white"), ("green", "square", "black"), ("yellow", "triangle", "blue")])
+def test_txt2img_draws_the_named_colour(pipe, colour, shape, bg):
+    prompt = f"a {colour} {shape} on a {bg} background"
+    outcomes, details = [], []
+    for seed in SEEDS:
+        out = _rgb(pipe.txt2img(prompt, seed=seed, width=64, height=64, **FAST).images[0])
+        got, share = dominant(out, shape_mask(out))
+        outcomes.append(got == colour and share > 0.5)
+        details.append((seed, got, round(share, 2)))
+    assert report(f"txt2img {prompt!r}", outcomes, details) >= MIN_RATE
+
+
+def test_default_model_is_shapes():
+    from sdrt.models import default_model_path
+
+    assert default_model_path() == MODEL
