@@ -178,7 +178,7 @@ def _dist_version(name: str) -> str:
         return "?"
 
 
-def worker_sdrt(model: Path, w: dict, image: Path, repeats: int) -> dict:
+def worker_sdrt(model: Path, w: dict, image: Path, repeats: int, save: Path | None = None) -> dict:
     import onnxruntime as ort
 
     from sdrt.runtime.bench import Workload, bench
@@ -186,7 +186,9 @@ def worker_sdrt(model: Path, w: dict, image: Path, repeats: int) -> dict:
     wl = Workload(mode=w["mode"], size=w["size"], steps=w["steps"], strength=w["strength"], guidance=w["guidance"],
                   sampler=w["sampler"], prompt=PROMPT)
     rec = bench(model, wl, provider="cpu", repeats=repeats, image=image)
-    rec.pop("image", None)
+    out = rec.pop("image", None)
+    if save is not None and out is not None:
+        out.save(save)
     precision = json.loads((Path(model) / "sdrt.json").read_text()).get("precision", {}).get("unet", "?")
     return {**rec, "system": "sdrt" if precision == "fp32" else f"sdrt {precision}",
             "detail": f"ONNX Runtime {ort.__version__} CPU, UNet {precision}"}
@@ -236,9 +238,11 @@ def prepare(work: Path, args) -> dict:
     return models
 
 
-def run_worker(system: str, python: Path, model: Path, w: dict, image: Path, repeats: int) -> dict:
+def run_worker(system: str, python: Path, model: Path, w: dict, image: Path, repeats: int, save: Path | None = None) -> dict:
     cmd = [str(python), str(Path(__file__).resolve()), "--worker", system.split()[0], "--model", str(model),
            "--workload", json.dumps(w), "--image", str(image), "--repeats", str(repeats)]
+    if save is not None:
+        cmd += ["--save", str(save)]
     env = {**os.environ, "PYTHONPATH": ""} if system == "optimum" else dict(os.environ)
     print(f"running {system} on {w['size']}x{w['size']} ...", flush=True)
     p = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -265,7 +269,7 @@ def machine() -> str:
 def table(recs: list[dict]) -> str:
     base = {r["system"]: r for r in recs}
     ref = base.get("sdrt")
-    head = "| system | end to end (s) | text encoder | VAE encode | UNet (calls x s) | VAE decode | sampler | other | peak RSS (MiB) | sdrt speed-up |"
+    head = "| system | end to end (s) | text encoder | VAE encode | UNet (calls x s) | VAE decode | sampler | other | peak RSS (MiB) | time vs sdrt |"
     rows = [head, "|" + "---|" * 10]
     for r in recs:
         s = r["stages"]
@@ -281,6 +285,18 @@ def table(recs: list[dict]) -> str:
         notes.append(f"- sdrt time outside ONNX Runtime calls (sampler arithmetic + everything else): "
                      f"{100 * ref['outside_ort_share']:.2f}% of the total")
     return "\n".join(rows + [""] + notes)
+
+
+def int8_cost(work: Path, size: int) -> str:
+    """Mean absolute pixel difference of the int8 UNet's image against the fp32 one (same seed)."""
+    import numpy as np
+    from PIL import Image
+
+    a = np.asarray(Image.open(work / f"out-sdrt-{size}.png").convert("RGB"), np.float32)
+    b = np.asarray(Image.open(work / f"out-sdrt-int8-{size}.png").convert("RGB"), np.float32)
+    d = np.abs(a - b)
+    return (f"- int8 quality cost: mean absolute pixel difference {d.mean():.2f}/255 against the fp32 graphs on the "
+            f"same seed and noise (max {d.max():.0f}/255)")
 
 
 def write_docs(sections: list[str], command: str) -> Path:
@@ -311,10 +327,12 @@ def main() -> None:
     p.add_argument("--model", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--workload", help=argparse.SUPPRESS)
     p.add_argument("--image", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--save", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args()
 
     if args.worker:
-        rec = WORKERS[args.worker](args.model, json.loads(args.workload), args.image, args.repeats)
+        extra = {"save": args.save} if args.worker == "sdrt" else {}
+        rec = WORKERS[args.worker](args.model, json.loads(args.workload), args.image, args.repeats, **extra)
         rec["peak_rss_mib"] = peak_rss_mib()
         print("RESULT " + json.dumps(rec), flush=True)
         return
@@ -337,11 +355,14 @@ def main() -> None:
         recs = []
         for system in systems:
             python = args.optimum_py if system == "optimum" else Path(sys.executable)
-            recs.append(run_worker(system, python, models[system], w, image, args.repeats))
+            save = args.work / f"out-{system.replace(' ', '-')}-{w['size']}.png" if system.startswith("sdrt") else None
+            recs.append(run_worker(system, python, models[system], w, image, args.repeats, save))
             print(f"  {system}: {recs[-1]['seconds']:.2f} s", flush=True)
         label = (f"img2img {w['size']}x{w['size']}, {w['steps']} steps at strength {w['strength']} "
                  f"({recs[0]['unet_calls']} UNet calls on a CFG batch of 2), guidance {w['guidance']}, PNDM, best of {args.repeats} after a warm-up")
         t = table(recs)
+        if "sdrt int8" in systems:
+            t += "\n" + int8_cost(args.work, w["size"])
         print(f"\n### {label}\n\n{t}\n", flush=True)
         sections.append(f"### {label}\n\n{t}")
         for r in recs:
