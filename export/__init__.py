@@ -265,7 +265,7 @@ def _export_into(src, tmp, index, precision, target, opset, fp32_ops, fp32_vae_d
             precisions[FP32_VAE_DECODER] = "fp32"
         shutil.rmtree(stage.parent)
         ops = ", ".join(f"{k} {v}" for k, v in sorted(fused[name].items())) or "none"
-        log(f"  {name}: {precision}/{target} graph written in {time.time() - t:.1f}s (fused: {ops})")
+        log(f"  {name}: {graph_precision}/{target} graph written in {time.time() - t:.1f}s (fused: {ops})")
     shutil.rmtree(tmp / "_fp32", ignore_errors=True)
 
     # Configs and tokenizer, in optimum's layout.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -116,4 +117,29 @@ def test_base_install_has_no_torch(tmp_path):
     r = subprocess.run([str(py), "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]
     r = subprocess.run([str(venv / "bin" / "sdrt"), "--help"], capture_output=True, text=True, cwd=tmp_path)
-    assert r.returncode == 0 and "img2img" in r.stdout.lower() or "export" in r.stdout
+    assert r.returncode == 0 and "img2img" in r.stdout and "export" in r.stdout, r.stdout + r.stderr
+
+    # The installed default model passes the loader's full hash check.
+    code = ("from sdrt.models import default_model_path; from sdrt.runtime.modelfolder import read_model_folder; "
+            "print(read_model_folder(default_model_path(), verify='full').name)")
+    r = subprocess.run([str(py), "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+    # The README's first command, as written (after its install part), writes the image.
+    readme = (ROOT / "README.md").read_text()
+    first = re.search(r"```bash\n(.+?)\n```", readme, re.S).group(1).strip()
+    assert "pip install ." in first and "sdrt img2img" in first
+    run = first[first.index("sdrt img2img"):]
+    out = re.search(r"-o (\S+)", run).group(1)
+    shutil.copytree(ROOT / "models" / "examples", tmp_path / "models" / "examples")
+    env = {**os.environ, "PATH": f"{venv / 'bin'}{os.pathsep}{os.environ['PATH']}"}
+    r = subprocess.run(["bash", "-c", run], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    from PIL import Image
+
+    from sdrt.runtime.infotext import read_infotext
+
+    with Image.open(tmp_path / out) as im:
+        assert im.size == Image.open(ROOT / "models" / "examples" / "sketch.png").size
+    strength = re.search(r"--strength (\S+)", run).group(1)
+    assert re.search(rf"Denoising strength: {re.escape(strength)}(,|$)", read_infotext(tmp_path / out), re.M)
