@@ -11,7 +11,7 @@ What it does, all offline:
    for optimum (`optimum-cli export onnx`, in optimum's own virtual environment: optimum-onnx
    0.1.0 pins transformers<4.58, which sdrt's environment need not share);
 3. runs each system in its own process (so peak RSS is its own): load, one warm-up run, then the
-   best of --repeats timed runs of each workload; same prompt, same input image, same sampler
+   best of --repeats timed runs of each workload (2 at 256x256, 1 at 512x512 by default); same prompt, same input image, same sampler
    (diffusers' PNDM, the SD 1.5 default), same steps, strength and guidance;
 4. prints a table per workload and writes it into docs/benchmarks.md (between the CPU markers)
    and the records into benchmarks/results/cpu-<date>.json.
@@ -41,6 +41,8 @@ WORKLOADS = {
     "small": dict(mode="img2img", size=256, steps=10, strength=0.5, guidance=7.5, sampler="PNDMScheduler"),
     "large": dict(mode="img2img", size=512, steps=20, strength=0.75, guidance=7.5, sampler="PNDMScheduler"),
 }
+# Timed runs after the warm-up, per workload (--repeats overrides): a large run takes minutes.
+REPEATS = {"small": 2, "large": 1}
 STAGES = ("text_encoder", "vae_encode", "unet", "vae_decode", "sampler", "other")
 OPTIMUM_PINS = ["optimum-onnx[onnxruntime]==0.1.0", "diffusers", "numpy<2.3"]
 
@@ -318,7 +320,7 @@ def main() -> None:
     p.add_argument("--work", type=Path, default=ROOT / ".bench", help="models and environments (re-used between runs)")
     p.add_argument("--workloads", default="small,large", help=f"comma-separated: {', '.join(WORKLOADS)}")
     p.add_argument("--systems", default="sdrt,diffusers,optimum")
-    p.add_argument("--repeats", type=int, default=2, help="timed runs after the warm-up; the best is reported")
+    p.add_argument("--repeats", type=int, help=f"timed runs after the warm-up, the best is reported (default: {REPEATS})")
     p.add_argument("--int8", action="store_true", help="also run sdrt with the int8 UNet (--precision int8)")
     p.add_argument("--optimum-python", help="python of an environment with optimum-onnx 0.1.0 (default: one is made in --work)")
     p.add_argument("--no-docs", action="store_true", help="do not write docs/benchmarks.md and benchmarks/results/")
@@ -350,23 +352,25 @@ def main() -> None:
     sections, records = [], []
     for name in [s.strip() for s in args.workloads.split(",")]:
         w = WORKLOADS[name]
+        repeats = args.repeats or REPEATS[name]
         image = args.work / f"input-{w['size']}.png"
         test_image(w["size"]).save(image)
         recs = []
         for system in systems:
             python = args.optimum_py if system == "optimum" else Path(sys.executable)
             save = args.work / f"out-{system.replace(' ', '-')}-{w['size']}.png" if system.startswith("sdrt") else None
-            recs.append(run_worker(system, python, models[system], w, image, args.repeats, save))
+            recs.append(run_worker(system, python, models[system], w, image, repeats, save))
             print(f"  {system}: {recs[-1]['seconds']:.2f} s", flush=True)
+        runs = f"best of {repeats}" if repeats > 1 else "one run"
         label = (f"img2img {w['size']}x{w['size']}, {w['steps']} steps at strength {w['strength']} "
-                 f"({recs[0]['unet_calls']} UNet calls on a CFG batch of 2), guidance {w['guidance']}, PNDM, best of {args.repeats} after a warm-up")
+                 f"({recs[0]['unet_calls']} UNet calls on a CFG batch of 2), guidance {w['guidance']}, PNDM, {runs} after a warm-up")
         t = table(recs)
         if "sdrt int8" in systems:
             t += "\n" + int8_cost(args.work, w["size"])
         print(f"\n### {label}\n\n{t}\n", flush=True)
         sections.append(f"### {label}\n\n{t}")
         for r in recs:
-            records.append({"date": date, "device": machine(), "workload": {**w, "name": name, "prompt": PROMPT}, **r})
+            records.append({"date": date, "device": machine(), "workload": {**w, "name": name, "prompt": PROMPT, "timed_runs": repeats}, **r})
     sections.insert(0, f"Machine: {machine()}. Model: Stable Diffusion 1.5 architecture, random weights, fp32. Date: {date}.")
     if not args.no_docs:
         doc = write_docs(sections, command)
