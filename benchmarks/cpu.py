@@ -142,8 +142,8 @@ def worker_diffusers(model: Path, w: dict, image: Path, repeats: int) -> dict:
 
 
 def worker_optimum(model: Path, w: dict, image: Path, repeats: int) -> dict:
-    import numpy as np
     import onnxruntime as ort
+    import torch
     from diffusers import PNDMScheduler
     from optimum.onnxruntime import ORTStableDiffusionImg2ImgPipeline
     from PIL import Image
@@ -162,7 +162,7 @@ def worker_optimum(model: Path, w: dict, image: Path, repeats: int) -> dict:
 
     def call():
         pipe(PROMPT, image=img, strength=w["strength"], num_inference_steps=w["steps"], guidance_scale=w["guidance"],
-             generator=np.random.RandomState(0))
+             generator=torch.Generator().manual_seed(0))
 
     rec = _peer_runs(call, timer, repeats)
     import optimum.onnxruntime as oo
