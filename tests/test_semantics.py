@@ -4,7 +4,7 @@ The model (models/shapes) draws simple shapes in named colours on plain backgrou
 judged by plain pixel arithmetic, independent of sdrt: each pixel is given the nearest named
 colour, the background is the commonest colour along the border, and the shape is every pixel far
 from the background colour. Generation is stochastic, so each property is measured over 20 seeds
-and must hold in at least 14; the rates are printed (pytest -s shows them).
+and must hold in at least 16 of them (8 in 10); the rates are printed (pytest -s shows them).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "models" / "shapes"
 EXAMPLES = ROOT / "models" / "examples"
 SEEDS = range(20)
-MIN_RATE = 0.7
+MIN_RATE = 0.8
 # Quick settings: the model is tiny, 64x64 images in 16x16 latents.
 FAST = dict(steps=20, guidance=7.5, sampler="Euler a")
 
@@ -149,13 +149,17 @@ def test_img2img_low_strength_stays_close(pipe):
     Bound: recolouring the circle red would move the image by D = mean |red circle - blue circle|
     (about 28 on the 0-255 scale, all of it inside the circle); strength 0.2 may move it by at most
     a quarter of that. The VAE round trip alone (strength 0) costs about a tenth of D.
+    Sampler: A1111's default, DPM++ 2M Karras. An ancestral sampler (Euler a) adds fresh noise at
+    every step and moves the image further at the same strength (17 of 20 seeds within the bound).
     """
     src = circle("blue")
     d_recolour = float(np.abs(_rgb(circle("red")) - _rgb(src)).mean())
     bound = 0.25 * d_recolour
     outcomes, details = [], []
     for seed in SEEDS:
-        out = _rgb(pipe.img2img(src, "a red circle on a white background", strength=0.2, seed=seed, **FAST).images[0])
+        out = _rgb(
+            pipe.img2img(src, "a red circle on a white background", strength=0.2, seed=seed, **{**FAST, "sampler": "DPM++ 2M Karras"}).images[0]
+        )
         diff = float(np.abs(out - _rgb(src)).mean())
         colour, _ = dominant(out, shape_mask(out))
         outcomes.append(diff < bound and colour == "blue")
