@@ -8,6 +8,7 @@ match fp32 graphs. GroupNorm gamma/beta stay fp32 (ONNX Runtime's float16 conver
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 from pathlib import Path
 
@@ -155,6 +156,8 @@ def optimize_graph(src: Path, dst: Path, graph: str, target: str, precision: str
     if precision == "int8":
         fused_path = dst.with_name("fused-fp32.onnx")
         save_onnx(m.model, fused_path)
+        del m  # the quantizer loads its own copy: two SD-sized UNets at once do not fit in 24 GB
+        gc.collect()
         counts.update(quantize_int8(fused_path, dst))
         for p in (fused_path, fused_path.with_name(fused_path.name + "_data")):
             p.unlink(missing_ok=True)
