@@ -105,8 +105,7 @@ def bench(model, w: Workload, *, provider: str = "cpu", repeats: int = 2, thread
 
     t = time.perf_counter()
     pipe = load(model, provider=provider, threads=threads)
-    for g in pipe.graphs.values():
-        g.load()
+    pipe.load_graphs()
     load_s = time.perf_counter() - t
     t = time.perf_counter()
     first = run_once(pipe, w, image=image)

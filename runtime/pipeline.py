@@ -117,6 +117,17 @@ class Pipeline:
         i = self.info
         return f"Pipeline({str(i.path)!r}, family={i.family}, unet_in_channels={i.unet_in_channels}, provider={self.provider})"
 
+    def load_graphs(self, names=("text_encoder", "vae_encoder", "unet", "vae_decoder")) -> "Pipeline":
+        """Create the sessions of `names` now (they are created on first use otherwise).
+
+        Order: ONNX Runtime reads a graph whose weights are inside its .onnx file whole, a transient
+        copy of its size, so those load first, largest first, while little else is resident; graphs
+        with external weight files (the UNet of an SD-sized model) load last."""
+        graphs = [self.graphs[n] for n in names if n in self.graphs]
+        for g in sorted(graphs, key=lambda g: -g.path.stat().st_size):
+            g.load()
+        return self
+
     # ----------------------------------------------------------------------------------- text
     def _check_clip_skip(self, clip_skip: int) -> None:
         """clip_skip against the text encoder graph's outputs (loads the session, runs nothing)."""
@@ -447,6 +458,8 @@ class Pipeline:
             params = self._parameters(mode, job, plan, prompt, negative_prompt, steps, guidance, clip_skip, strength, seeds, sampler)
             return Result([], seeds, params, self._infotexts(params, seeds))
         rand = BatchNoise(seeds)
+        encodes = job.pixels is not None or self.info.is_inpainting_model
+        self.load_graphs(("text_encoder", "vae_encoder", "unet", "vae_decoder") if encodes else ("text_encoder", "unet", "vae_decoder"))
 
         t = time.perf_counter()
         cond, uncond = self.encode_prompt(prompt, negative_prompt, clip_skip)

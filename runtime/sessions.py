@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import threading
 import time
@@ -84,9 +85,43 @@ def session_options(provider: str, threads: int | None = None):
     if provider == "cpu":
         so.intra_op_num_threads = threads or physical_cores()
         so.inter_op_num_threads = 1
-        so.enable_mem_pattern = True
+        # Peak memory: the graphs run one after another, so their activations share one CPU arena
+        # (the largest graph's peak, not the sum); weights stay out of it; and no memory pattern,
+        # whose block is allocated beside the chunks of the first run instead of reusing them.
         so.enable_cpu_mem_arena = True
+        so.enable_mem_pattern = False
+        if _shared_cpu_arena():
+            so.add_session_config_entry("session.use_env_allocators", "1")
+        so.add_session_config_entry("session.use_device_allocator_for_initializers", "1")
     return so
+
+
+_arena_lock = threading.Lock()
+_arena: list[bool] = []
+
+
+def _shared_cpu_arena() -> bool:
+    """Register one CPU arena with ONNX Runtime's environment, once per process."""
+    import onnxruntime as ort
+
+    with _arena_lock:
+        if not _arena:
+            try:
+                info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+                ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, -1, -1, -1))
+                _arena.append(True)
+            except Exception:  # one is registered already (by the embedding application), or none can be
+                _arena.append(False)
+        return _arena[0]
+
+
+def _release_freed_heap() -> None:
+    """Hand the heap pages freed after a graph load back to the OS (glibc keeps them otherwise):
+    ONNX Runtime reads a graph with inline weights whole and copies the weights out of it."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except Exception:  # not glibc
+        pass
 
 
 def provider_list(provider: str, device_id: int = 0) -> list[Any]:
@@ -146,6 +181,8 @@ class Graph:
             )
         except Exception as e:  # ORT raises its own exception types; say which file failed
             raise ProviderError(f"cannot load the {self.name} graph {self.path}: {str(e).splitlines()[0]}") from None
+        if self.provider == "cpu":
+            _release_freed_heap()
         if self.provider == "cuda" and "CUDAExecutionProvider" not in sess.get_providers():
             raise ProviderError(
                 f"the CUDA provider failed to start for {self.path} (CUDA/cuDNN libraries missing or no GPU visible)"
