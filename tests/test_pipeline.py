@@ -329,6 +329,22 @@ def test_prompt_is_encoded_once(models):
     assert len(seen) == 2
 
 
+def test_graphs_load_largest_inline_first(models, monkeypatch):
+    """Sessions are created in descending .onnx file size: ONNX Runtime reads a graph with inline
+    weights whole, so the big ones load while little else is resident, and graphs with external
+    weights (a small .onnx) come last. txt2img does not load the VAE encoder."""
+    pipe = load(models.exported("tiny-sd1"), provider="cpu")
+    order = []
+    real = Graph._create
+    monkeypatch.setattr(Graph, "_create", lambda self: order.append(self.name) or real(self))
+    pipe.txt2img(PROMPT, steps=1, width=SIZE, height=SIZE, seed=0)
+    assert sorted(order) == ["text_encoder", "unet", "vae_decoder"]
+    sizes = [pipe.graphs[n].path.stat().st_size for n in order]
+    assert sizes == sorted(sizes, reverse=True) and len(set(sizes)) == 3
+    pipe.img2img(IMG, PROMPT, strength=0.5, steps=2, sampler="Euler", seed=0)
+    assert order[3:] == ["vae_encoder"]
+
+
 # ------------------------------------------------------------------------------- 6. sizes
 def test_vae_factor_comes_from_the_folder(sd1, models):
     cfg = json.loads((models.source("tiny-sd1") / "vae" / "config.json").read_text())

@@ -9,6 +9,7 @@ and must hold in at least 16 of them (8 in 10); the rates are printed (pytest -s
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,18 +24,10 @@ MIN_RATE = 0.8
 # Quick settings: the model is tiny, 64x64 images in 16x16 latents.
 FAST = dict(steps=20, guidance=7.5, sampler="Euler a")
 
-# The named colours of the model's training data (sRGB).
-PALETTE = {
-    "red": (220, 30, 30),
-    "green": (30, 160, 50),
-    "blue": (30, 70, 220),
-    "yellow": (245, 215, 30),
-    "orange": (245, 135, 20),
-    "purple": (135, 50, 175),
-    "black": (20, 20, 20),
-    "white": (245, 245, 245),
-    "gray": (128, 128, 128),
-}
+# The named colours of the model's training data (sRGB), from its dataset script.
+sys.path.insert(0, str(ROOT / "scripts"))
+from shapes_data import PALETTE  # noqa: E402
+
 NAMES = list(PALETTE)
 COLOURS = np.array([PALETTE[n] for n in NAMES], np.float32)
 # A pixel belongs to a shape when it is this far (Euclidean, 0-255 RGB) from the background colour.
