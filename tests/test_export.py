@@ -24,8 +24,8 @@ from sdrt.runtime.modelfolder import INCOMPLETE_MARKER, ModelFolderError, read_m
 KINDS = ["tiny-sd1", "tiny-inpaint", "tiny-sd2-v"]
 
 
-def _session(path: Path) -> ort.InferenceSession:
-    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+def _session(path: Path | bytes) -> ort.InferenceSession:
+    return ort.InferenceSession(path if isinstance(path, bytes) else str(path), providers=["CPUExecutionProvider"])
 
 
 def _torch_modules(src: Path):
@@ -191,11 +191,40 @@ def test_vae_attention_fusion_keeps_biases(models, tmp_path):
     Without that, the fused VAE differs from the PyTorch VAE (the export self-check catches it)."""
     folder = models.exported("tiny-sd1")
     m = onnx.load(str(folder / "vae_decoder" / "model.onnx"))
-    att = [n for n in m.graph.node if n.op_type == "Attention"]
-    assert att, "the VAE attention was not fused"
+    # The cpu target runs the fused attention as MatMul + bias Add + Split + MultiHeadAttention.
+    assert not [n for n in m.graph.node if n.op_type == "Attention"]
+    assert [n for n in m.graph.node if n.op_type == "MultiHeadAttention"], "the VAE attention was not fused"
+    add = [n for n in m.graph.node if n.name.endswith("/Add_qkv_bias")]
+    assert add, "the q/k/v bias is not added"
     inits = {t.name: onnx.numpy_helper.to_array(t) for t in m.graph.initializer}
-    bias = inits[att[0].input[2]]
-    assert np.abs(bias).max() > 0
+    assert np.abs(inits[add[0].input[1]]).max() > 0
+
+
+@pytest.mark.parametrize("bias,heads", [(True, 1), (False, 4)])
+def test_attention_to_mha_is_exact(bias, heads):
+    """The cpu target's rewrite of ONNX Runtime's fused self-attention (`Attention`, which
+    materialises the S x S probabilities on the CPU) into MatMul + Split + MultiHeadAttention
+    (flash attention on the CPU) computes the same function, with or without a q/k/v bias."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from sdrt.export.optimize import attention_to_mha
+
+    g = np.random.default_rng(0)
+    d = 16
+    inits = [numpy_helper.from_array(g.standard_normal((d, 3 * d)).astype(np.float32) * 0.3, "w"),
+             numpy_helper.from_array(g.standard_normal(3 * d).astype(np.float32) * bias, "b")]
+    graph = helper.make_graph(
+        [helper.make_node("Attention", ["x", "w", "b"], ["y"], name="att", domain="com.microsoft", num_heads=heads)],
+        "att", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", "S", d])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", "S", d])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    x = g.standard_normal((2, 37, d)).astype(np.float32)
+    ref = _session(model.SerializeToString()).run(None, {"x": x})[0]
+    assert attention_to_mha(model) == 1
+    ops = Counter(n.op_type for n in model.graph.node)
+    assert ops == Counter({"MatMul": 1, "Split": 1, "MultiHeadAttention": 1, **({"Add": 1} if bias else {})})
+    onnx.checker.check_model(model)
+    np.testing.assert_allclose(_session(model.SerializeToString()).run(None, {"x": x})[0], ref, atol=1e-5)
 
 
 def test_corrupted_file_is_reported_by_name(models, copy_folder):
