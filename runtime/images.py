@@ -530,28 +530,23 @@ def expand_crop_region(box, width: int, height: int, image_w: int, image_h: int)
         raise ValueError(f"crop box {box} is empty")
     want = width / height
     if (x2 - x1) / (y2 - y1) > want:
-        grow = int((x2 - x1) / want - (y2 - y1))
-        y1 -= grow // 2
-        y2 += grow - grow // 2
-        if y2 >= image_h:
-            y1 -= y2 - image_h
-            y2 = image_h
-        if y1 < 0:
-            y2 -= y1
-            y1 = 0
-        y2 = min(y2, image_h)
+        y1, y2 = _grow_span(y1, y2, int((x2 - x1) / want - (y2 - y1)), image_h)
     else:
-        grow = int((y2 - y1) * want - (x2 - x1))
-        x1 -= grow // 2
-        x2 += grow - grow // 2
-        if x2 >= image_w:
-            x1 -= x2 - image_w
-            x2 = image_w
-        if x1 < 0:
-            x2 -= x1
-            x1 = 0
-        x2 = min(x2, image_w)
+        x1, x2 = _grow_span(x1, x2, int((y2 - y1) * want - (x2 - x1)), image_w)
     return x1, y1, x2, y2
+
+
+def _grow_span(lo: int, hi: int, grow: int, limit: int) -> tuple[int, int]:
+    """[lo, hi) widened by `grow` around its centre, shifted back inside [0, limit) (A1111's rule)."""
+    lo -= grow // 2
+    hi += grow - grow // 2
+    if hi >= limit:
+        lo -= hi - limit
+        hi = limit
+    if lo < 0:
+        hi -= lo
+        lo = 0
+    return lo, min(hi, limit)
 
 
 def match_mask(mask: Image.Image, image, name: str = "mask") -> Image.Image:
