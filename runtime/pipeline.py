@@ -459,7 +459,7 @@ class Pipeline:
             return Result([], seeds, params, self._infotexts(params, seeds))
         rand = BatchNoise(seeds)
         encodes = job.pixels is not None or self.info.is_inpainting_model
-        self.load_graphs(("text_encoder", "vae_encoder", "unet", "vae_decoder") if encodes else ("text_encoder", "unet", "vae_decoder"))
+        self.load_graphs(("text_encoder", "unet", "vae_decoder") + (("vae_encoder",) if encodes else ()))
 
         t = time.perf_counter()
         cond, uncond = self.encode_prompt(prompt, negative_prompt, clip_skip)

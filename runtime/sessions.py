@@ -110,7 +110,7 @@ def _shared_cpu_arena() -> bool:
                 info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
                 ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, -1, -1, -1))
                 _arena.append(True)
-            except Exception:  # one is registered already (by the embedding application), or none can be
+            except Exception:  # the application registered one already, or none can be: each session keeps its own
                 _arena.append(False)
         return _arena[0]
 
