@@ -80,7 +80,7 @@ def _run_guarded(fn, *args, **kwargs):
 def export(
     src: Path = typer.Argument(..., help="A diffusers-format Stable Diffusion folder (model_index.json, unet/, vae/, ...)."),
     out: Path = typer.Argument(..., help="The model folder to write (must not exist unless --overwrite)."),
-    precision: str = typer.Option("fp32", "--precision", help="fp32; int8 (cpu target: the UNet's matrix products in int8); or fp16 (with --target cuda)."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32; int8 (cpu target: the UNet's convolutions, calibrated on fixed prompts, and matrix products in int8); or fp16 (with --target cuda)."),
     target: str = typer.Option("cpu", "--target", help="cpu (fused for the CPU provider) or cuda (fused for the CUDA provider)."),
     opset: int = typer.Option(17, "--opset", help="ONNX opset, 14 to 20."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it exists (atomically, at the end)."),

@@ -10,6 +10,7 @@ interrupted export never leaves anything that loads as a model.
 from __future__ import annotations
 
 import errno
+import gc
 import json
 import os
 import platform
@@ -178,7 +179,8 @@ def export_model(
     """Export the diffusers folder `src` into the sdrt model folder `out`; returns `out`.
 
     precision/target: fp32 + cpu (fused for the CPU provider), int8 + cpu (the same, with the
-    UNet's matrix products dynamically quantized to int8), fp32 + cuda, or fp16 + cuda (fused for
+    UNet's convolutions statically quantized to int8 after calibration on fixed prompts and its
+    matrix products dynamically quantized; see export/quantize.py), fp32 + cuda, or fp16 + cuda (fused for
     the CUDA provider, then converted to fp16; needs the CUDA provider to run).
     fp32_ops: operator types kept in fp32 in fp16 graphs (e.g. ("MultiHeadAttention",) for SD 2.x).
     fp32_vae_decoder: with fp16, also write an fp32 VAE decoder, which the pipeline uses for an
@@ -254,9 +256,10 @@ def _export_into(src, tmp, index, precision, target, opset, fp32_ops, fp32_vae_d
         if check:
             checks[name] = check_graph(spec, stage)
             log(f"  {name}: fp32 ONNX vs PyTorch max abs diff {checks[name]:.3g}")
-        graph_precision = precision if precision != "int8" or name in INT8_GRAPHS else "fp32"
+        # int8 graphs are quantized from their fused fp32 graph once the folder is complete (below).
+        graph_precision = "fp32" if precision == "int8" else precision
         fused[name] = optimize_graph(stage, dst, name, target, graph_precision, fp32_ops)
-        precisions[name] = graph_precision
+        precisions[name] = precision if precision != "int8" or name in INT8_GRAPHS else "fp32"
         if check and target == "cpu" and graph_precision == "fp32":
             # The fused CPU graph must still compute the module's output.
             check_graph(spec, dst)
@@ -284,11 +287,6 @@ def _export_into(src, tmp, index, precision, target, opset, fp32_ops, fp32_vae_d
     (tmp / "model_index.json").write_text(json.dumps(new_index, indent=2) + "\n")
 
     vae_cfg = pipe.vae.config
-    files = {}
-    for p in sorted(tmp.rglob("*")):
-        if p.is_file() and p.name != INCOMPLETE_MARKER:
-            rel = p.relative_to(tmp).as_posix()
-            files[rel] = {"sha256": sha256_file(p), "size": p.stat().st_size}
     manifest = {
         "format_version": FORMAT_VERSION,
         "family": _family(pipe.unet.config, pipe.tokenizer, prediction_type),
@@ -308,10 +306,24 @@ def _export_into(src, tmp, index, precision, target, opset, fp32_ops, fp32_vae_d
         "export_check_max_abs_diff": checks,
         "source": src.name,
         "versions": _versions(),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "export_seconds": round(time.time() - t0, 1),
-        "files": files,
     }
     assert set(GRAPHS) <= set(precisions)
+    if precision == "int8":
+        from .quantize import quantize_unet
+
+        del pipe  # the PyTorch copy is not needed any more; calibration runs the fp32 graphs
+        gc.collect()
+        (tmp / MANIFEST).write_text(json.dumps({**manifest, "precision": {k: "fp32" for k in precisions}, "files": {}}))
+        t = time.time()
+        fused["unet"].update(counts := quantize_unet(tmp, log=log))
+        ops = ", ".join(f"{k} {v}" for k, v in counts.items())
+        log(f"  unet: int8/{target} graph written in {time.time() - t:.1f}s (quantized: {ops})")
+    files = {}
+    for p in sorted(tmp.rglob("*")):
+        if p.is_file() and p.name not in (INCOMPLETE_MARKER, MANIFEST):
+            rel = p.relative_to(tmp).as_posix()
+            files[rel] = {"sha256": sha256_file(p), "size": p.stat().st_size}
+    manifest.update(created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    export_seconds=round(time.time() - t0, 1), files=files)
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest

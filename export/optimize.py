@@ -8,7 +8,6 @@ match fp32 graphs. GroupNorm gamma/beta stay fp32 (ONNX Runtime's float16 conver
 from __future__ import annotations
 
 import contextlib
-import gc
 import logging
 from pathlib import Path
 
@@ -61,7 +60,7 @@ def timestep_nodes(graph) -> list[str]:
 
 
 @contextlib.contextmanager
-def _quiet():
+def quiet_logs():
     loggers = [logging.getLogger(n) for n in ("onnxruntime", "onnxruntime.transformers", "fusion_base", "")]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
@@ -129,7 +128,7 @@ def optimize_graph(src: Path, dst: Path, graph: str, target: str, precision: str
     from onnxruntime.transformers.optimizer import optimize_model
 
     _keep_vae_attention_biases()
-    with _quiet():
+    with quiet_logs():
         m = optimize_model(
             str(src),
             model_type=MODEL_TYPES[graph],
@@ -159,16 +158,7 @@ def optimize_graph(src: Path, dst: Path, graph: str, target: str, precision: str
     present = {o.domain for o in m.model.opset_import}
     for d in sorted(domains - present):
         m.model.opset_import.append(onnx.helper.make_opsetid(d, 1))
-    if precision == "int8":
-        fused_path = dst.with_name("fused-fp32.onnx")
-        save_onnx(m.model, fused_path)
-        del m  # the quantizer loads its own copy: two SD-sized UNets at once do not fit in 24 GB
-        gc.collect()
-        counts.update(quantize_int8(fused_path, dst))
-        for p in (fused_path, fused_path.with_name(fused_path.name + "_data")):
-            p.unlink(missing_ok=True)
-    else:
-        save_onnx(m.model, dst)
+    save_onnx(m.model, dst)
     return counts
 
 
@@ -227,28 +217,3 @@ def attention_to_mha(model) -> int:
         del graph.node[:]
         graph.node.extend(nodes)
     return moved
-
-
-# Op types --precision int8 quantizes. Dynamic int8 pays off for the matrix products (projections
-# and feed-forward layers: MatMulInteger with per-call activation scales); quantized convolutions
-# (ConvInteger) are slower than fp32 ones on ONNX Runtime's CPU provider, so convolutions stay fp32.
-INT8_OP_TYPES = ("MatMul",)
-
-
-def quantize_int8(src: Path, dst: Path) -> dict:
-    """Dynamic int8 quantization (int8 weights, activations quantized per call) of `src` into `dst`."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    size = sum(p.stat().st_size for p in src.parent.glob(src.name + "*"))
-    with _quiet():
-        quantize_dynamic(
-            str(src),
-            str(dst),
-            weight_type=QuantType.QInt8,
-            op_types_to_quantize=list(INT8_OP_TYPES),
-            per_channel=False,
-            extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT},
-            use_external_data_format=size >= 2**31 - (64 << 20),
-        )
-    model = onnx.load(str(dst), load_external_data=False)
-    return {"MatMulInteger": sum(n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul") for n in model.graph.node)}

@@ -201,14 +201,16 @@ def _scheduler_config(root: Path) -> dict[str, Any]:
     return _read_json(root / "scheduler" / "scheduler_config.json", "scheduler config")
 
 
-def read_model_folder(path: str | os.PathLike, verify: str = "auto") -> ModelInfo:
-    """Describe and validate the model folder at `path` (an sdrt export or an optimum export)."""
+def read_model_folder(path: str | os.PathLike, verify: str = "auto", *, partial: bool = False) -> ModelInfo:
+    """Describe and validate the model folder at `path` (an sdrt export or an optimum export).
+
+    partial=True reads a folder whose export is still in progress (for the exporter itself)."""
     root = Path(path).expanduser()
     if not root.exists():
         raise ModelFolderError(f"model folder {root} does not exist")
     if not root.is_dir():
         raise ModelFolderError(f"model path {root} is not a folder")
-    if (root / INCOMPLETE_MARKER).exists():
+    if (root / INCOMPLETE_MARKER).exists() and not partial:
         raise ModelFolderError(f"model folder {root} is an interrupted export; delete it and export again")
     if (root / MANIFEST).is_file():
         return _from_manifest(root, verify)

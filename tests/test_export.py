@@ -107,14 +107,25 @@ def test_manifest_describes_the_model(models):
 
 
 def test_int8_cpu_export(models):
-    """--precision int8: the UNet's matrix products become int8 (dynamic quantization), the other
-    graphs stay fp32, and the int8 UNet stays close to the fp32 one."""
+    """--precision int8: the UNet's convolutions become static int8 (QDQ that ONNX Runtime fuses
+    into QLinearConv) and its matrix products dynamic int8; the other graphs stay fp32, and the int8
+    UNet stays close to the fp32 one."""
     folder = models.exported("tiny-sd1", target="cpu", precision="int8")
     info = read_model_folder(folder, verify="full")
     assert info.target == "cpu"
     assert info.precision == {"text_encoder": "fp32", "unet": "int8", "vae_encoder": "fp32", "vae_decoder": "fp32"}
-    ops = Counter(n.op_type for n in onnx.load(str(folder / "unet" / "model.onnx")).graph.node)
+    assert sorted(p.name for p in (folder / "unet").iterdir()) == ["config.json", "model.onnx"]
+    unet = folder / "unet" / "model.onnx"
+    ops = Counter(n.op_type for n in onnx.load(str(unet)).graph.node)
     assert ops["MatMulInteger"] + ops["DynamicQuantizeMatMul"] >= 8 and ops["MultiHeadAttention"] >= 4
+    convs = info.manifest["fused_operators"]["unet"]["QLinearConv"]
+    assert convs >= 10 and ops["Conv"] == Counter(n.op_type for n in onnx.load(str(models.exported("tiny-sd1") / "unet" / "model.onnx")).graph.node)["Conv"]
+    # ONNX Runtime turns every quantized convolution into a QLinearConv at load.
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(folder.parent / "int8-unet-optimized.onnx")
+    ort.InferenceSession(str(unet), so, providers=["CPUExecutionProvider"])
+    fused = Counter(n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node)
+    assert fused["QLinearConv"] == convs
     fp32 = models.exported("tiny-sd1")
     g = np.random.default_rng(0)
     feeds = {
@@ -123,12 +134,93 @@ def test_int8_cpu_export(models):
         "encoder_hidden_states": g.standard_normal((2, 77, 32), dtype=np.float32),
     }
     ref = _session(fp32 / "unet" / "model.onnx").run(None, feeds)[0]
-    got = _session(folder / "unet" / "model.onnx").run(None, feeds)[0]
+    got = _session(unet).run(None, feeds)[0]
     rel = float(np.abs(got - ref).mean() / np.abs(ref).mean())
     print(f"int8 UNet vs fp32: mean abs difference {100 * rel:.2f}% of the mean output")
     assert 0 < rel < 0.1
     with pytest.raises(ExportError, match="int8"):
         export_model(models.source("tiny-sd1"), folder.parent / "nope", precision="int8", target="cuda")
+
+
+def _conv_graph(w: np.ndarray, b: np.ndarray):
+    """x -> Sigmoid -> Conv(w, b, pad 1) -> Tanh -> y: one convolution neither fed by a graph input
+    nor producing a graph output."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes = [helper.make_node("Sigmoid", ["x"], ["s"]),
+             helper.make_node("Conv", ["s", "w", "b"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Tanh", ["c"], ["y"])]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, w.shape[1], 6, 7])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                          [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_quantize_convs_matches_integer_arithmetic():
+    """The QDQ rewrite computes, once fused into QLinearConv, what uint8 activations x int8
+    per-channel weights + int32 bias give in exact arithmetic (NumPy reference), to within one
+    output quantization step."""
+    from sdrt.export.quantize import calibration_tensors, quantize_convs
+
+    rng = np.random.default_rng(0)
+    w = rng.normal(0, 0.3, (5, 3, 3, 3)).astype(np.float32)
+    b = rng.normal(0, 0.5, 5).astype(np.float32)
+    x = rng.normal(0, 2, (1, 3, 6, 7)).astype(np.float32)
+    model = _conv_graph(w, b)
+    assert calibration_tensors(model) == ["s", "c"]
+    s = 1 / (1 + np.exp(-x.astype(np.float64)))
+    c = torch.nn.functional.conv2d(torch.from_numpy(s), torch.from_numpy(w.astype(np.float64)),
+                                   torch.from_numpy(b.astype(np.float64)), padding=1).numpy()
+    ranges = {"s": (float(s.min()), float(s.max()), 1.0), "c": (float(c.min()), float(c.max()), 1.0)}
+    assert quantize_convs(model, ranges, min_sqnr_db=0) == 1
+    got = _session(model.SerializeToString()).run(None, {"x": x})[0]
+
+    # Reference: quantize s (uint8, zero point), w (int8 per output channel), b (int32 at s_x * s_w).
+    def u8(lo, hi):
+        lo, hi = min(lo, 0.0), max(hi, 0.0)
+        scale = np.float32((hi - lo) / 255)
+        return scale, int(np.clip(np.round(-lo / scale), 0, 255))
+
+    sx, zx = u8(*ranges["s"][:2])
+    sc, zc = u8(*ranges["c"][:2])
+    xq = np.clip(np.round(s / sx) + zx, 0, 255) - zx
+    sw = np.abs(w).reshape(5, -1).max(1) / 127
+    wq = np.round(w / sw[:, None, None, None])
+    bq = np.round(b / (sx * sw))
+    xq, wq, bq = (a.astype(np.float64) for a in (xq, wq, bq))
+    acc = torch.nn.functional.conv2d(torch.from_numpy(xq), torch.from_numpy(wq), torch.from_numpy(bq), padding=1).numpy()
+    cq = np.clip(np.round(acc * (sx * sw)[None, :, None, None] / sc) + zc, 0, 255)
+    ref = np.tanh((cq - zc) * sc)
+    assert np.abs(got - ref).max() <= float(sc) * 1.01  # tanh' <= 1: at most one requantization step apart
+    assert np.abs(got - np.tanh(c)).max() < 0.05  # and close to the fp32 convolution
+
+
+def test_quantize_convs_keeps_coarse_tensors_fp32():
+    """A convolution whose activation range would leave too little signal-to-noise in uint8 (a few
+    huge values, small rms) stays fp32; the graph is unchanged then."""
+    from sdrt.export.quantize import quantize_convs, sqnr_db
+
+    rng = np.random.default_rng(1)
+    model = _conv_graph(rng.normal(0, 0.3, (4, 2, 3, 3)).astype(np.float32), np.zeros(4, np.float32))
+    before = model.SerializeToString()
+    ranges = {"s": (0.0, 1.0, 0.5), "c": (-200.0, 200.0, 0.5)}
+    assert sqnr_db(*ranges["c"]) < 36 < sqnr_db(*ranges["s"])
+    assert quantize_convs(model, ranges) == 0
+    assert model.SerializeToString() == before
+    # 255 steps over [0, 1] with rms 0.5: 20 log10(0.5 / (1 / 255 / sqrt(12))) = 52.9 dB
+    assert sqnr_db(0.0, 1.0, 0.5) == pytest.approx(20 * np.log10(0.5 * 255 * np.sqrt(12)))
+
+
+def test_range_observer():
+    from sdrt.export.quantize import RangeObserver
+
+    obs = RangeObserver(["a", "b"])
+    obs.update([np.array([1.0, -2.0], np.float32), np.array([3.0], np.float32)])
+    obs.update([np.array([0.5, 4.0], np.float32), np.array([-1.0, 1.0], np.float32)])
+    r = obs.ranges()
+    assert r["a"][:2] == (-2.0, 4.0) and r["b"][:2] == (-1.0, 3.0)
+    assert r["a"][2] == pytest.approx(np.sqrt((1 + 4 + 0.25 + 16) / 4))
+    assert r["b"][2] == pytest.approx(np.sqrt(11 / 3))
 
 
 def test_fp32_vae_decoder_beside_fp16(models, tmp_path):
