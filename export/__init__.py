@@ -178,6 +178,9 @@ def export_model(
 ) -> Path:
     """Export the diffusers folder `src` into the sdrt model folder `out`; returns `out`.
 
+    `src` may also be an sdrt fp32 cpu-target folder with precision="int8": its UNet is quantized
+    (no PyTorch needed) and the other files are copied.
+
     precision/target: fp32 + cpu (fused for the CPU provider), int8 + cpu (the same, with the
     UNet's convolutions statically quantized to int8 after calibration on fixed prompts and its
     matrix products dynamically quantized; see export/quantize.py), fp32 + cuda, or fp16 + cuda (fused for
@@ -199,7 +202,13 @@ def export_model(
         raise ExportError("--fp32-vae-decoder goes with --precision fp16 (the VAE decoder is fp32 otherwise)")
     if not 14 <= opset <= 20:
         raise ExportError(f"opset {opset} is not supported; accepted: 14 to 20")
-    index = _read_index(src)
+    from_folder = (src / MANIFEST).is_file()
+    if from_folder:
+        if precision != "int8" or target != "cpu":
+            raise ExportError(f"{src} is an sdrt model folder: it can only be quantized (--precision int8, cpu target); "
+                              "other precisions are exported from the diffusers folder")
+    else:
+        index = _read_index(src)
     if out.exists() and not overwrite:
         raise ExportError(f"output folder {out} already exists; pass --overwrite to replace it")
     if out.resolve() == src.resolve():
@@ -210,7 +219,10 @@ def export_model(
     tmp.mkdir()
     (tmp / INCOMPLETE_MARKER).write_text("export in progress\n")
     try:
-        manifest = _export_into(src, tmp, index, precision, target, opset, fp32_ops, fp32_vae_decoder, check, log)
+        if from_folder:
+            manifest = _quantize_into(src, tmp, log)
+        else:
+            manifest = _export_into(src, tmp, index, precision, target, opset, fp32_ops, fp32_vae_decoder, check, log)
         _fsync_tree(tmp)
         (tmp / INCOMPLETE_MARKER).unlink()
         if out.exists():
@@ -318,6 +330,11 @@ def _export_into(src, tmp, index, precision, target, opset, fp32_ops, fp32_vae_d
         fused["unet"].update(counts := quantize_unet(tmp, log=log))
         ops = ", ".join(f"{k} {v}" for k, v in counts.items())
         log(f"  unet: int8/{target} graph written in {time.time() - t:.1f}s (quantized: {ops})")
+    return _write_manifest(tmp, manifest, t0)
+
+
+def _write_manifest(tmp: Path, manifest: dict, t0: float) -> dict:
+    """Complete `manifest` with the size and sha256 of every file under `tmp`, and write it."""
     files = {}
     for p in sorted(tmp.rglob("*")):
         if p.is_file() and p.name not in (INCOMPLETE_MARKER, MANIFEST):
@@ -327,3 +344,32 @@ def _export_into(src, tmp, index, precision, target, opset, fp32_ops, fp32_vae_d
                     export_seconds=round(time.time() - t0, 1), files=files)
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
+
+
+def _quantize_into(src: Path, tmp: Path, log) -> dict:
+    """int8 from an sdrt fp32 cpu-target folder (no PyTorch needed): copy it, quantize the UNet."""
+    from sdrt.runtime.modelfolder import ModelFolderError, read_model_folder
+
+    from .quantize import quantize_unet
+
+    t0 = time.time()
+    try:
+        info = read_model_folder(src, verify="full")
+    except ModelFolderError as e:
+        raise ExportError(str(e)) from None
+    if info.target != "cpu" or set(info.precision.values()) != {"fp32"}:
+        got = ", ".join(f"{k} {v}" for k, v in sorted(info.precision.items()))
+        raise ExportError(f"{src} is a {info.target}-target folder ({got}); int8 is made from an fp32 cpu-target "
+                          "folder or from the diffusers folder")
+    for p in sorted(src.iterdir()):
+        if p.name not in (MANIFEST, INCOMPLETE_MARKER):
+            (shutil.copytree if p.is_dir() else shutil.copy2)(p, tmp / p.name)
+    manifest = json.loads((src / MANIFEST).read_text(encoding="utf-8"))
+    (tmp / MANIFEST).write_text(json.dumps({**manifest, "files": {}}))
+    counts = quantize_unet(tmp, log=log)
+    log("  unet: int8/cpu graph written (quantized: " + ", ".join(f"{k} {v}" for k, v in counts.items()) + ")")
+    manifest["precision"] = {**manifest["precision"], "unet": "int8"}
+    manifest["fused_operators"] = {**manifest["fused_operators"], "unet": {**manifest["fused_operators"]["unet"], **counts}}
+    manifest["source"] = f"{manifest.get('source', '?')} (sdrt folder {src.name})"
+    manifest["versions"] = _versions()
+    return _write_manifest(tmp, manifest, t0)

@@ -142,6 +142,36 @@ def test_int8_cpu_export(models):
         export_model(models.source("tiny-sd1"), folder.parent / "nope", precision="int8", target="cuda")
 
 
+def test_int8_from_an_sdrt_folder(models, tmp_path):
+    """`sdrt export FP32_FOLDER OUT --precision int8` quantizes an existing fp32 cpu export: the same
+    quantized operators and the same outputs as the int8 export from the diffusers folder; the
+    source is untouched, and only fp32 cpu folders are accepted."""
+    fp32 = models.exported("tiny-sd1")
+    before = json.loads((fp32 / "sdrt.json").read_text())
+    out = export_model(fp32, tmp_path / "int8", precision="int8")
+    assert json.loads((fp32 / "sdrt.json").read_text()) == before
+    info = read_model_folder(out, verify="full")
+    direct = read_model_folder(models.exported("tiny-sd1", target="cpu", precision="int8"))
+    assert info.precision == direct.precision
+    assert info.manifest["fused_operators"] == direct.manifest["fused_operators"]
+    for g in ("text_encoder", "vae_encoder", "vae_decoder"):
+        assert info.manifest["files"][f"{g}/model.onnx"] == before["files"][f"{g}/model.onnx"]
+    g = np.random.default_rng(3)
+    feeds = {
+        "sample": g.standard_normal((2, 4, 8, 8), dtype=np.float32),
+        "timestep": np.array(300.0, np.float32),
+        "encoder_hidden_states": g.standard_normal((2, 77, 32), dtype=np.float32),
+    }
+    a = _session(out / "unet" / "model.onnx").run(None, feeds)[0]
+    b = _session(direct.path / "unet" / "model.onnx").run(None, feeds)[0]
+    assert np.abs(a - b).max() <= 1e-3 * np.abs(b).max()
+    with pytest.raises(ExportError, match="only be quantized"):
+        export_model(fp32, tmp_path / "fp32-again", precision="fp32")
+    with pytest.raises(ExportError, match="int8 is made from an fp32 cpu-target"):
+        export_model(out, tmp_path / "twice", precision="int8")
+    assert not (tmp_path / "twice").exists() and not list(tmp_path.glob(".twice*"))
+
+
 def _conv_graph(w: np.ndarray, b: np.ndarray):
     """x -> Sigmoid -> Conv(w, b, pad 1) -> Tanh -> y: one convolution neither fed by a graph input
     nor producing a graph output."""

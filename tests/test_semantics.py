@@ -84,11 +84,20 @@ def report(name: str, outcomes: list[bool], details: list) -> float:
     return rate
 
 
-@pytest.fixture(scope="module")
-def pipe():
+@pytest.fixture(scope="module", params=["fp32", "int8"])
+def pipe(request, tmp_path_factory):
+    """The embedded model as shipped (fp32), and quantized by `sdrt export models/shapes OUT
+    --precision int8`: the int8 path must keep what users mean on a trained model."""
     from sdrt.runtime import load
 
-    return load(MODEL, provider="cpu")
+    if request.param == "fp32":
+        return load(MODEL, provider="cpu")
+    from sdrt.export import export_model
+
+    out = export_model(MODEL, tmp_path_factory.mktemp("shapes") / "int8", precision="int8", log=lambda _: None)
+    pipe = load(out, provider="cpu")
+    assert pipe.info.precision["unet"] == "int8" and pipe.info.manifest["fused_operators"]["unet"]["QLinearConv"] > 0
+    return pipe
 
 
 # ---- the measuring stick itself ------------------------------------------------------------------
