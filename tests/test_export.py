@@ -106,6 +106,15 @@ def test_manifest_describes_the_model(models):
         assert (tok / "vocab.json").is_file() and (tok / "merges.txt").is_file()
 
 
+def _tiny_unet_feeds(seed: int, side: int, t: float) -> dict:
+    g = np.random.default_rng(seed)
+    return {
+        "sample": g.standard_normal((2, 4, side, side), dtype=np.float32),
+        "timestep": np.array(t, np.float32),
+        "encoder_hidden_states": g.standard_normal((2, 77, 32), dtype=np.float32),
+    }
+
+
 def test_int8_cpu_export(models):
     """--precision int8: the UNet's convolutions become static int8 (QDQ that ONNX Runtime fuses
     into QLinearConv) and its matrix products dynamic int8; the other graphs stay fp32, and the int8
@@ -127,12 +136,7 @@ def test_int8_cpu_export(models):
     fused = Counter(n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node)
     assert fused["QLinearConv"] == convs
     fp32 = models.exported("tiny-sd1")
-    g = np.random.default_rng(0)
-    feeds = {
-        "sample": g.standard_normal((2, 4, 16, 16), dtype=np.float32),
-        "timestep": np.array(500.0, np.float32),
-        "encoder_hidden_states": g.standard_normal((2, 77, 32), dtype=np.float32),
-    }
+    feeds = _tiny_unet_feeds(seed=0, side=16, t=500.0)
     ref = _session(fp32 / "unet" / "model.onnx").run(None, feeds)[0]
     got = _session(unet).run(None, feeds)[0]
     rel = float(np.abs(got - ref).mean() / np.abs(ref).mean())
@@ -156,12 +160,7 @@ def test_int8_from_an_sdrt_folder(models, tmp_path):
     assert info.manifest["fused_operators"] == direct.manifest["fused_operators"]
     for g in ("text_encoder", "vae_encoder", "vae_decoder"):
         assert info.manifest["files"][f"{g}/model.onnx"] == before["files"][f"{g}/model.onnx"]
-    g = np.random.default_rng(3)
-    feeds = {
-        "sample": g.standard_normal((2, 4, 8, 8), dtype=np.float32),
-        "timestep": np.array(300.0, np.float32),
-        "encoder_hidden_states": g.standard_normal((2, 77, 32), dtype=np.float32),
-    }
+    feeds = _tiny_unet_feeds(seed=3, side=8, t=300.0)
     a = _session(out / "unet" / "model.onnx").run(None, feeds)[0]
     b = _session(direct.path / "unet" / "model.onnx").run(None, feeds)[0]
     assert np.abs(a - b).max() <= 1e-3 * np.abs(b).max()

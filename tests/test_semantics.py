@@ -84,20 +84,42 @@ def report(name: str, outcomes: list[bool], details: list) -> float:
     return rate
 
 
+@pytest.fixture(scope="module")
+def int8_model(tmp_path_factory) -> Path:
+    """The embedded model quantized by `sdrt export models/shapes OUT --precision int8`."""
+    from sdrt.export import export_model
+
+    return export_model(MODEL, tmp_path_factory.mktemp("shapes") / "int8", precision="int8", log=lambda _: None)
+
+
 @pytest.fixture(scope="module", params=["fp32", "int8"])
-def pipe(request, tmp_path_factory):
-    """The embedded model as shipped (fp32), and quantized by `sdrt export models/shapes OUT
-    --precision int8`: the int8 path must keep what users mean on a trained model."""
+def pipe(request):
+    """The embedded model as shipped (fp32), and in int8: the int8 path must keep what users mean
+    on a trained model."""
     from sdrt.runtime import load
 
     if request.param == "fp32":
         return load(MODEL, provider="cpu")
-    from sdrt.export import export_model
-
-    out = export_model(MODEL, tmp_path_factory.mktemp("shapes") / "int8", precision="int8", log=lambda _: None)
-    pipe = load(out, provider="cpu")
+    pipe = load(request.getfixturevalue("int8_model"), provider="cpu")
     assert pipe.info.precision["unet"] == "int8" and pipe.info.manifest["fused_operators"]["unet"]["QLinearConv"] > 0
     return pipe
+
+
+def test_int8_images_stay_close_to_fp32(int8_model):
+    """On the same seeds, the int8 UNet's images differ from the fp32 ones by a few levels per pixel
+    (img2img blue -> red circle at strength 0.7, where the image changes most)."""
+    from sdrt.runtime import load
+
+    fp32, int8 = load(MODEL, provider="cpu"), load(int8_model, provider="cpu")
+    src, prompt = circle("blue"), "a red circle on a white background"
+    diffs = []
+    for seed in SEEDS:
+        a = _rgb(fp32.img2img(src, prompt, strength=0.7, seed=seed, **FAST).images[0])
+        b = _rgb(int8.img2img(src, prompt, strength=0.7, seed=seed, **FAST).images[0])
+        diffs.append(float(np.abs(a - b).mean()))
+    print(f"\nint8 vs fp32, mean abs pixel difference over {len(diffs)} seeds: {np.mean(diffs):.2f}/255 "
+          f"(largest image {max(diffs):.2f})")
+    assert 0 < np.mean(diffs) < 5.0 and max(diffs) < 16.0
 
 
 # ---- the measuring stick itself ------------------------------------------------------------------
