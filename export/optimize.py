@@ -13,7 +13,7 @@ from pathlib import Path
 
 import onnx
 
-from .graphs import save_onnx
+from .onnxfile import save_onnx
 
 # Graph name -> the model type of onnxruntime.transformers.optimizer.
 MODEL_TYPES = {"text_encoder": "clip", "unet": "unet", "vae_encoder": "vae", "vae_decoder": "vae"}

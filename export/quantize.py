@@ -303,7 +303,7 @@ def quantize_unet(folder: Path, log: Callable[[str], None] = print) -> dict:
     """
     import gc
 
-    from .graphs import save_onnx
+    from .onnxfile import save_onnx
     from .optimize import quiet_logs
 
     unet = folder / "unet" / "model.onnx"

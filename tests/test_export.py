@@ -171,6 +171,20 @@ def test_int8_from_an_sdrt_folder(models, tmp_path):
     assert not (tmp_path / "twice").exists() and not list(tmp_path.glob(".twice*"))
 
 
+def test_int8_from_an_sdrt_folder_needs_no_torch(models, tmp_path):
+    """Quantizing an existing fp32 folder runs where PyTorch, diffusers and transformers cannot be
+    imported (a runtime-only machine with onnx installed)."""
+    code = (
+        "import sys\n"
+        "for m in ('torch', 'diffusers', 'transformers'): sys.modules[m] = None\n"
+        "from sdrt.export import export_model\n"
+        f"export_model({str(models.exported('tiny-sd1'))!r}, {str(tmp_path / 'q')!r}, precision='int8')\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert read_model_folder(tmp_path / "q", verify="full").precision["unet"] == "int8"
+
+
 def _conv_graph(w: np.ndarray, b: np.ndarray):
     """x -> Sigmoid -> Conv(w, b, pad 1) -> Tanh -> y: one convolution neither fed by a graph input
     nor producing a graph output."""
