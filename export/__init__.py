@@ -326,10 +326,7 @@ def _export_into(src, tmp, index, precision, target, opset, fp32_ops, fp32_vae_d
         del pipe  # the PyTorch copy is not needed any more; calibration runs the fp32 graphs
         gc.collect()
         (tmp / MANIFEST).write_text(json.dumps({**manifest, "precision": {k: "fp32" for k in precisions}, "files": {}}))
-        t = time.time()
-        fused["unet"].update(counts := quantize_unet(tmp, log=log))
-        ops = ", ".join(f"{k} {v}" for k, v in counts.items())
-        log(f"  unet: int8/{target} graph written in {time.time() - t:.1f}s (quantized: {ops})")
+        fused["unet"].update(quantize_unet(tmp, log=log))
     return _write_manifest(tmp, manifest, t0)
 
 
@@ -367,7 +364,6 @@ def _quantize_into(src: Path, tmp: Path, log) -> dict:
     manifest = json.loads((src / MANIFEST).read_text(encoding="utf-8"))
     (tmp / MANIFEST).write_text(json.dumps({**manifest, "files": {}}))
     counts = quantize_unet(tmp, log=log)
-    log("  unet: int8/cpu graph written (quantized: " + ", ".join(f"{k} {v}" for k, v in counts.items()) + ")")
     manifest["precision"] = {**manifest["precision"], "unet": "int8"}
     manifest["fused_operators"] = {**manifest["fused_operators"], "unet": {**manifest["fused_operators"]["unet"], **counts}}
     manifest["source"] = f"{manifest.get('source', '?')} (sdrt folder {src.name})"

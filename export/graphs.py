@@ -15,7 +15,6 @@ from sdrt.runtime.modelfolder import CLIP_SKIP_OUTPUT
 from .onnxfile import TWO_GB, save_onnx
 
 
-
 class TextEncoderGraph(torch.nn.Module):
     """CLIP text encoder: input_ids -> last_hidden_state, pooler_output, hidden_states_normed.
 

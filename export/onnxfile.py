@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 TWO_GB = 2**31
+# Tensor bytes from which a graph is written with external data (protobuf's limit, with headroom).
+EXTERNAL_DATA_FROM = TWO_GB - (64 << 20)
 
 
 def _tensor_bytes(model) -> int:
@@ -25,7 +27,7 @@ def save_onnx(model, path: Path) -> None:
     data = path.with_name(path.name + "_data")
     if data.exists():
         data.unlink()
-    if _tensor_bytes(model) >= TWO_GB - (64 << 20):
+    if _tensor_bytes(model) >= EXTERNAL_DATA_FROM:
         onnx.save_model(
             model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data.name, size_threshold=1024
         )

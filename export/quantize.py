@@ -26,6 +26,8 @@ from onnx import helper, numpy_helper
 
 from sdrt.runtime.sessions import Graph
 
+from .onnxfile import EXTERNAL_DATA_FROM, save_onnx
+
 # Fixed calibration prompts: varied subjects and styles, as a user would write them.
 CALIBRATION_PROMPTS = (
     "a photograph of an astronaut riding a horse",
@@ -113,17 +115,20 @@ class RangeObserver:
                 if np.isfinite(self.lo[n]) and np.isfinite(self.hi[n]) and self.count[n] and np.isfinite(self.sq[n])}
 
 
-def calibrate(folder: Path, graphs: dict[str, tuple[Path, list[str]]], size: int,
-              log: Callable[[str], None] = print) -> dict[str, dict[str, tuple[float, float]]]:
+def calibrate(folder: Path, graphs: dict[str, tuple[Path, list[str]]],
+              log: Callable[[str], None] = print) -> dict[str, dict[str, tuple[float, float, float]]]:
     """Activation ranges of each graph in `graphs` ({name: (calibration graph, tensors)}), observed
-    while sdrt's pipeline generates CALIBRATION_PROMPTS at `size` x `size` with the fp32 model
-    folder at `folder`."""
+    while sdrt's pipeline generates CALIBRATION_PROMPTS with the fp32 model folder at `folder`, at
+    the model's native size up to 256x256 (ranges barely depend on it, the calibration time does)."""
     import time
 
     from sdrt.runtime.modelfolder import read_model_folder
     from sdrt.runtime.pipeline import Pipeline
 
     pipe = Pipeline(read_model_folder(folder, verify="none", partial=True), "cpu")
+    size = min(256, pipe.info.sample_size * pipe.info.vae_scale_factor)
+    count = sum(len(tensors) for _, tensors in graphs.values())
+    log(f"  calibrating {count} activations on {len(CALIBRATION_PROMPTS)} prompts at {size}x{size}")
     observers = {}
     for name, (path, tensors) in graphs.items():
         observers[name] = RangeObserver(tensors)
@@ -274,19 +279,10 @@ def quantize_dynamic_matmuls(src: Path, dst: Path) -> int:
         op_types_to_quantize=list(DYNAMIC_OP_TYPES),
         per_channel=False,
         extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT},
-        use_external_data_format=size >= 2**31 - (64 << 20),
+        use_external_data_format=size >= EXTERNAL_DATA_FROM,
     )
     model = onnx.load(str(dst), load_external_data=False)
     return sum(n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul") for n in model.graph.node)
-
-
-def calibration_size(folder: Path) -> int:
-    """Side of the calibration images: the model's native size, at most 256 (ranges barely depend on
-    it, the calibration time does)."""
-    from sdrt.runtime.modelfolder import read_model_folder
-
-    info = read_model_folder(folder, verify="none", partial=True)
-    return min(256, info.sample_size * info.vae_scale_factor)
 
 
 def _remove_graph(path: Path) -> None:
@@ -302,18 +298,17 @@ def quantize_unet(folder: Path, log: Callable[[str], None] = print) -> dict:
     of quantized operators ({"QLinearConv": n, "MatMulInteger": m}).
     """
     import gc
+    import time
 
-    from .onnxfile import save_onnx
     from .optimize import quiet_logs
 
+    t = time.time()
     unet = folder / "unet" / "model.onnx"
     tensors = calibration_tensors(onnx.load(str(unet), load_external_data=False))
     probe = unet.with_name("calibration.onnx")
     write_calibration_graph(unet, probe, tensors)
     try:
-        size = calibration_size(folder)
-        log(f"  unet: calibrating {len(tensors)} activations on {len(CALIBRATION_PROMPTS)} prompts at {size}x{size}")
-        ranges = calibrate(folder, {"unet": (probe, tensors)}, size, log)["unet"]
+        ranges = calibrate(folder, {"unet": (probe, tensors)}, log)["unet"]
     finally:
         probe.unlink(missing_ok=True)
     model = onnx.load(str(unet))
@@ -328,4 +323,7 @@ def quantize_unet(folder: Path, log: Callable[[str], None] = print) -> dict:
             matmuls = quantize_dynamic_matmuls(staged, unet)
     finally:
         _remove_graph(staged)
-    return {"QLinearConv": convs, "MatMulInteger": matmuls}
+    counts = {"QLinearConv": convs, "MatMulInteger": matmuls}
+    log(f"  unet: int8/cpu graph written in {time.time() - t:.1f}s (quantized: "
+        + ", ".join(f"{k} {v}" for k, v in counts.items()) + ")")
+    return counts
