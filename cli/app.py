@@ -84,7 +84,7 @@ def export(
     target: str = typer.Option("cpu", "--target", help="cpu (fused for the CPU provider) or cuda (fused for the CUDA provider)."),
     opset: int = typer.Option(17, "--opset", help="ONNX opset, 14 to 20."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it exists (atomically, at the end)."),
-    fp32_ops: str = typer.Option("", "--fp32-ops", help="Comma-separated op types kept fp32 in fp16 graphs (e.g. MultiHeadAttention for SD 2.x)."),
+    fp32_ops: Optional[str] = typer.Option(None, "--fp32-ops", help="Comma-separated op types kept fp32 in every fp16 graph, or 'none'. Default: the family's (MultiHeadAttention in SD 2.x UNets)."),
     fp32_vae_decoder: bool = typer.Option(False, "--fp32-vae-decoder", help="With fp16: also write an fp32 VAE decoder, used for an image whose fp16 decoding overflows (NaN/Inf)."),
 ) -> None:
     """Export a Stable Diffusion checkpoint to an sdrt model folder (needs the export extra: torch, diffusers)."""
@@ -94,7 +94,7 @@ def export(
             from sdrt.export import export_model
         except ImportError as e:
             fail(f"export needs the export extra (pip install 'sdrt[export]'): {e}")
-        ops = tuple(o.strip() for o in fp32_ops.split(",") if o.strip())
+        ops = None if fp32_ops is None else tuple(o.strip() for o in fp32_ops.split(",") if o.strip() and o.strip() != "none")
         export_model(src, out, precision=precision, target=target, opset=opset, overwrite=overwrite, fp32_ops=ops,
                      fp32_vae_decoder=fp32_vae_decoder)
 

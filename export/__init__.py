@@ -26,6 +26,10 @@ TARGETS = ("cpu", "cuda")
 DEFAULT_OPSET = 17
 # Graphs quantized by --precision int8 (the others stay fp32: the UNet is where the time goes).
 INT8_GRAPHS = ("unet",)
+# Operators an fp16 graph keeps in fp32 unless fp32_ops says otherwise, per model family and graph:
+# SD 2.x's UNet attention overflows in fp16 (black images; ONNX Runtime's SD stack forces
+# unet:MultiHeadAttention to fp32 for SD 2.1 too).
+DEFAULT_FP32_OPS = {("sd2", "unet"): ("MultiHeadAttention",)}
 
 
 class ExportError(RuntimeError):
@@ -171,7 +175,7 @@ def export_model(
     target: str = "cpu",
     opset: int = DEFAULT_OPSET,
     overwrite: bool = False,
-    fp32_ops: tuple[str, ...] = (),
+    fp32_ops: tuple[str, ...] | None = None,
     fp32_vae_decoder: bool = False,
     check: bool = True,
     log: Callable[[str], None] = _log,
@@ -185,7 +189,8 @@ def export_model(
     UNet's convolutions statically quantized to int8 after calibration on fixed prompts and its
     matrix products dynamically quantized; see export/quantize.py), fp32 + cuda, or fp16 + cuda (fused for
     the CUDA provider, then converted to fp16; needs the CUDA provider to run).
-    fp32_ops: operator types kept in fp32 in fp16 graphs (e.g. ("MultiHeadAttention",) for SD 2.x).
+    fp32_ops: operator types kept in fp32 in every fp16 graph; None: the family's defaults
+    (DEFAULT_FP32_OPS: MultiHeadAttention in SD 2.x UNets), () none.
     fp32_vae_decoder: with fp16, also write an fp32 VAE decoder, which the pipeline uses for an
     image whose fp16 decoding overflows (NaN/Inf).
     """
@@ -258,9 +263,14 @@ def _export_into(src, tmp, index, precision, target, opset, fp32_ops, fp32_vae_d
     if prediction_type not in ("epsilon", "v_prediction"):
         raise ExportError(f"{src}: prediction_type {prediction_type!r} is not supported; accepted: epsilon, v_prediction")
 
+    family = _family(pipe.unet.config, pipe.tokenizer, prediction_type)
+    kept_fp32 = {}
     checks, fused, precisions = {}, {}, {}
     for spec in graph_specs(pipe):
         name = spec.name
+        ops = tuple(DEFAULT_FP32_OPS.get((family, name), ())) if fp32_ops is None else tuple(fp32_ops)
+        if precision == "fp16" and ops:
+            kept_fp32[name] = list(ops)
         dst = tmp / name / "model.onnx"
         stage = tmp / "_fp32" / name / "model.onnx"
         t = time.time()
@@ -270,7 +280,7 @@ def _export_into(src, tmp, index, precision, target, opset, fp32_ops, fp32_vae_d
             log(f"  {name}: fp32 ONNX vs PyTorch max abs diff {checks[name]:.3g}")
         # int8 graphs are quantized from their fused fp32 graph once the folder is complete (below).
         graph_precision = "fp32" if precision == "int8" else precision
-        fused[name] = optimize_graph(stage, dst, name, target, graph_precision, fp32_ops)
+        fused[name] = optimize_graph(stage, dst, name, target, graph_precision, ops)
         precisions[name] = precision if precision != "int8" or name in INT8_GRAPHS else "fp32"
         if check and target == "cpu" and graph_precision == "fp32":
             # The fused CPU graph must still compute the module's output.
@@ -301,7 +311,7 @@ def _export_into(src, tmp, index, precision, target, opset, fp32_ops, fp32_vae_d
     vae_cfg = pipe.vae.config
     manifest = {
         "format_version": FORMAT_VERSION,
-        "family": _family(pipe.unet.config, pipe.tokenizer, prediction_type),
+        "family": family,
         "prediction_type": prediction_type,
         "unet_in_channels": int(pipe.unet.config.in_channels),
         "latent_channels": int(vae_cfg.latent_channels),
@@ -313,7 +323,7 @@ def _export_into(src, tmp, index, precision, target, opset, fp32_ops, fp32_vae_d
         "target": target,
         "precision": precisions,
         "opset": opset,
-        "fp32_ops": list(fp32_ops),
+        "fp32_ops": kept_fp32,  # graph -> operator types kept fp32 in an fp16 graph
         "fused_operators": fused,
         "export_check_max_abs_diff": checks,
         "source": src.name,

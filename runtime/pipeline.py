@@ -29,6 +29,8 @@ from .sessions import Graph, resolve_provider
 
 OUTPUTS = ("pil", "np", "latent")
 MAX_SEED = 2**32 - 1
+# Input shapes (batch, height, width) of the UNet that may hold a captured CUDA graph at once.
+DEFAULT_CUDA_GRAPHS = 4
 
 
 @dataclass
@@ -103,10 +105,22 @@ class BatchNoise:
 class Pipeline:
     """A loaded model folder. Thread-safe: several threads may call it at once."""
 
-    def __init__(self, info: ModelInfo, provider: str = "auto", threads: int | None = None):
+    def __init__(self, info: ModelInfo, provider: str = "auto", threads: int | None = None, *,
+                 io_binding: bool | None = None, cuda_graphs: int | None = None):
         self.info = info
         self.provider = resolve_provider(provider, info)
-        self.graphs = {name: Graph(name, path, self.provider, threads) for name, path in info.graph_files.items()}
+        self.io_binding = self.provider == "cuda" if io_binding is None else bool(io_binding)
+        if cuda_graphs is None:
+            cuda_graphs = DEFAULT_CUDA_GRAPHS if self.io_binding and self.provider == "cuda" else 0
+        _check_number("cuda_graphs", cuda_graphs, 0, 64, integer=True)
+        if cuda_graphs and not self.io_binding:
+            raise InputError("cuda_graphs needs io_binding (CUDA graphs replay on fixed device buffers)")
+        self.cuda_graphs = cuda_graphs if self.provider == "cuda" else 0
+        self.graphs = {
+            name: Graph(name, path, self.provider, threads, io_binding=self.io_binding,
+                        cuda_graphs=cuda_graphs if name == "unet" else 0)
+            for name, path in info.graph_files.items()
+        }
         from .text import ClipTokenizer
 
         self.tokenizer = ClipTokenizer.from_folder(info.path / "tokenizer")
@@ -115,7 +129,8 @@ class Pipeline:
 
     def __repr__(self) -> str:
         i = self.info
-        return f"Pipeline({str(i.path)!r}, family={i.family}, unet_in_channels={i.unet_in_channels}, provider={self.provider})"
+        return (f"Pipeline({str(i.path)!r}, family={i.family}, unet_in_channels={i.unet_in_channels}, "
+                f"provider={self.provider}, io_binding={self.io_binding}, cuda_graphs={self.cuda_graphs})")
 
     def load_graphs(self, names=("text_encoder", "vae_encoder", "unet", "vae_decoder")) -> "Pipeline":
         """Create the sessions of `names` now (they are created on first use otherwise).
@@ -183,19 +198,19 @@ class Pipeline:
             latents = mean
         return (latents * self.info.vae_scaling_factor).astype(np.float32, copy=False)
 
-    def decode_latents(self, latents: np.ndarray) -> np.ndarray:
+    def decode_latents(self, latents: np.ndarray, fallbacks: list[int] | None = None) -> np.ndarray:
         """Scaled latents (B,C,h,w) -> images (B,3,H,W) in [-1,1] (float32).
 
         An image whose decoding overflows (NaN/Inf, which fp16 VAE decoders do on some latents) is
-        decoded again with the folder's fp32 decoder when it has one, and is an error otherwise:
-        never a black or noisy image in silence."""
+        decoded again with the folder's fp32 decoder when it has one (its index is appended to
+        `fallbacks`), and is an error otherwise: never a black or noisy image in silence."""
         z = (latents / self.info.vae_scaling_factor).astype(np.float32, copy=False)
         if not np.isfinite(z).all():
             raise RuntimeError("the denoising loop produced NaN/Inf latents; the UNet overflowed (an fp16 graph "
                                "that needs --fp32-ops, or a broken model)")
         out = []
         for i in range(z.shape[0]):
-            x = self.graphs["vae_decoder"].run({"latent_sample": z[i : i + 1]})[0]
+            x = self.graphs["vae_decoder"].run({"latent_sample": z[i : i + 1]}, ["sample"])[0]
             if not np.isfinite(x).all():
                 fallback = self.graphs.get(FP32_VAE_DECODER)
                 if fallback is None:
@@ -203,8 +218,10 @@ class Pipeline:
                         f"the VAE decoder of {self.info.path} produced NaN/Inf for image {i} (fp16 overflow); export "
                         "the model with --fp32-vae-decoder to decode such images in fp32"
                     )
-                x = fallback.run({"latent_sample": z[i : i + 1]})[0]
+                x = fallback.run({"latent_sample": z[i : i + 1]}, ["sample"])[0]
                 self.fp32_decodes += 1
+                if fallbacks is not None:
+                    fallbacks.append(i)
             out.append(x)
         return np.concatenate(out).astype(np.float32, copy=False)
 
@@ -214,7 +231,24 @@ class Pipeline:
         g.load()
         rank = g.input_ranks.get("timestep", 0)
         ts = np.array(t, dtype=np.float64) if rank == 0 else np.full((x_in.shape[0],) if rank == 1 else (1,), t)
-        return g.run({"sample": x_in, "timestep": ts, "encoder_hidden_states": emb})[0]
+        # The embeddings are the same array at every step: with IO binding they cross once per call.
+        return g.run({"sample": x_in, "timestep": ts, "encoder_hidden_states": emb}, ["out_sample"],
+                     keep=("encoder_hidden_states",))[0]
+
+    def _check_unet_output(self, out: np.ndarray, b: int) -> None:
+        """NaN/Inf in the UNet's output, per image (rows i and b+i of a CFG batch are image i)."""
+        if np.isfinite(out).all():
+            return
+        rows = ~np.isfinite(out.reshape(out.shape[0], -1)).all(axis=1)
+        bad = sorted({i % b for i in np.flatnonzero(rows)})
+        images = ", ".join(str(i) for i in bad)
+        if self.info.precision.get("unet") == "fp16":
+            raise RuntimeError(
+                f"the fp16 UNet overflowed (NaN/Inf) for image {images} of the batch; export the model with "
+                "--fp32-ops MultiHeadAttention (or use an fp32 model)"
+            )
+        raise RuntimeError(f"the UNet produced NaN/Inf for image {images} of the batch: check the prompt weights, "
+                           "the noise and the sampler options")
 
     def make_denoiser(self, plan, cond, uncond, guidance: float, conditioning: np.ndarray | None = None):
         """denoise(x, sigma) -> x0 estimate, with CFG as one UNet call on a 2B batch."""
@@ -246,6 +280,7 @@ class Pipeline:
             if cfg:
                 inp[b:, : x.shape[1]] = inp[:b, : x.shape[1]]
             out = self._unet(inp, plan.timestep(sigma), embeddings(b)).astype(np.float32, copy=False)
+            self._check_unet_output(out, b)
             if cfg:
                 u, c = out[:b], out[b:]
                 model_out = u + guidance * (c - u)
@@ -523,8 +558,11 @@ class Pipeline:
             timings["total"] = time.perf_counter() - t_start
             return Result([], seeds, params, self._infotexts(params, seeds), arrays=latents, timings=timings)
         t = time.perf_counter()
-        pixels = self.decode_latents(latents)
+        fallbacks: list[int] = []
+        pixels = self.decode_latents(latents, fallbacks)
         timings["vae_decode"] = time.perf_counter() - t
+        if fallbacks:
+            params["vae_fp32_fallback"] = fallbacks  # images decoded again in fp32 (fp16 overflow)
         images = prepare.finish_images(job, pixels)
         timings["total"] = time.perf_counter() - t_start
         timings["unet_calls"] = n_calls["unet"]
@@ -596,10 +634,16 @@ def _family(sampler) -> str | None:
         return None  # make_plan reports the unknown name with the list of valid ones
 
 
-def load(path: str | Path | None = None, provider: str = "auto", *, verify: str = "auto", threads: int | None = None) -> Pipeline:
-    """Load a model folder (sdrt export or optimum export). path=None loads the embedded default model."""
+def load(path: str | Path | None = None, provider: str = "auto", *, verify: str = "auto", threads: int | None = None,
+         io_binding: bool | None = None, cuda_graphs: int | None = None) -> Pipeline:
+    """Load a model folder (sdrt export or optimum export). path=None loads the embedded default model.
+
+    io_binding: run the graphs on buffers that stay put between calls (on the device with CUDA);
+    default: on for CUDA, off for the CPU. cuda_graphs: how many UNet input shapes (batch, size)
+    may hold a captured CUDA graph (default 4 with CUDA and IO binding, 0 otherwise)."""
     if path is None:
         from sdrt.models import default_model_path
 
         path = default_model_path()
-    return Pipeline(read_model_folder(path, verify=verify), provider=provider, threads=threads)
+    return Pipeline(read_model_folder(path, verify=verify), provider=provider, threads=threads,
+                    io_binding=io_binding, cuda_graphs=cuda_graphs)

@@ -3,26 +3,19 @@
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 import threading
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from .binding import BoundSession, _GraphCaptureFailed, _numpy_type, _typed
 from .modelfolder import ModelInfo
 
 PROVIDERS = ("auto", "cpu", "cuda")
-
-_ORT_TYPES = {
-    "tensor(float)": np.float32,
-    "tensor(float16)": np.float16,
-    "tensor(double)": np.float64,
-    "tensor(int64)": np.int64,
-    "tensor(int32)": np.int32,
-}
-
 
 class ProviderError(RuntimeError):
     """The requested execution provider cannot run here, or cannot run this model folder."""
@@ -124,38 +117,38 @@ def _release_freed_heap() -> None:
         pass
 
 
-def provider_list(provider: str, device_id: int = 0) -> list[Any]:
+def provider_list(provider: str, device_id: int = 0, cuda_graph: bool = False) -> list[Any]:
     if provider == "cuda":
-        return [
-            (
-                "CUDAExecutionProvider",
-                {
-                    "device_id": device_id,
-                    "arena_extend_strategy": "kSameAsRequested",
-                    "cudnn_conv_algo_search": "EXHAUSTIVE",
-                    "do_copy_in_default_stream": True,
-                },
-            ),
-            "CPUExecutionProvider",
-        ]
+        options = {
+            "device_id": device_id,
+            "arena_extend_strategy": "kSameAsRequested",
+            "cudnn_conv_algo_search": "EXHAUSTIVE",
+            "do_copy_in_default_stream": True,
+        }
+        if cuda_graph:
+            options["enable_cuda_graph"] = True
+        return [("CUDAExecutionProvider", options), "CPUExecutionProvider"]
     return ["CPUExecutionProvider"]
 
 
-def _typed(v, dtype) -> np.ndarray:
-    """The array as the graph's input type, C-contiguous (0-d arrays stay 0-d)."""
-    a = np.asarray(v, dtype=dtype)
-    return a if a.flags.c_contiguous else np.ascontiguousarray(a)
-
-
 class Graph:
-    """One graph of a model folder, its session created on first use (thread-safe)."""
+    """One graph of a model folder, its session created on first use (thread-safe).
 
-    def __init__(self, name: str, path: Path, provider: str, threads: int | None = None):
+    io_binding: run through a BoundSession (buffers that stay put; on the device for CUDA).
+    cuda_graphs: with io_binding on CUDA, how many input shapes may hold a captured CUDA graph
+    (0: none). A session that cannot capture falls back to plain runs with a one-line log."""
+
+    def __init__(self, name: str, path: Path, provider: str, threads: int | None = None, *, io_binding: bool = False,
+                 cuda_graphs: int = 0, log: Callable[[str], None] | None = None):
         self.name = name
         self.path = path
         self.provider = provider
         self.threads = threads
+        self.io_binding = io_binding
+        self.cuda_graphs = cuda_graphs if io_binding and provider == "cuda" else 0
+        self.log = log or _log
         self._session = None
+        self._bound: BoundSession | None = None
         self._lock = threading.Lock()
         self.input_types: dict[str, type] = {}
         self.input_ranks: dict[str, int] = {}
@@ -175,10 +168,19 @@ class Graph:
     def _create(self):
         import onnxruntime as ort
 
+        def create(cuda_graph: bool):
+            return ort.InferenceSession(str(self.path), session_options(self.provider, self.threads),
+                                        providers=provider_list(self.provider, cuda_graph=cuda_graph))
+
         try:
-            sess = ort.InferenceSession(
-                str(self.path), session_options(self.provider, self.threads), providers=provider_list(self.provider)
-            )
+            try:
+                sess = create(self.cuda_graphs > 0)
+            except Exception as e:
+                if not self.cuda_graphs:
+                    raise
+                self.log(f"{self.name}: CUDA graphs off, plain runs: {str(e).splitlines()[0]}")
+                self.cuda_graphs = 0
+                sess = create(False)
         except Exception as e:  # ORT raises its own exception types; say which file failed
             raise ProviderError(f"cannot load the {self.name} graph {self.path}: {str(e).splitlines()[0]}") from None
         if self.provider == "cpu":
@@ -188,25 +190,63 @@ class Graph:
                 f"the CUDA provider failed to start for {self.path} (CUDA/cuDNN libraries missing or no GPU visible)"
             )
         for i in sess.get_inputs():
-            self.input_types[i.name] = _ORT_TYPES.get(i.type, np.float32)
+            self.input_types[i.name] = _numpy_type(i.type)
             self.input_ranks[i.name] = len(i.shape)
         self.output_names = [o.name for o in sess.get_outputs()]
+        if self.io_binding:
+            self._bound = BoundSession(sess, self.provider, 0, max_graphs=self.cuda_graphs,
+                                       log=lambda m: self.log(f"{self.name}: {m}"))
         return sess
 
     def load(self) -> "Graph":
         self.session  # noqa: B018 (creates it)
         return self
 
-    def run(self, feeds: dict[str, np.ndarray], outputs: Sequence[str] | None = None) -> list[np.ndarray]:
+    def _recreate(self, cuda_graphs: int) -> None:
+        """A new session (frees every CUDA graph the old one captured)."""
+        with self._lock:
+            self._session, self._bound = None, None
+            self.cuda_graphs = cuda_graphs
+        self.load()
+
+    @property
+    def bound(self) -> BoundSession | None:
+        """The IO-binding runner (None without io_binding)."""
+        self.load()
+        return self._bound
+
+    def run(self, feeds: dict[str, np.ndarray], outputs: Sequence[str] | None = None,
+            keep: Sequence[str] = ()) -> list[np.ndarray]:
+        """Run on `feeds`; `keep` names inputs the caller passes again unchanged (IO binding
+        copies them to the device only when the array object changes)."""
         sess = self.session
-        typed = {k: _typed(v, self.input_types.get(k)) for k, v in feeds.items()}
         t = time.perf_counter()
         try:
-            out = sess.run(list(outputs) if outputs else None, typed)
+            if self._bound is not None:
+                out = self._run_bound(feeds, list(outputs) if outputs else self.output_names, keep)
+            else:
+                typed = {k: _typed(v, self.input_types.get(k)) for k, v in feeds.items()}
+                out = sess.run(list(outputs) if outputs else None, typed)
+        except ProviderError:
+            raise
         except Exception as e:
-            shapes = ", ".join(f"{k} {tuple(v.shape)} {v.dtype}" for k, v in typed.items())
+            shapes = ", ".join(f"{k} {tuple(np.shape(v))} {np.asarray(v).dtype}" for k, v in feeds.items())
             raise RuntimeError(f"the {self.name} graph failed on inputs [{shapes}]: {str(e).splitlines()[0]}") from None
         with self._lock:
             self.calls += 1
             self.seconds += time.perf_counter() - t
         return out
+
+    def _run_bound(self, feeds, outputs, keep):
+        if self._bound.needs_reset:
+            self._recreate(self.cuda_graphs)
+        try:
+            return self._bound.run(feeds, outputs, keep)
+        except _GraphCaptureFailed:
+            # A failed capture may leave the session unusable: a new one, without graphs.
+            self._recreate(0)
+            return self._bound.run(feeds, outputs, keep)
+
+
+def _log(msg: str) -> None:
+    logging.getLogger("sdrt.runtime").warning(msg)

@@ -78,9 +78,9 @@ class UnetSpy:
         self._run = self.graph.run
 
     def __enter__(self):
-        def run(feeds, outputs=None):
+        def run(feeds, outputs=None, **kw):
             self.calls.append({k: np.array(v) for k, v in feeds.items()})
-            return self._run(feeds, outputs)
+            return self._run(feeds, outputs, **kw)
 
         self.graph.run = run
         return self
@@ -318,7 +318,7 @@ def test_prompt_is_encoded_once(models):
     te = pipe.graphs["text_encoder"]
     real = te.run
     seen = []
-    te.run = lambda feeds, outputs=None: seen.append(np.array(feeds["input_ids"])) or real(feeds, outputs)
+    te.run = lambda feeds, outputs=None, **kw: seen.append(np.array(feeds["input_ids"])) or real(feeds, outputs, **kw)
     opts = dict(strength=0.5, steps=2, sampler="Euler")
     for seed in range(3):
         pipe.img2img(IMG, PROMPT, NEGATIVE, seed=seed, **opts)
@@ -609,8 +609,8 @@ def test_output_kinds_and_infotext(sd1, models):
 def _nan_decoder(graph):
     real = graph.run
 
-    def run(feeds, outputs=None):
-        out = real(feeds, outputs)
+    def run(feeds, outputs=None, **kw):
+        out = real(feeds, outputs, **kw)
         return [np.full_like(out[0], np.nan)]
 
     return run
@@ -633,6 +633,7 @@ def test_overflowing_decoder_falls_back_to_fp32(models, copy_folder, monkeypatch
     monkeypatch.setattr(pipe.graphs["vae_decoder"], "run", _nan_decoder(pipe.graphs["vae_decoder"]))
     got = pipe.img2img(IMG, **call)
     assert pipe.fp32_decodes == 2
+    assert got.parameters["vae_fp32_fallback"] == [0, 1] and "vae_fp32_fallback" not in want.parameters
     for i in range(2):
         assert np.array_equal(_px(got, i), _px(want, i))
 
@@ -640,3 +641,20 @@ def test_overflowing_decoder_falls_back_to_fp32(models, copy_folder, monkeypatch
     monkeypatch.setattr(plain.graphs["vae_decoder"], "run", _nan_decoder(plain.graphs["vae_decoder"]))
     with pytest.raises(RuntimeError, match="NaN/Inf.*--fp32-vae-decoder"):
         plain.img2img(IMG, **call)
+
+
+@pytest.mark.parametrize("bad_row", [0, 1, 2, 3])
+def test_unet_overflow_names_the_image(models, monkeypatch, bad_row):
+    """NaN/Inf in the UNet's output is caught at the step it appears, per image: row r of a CFG
+    batch of 2B rows belongs to image r mod B; the error names it and never yields an image."""
+    pipe = load(models.exported("tiny-sd1"), provider="cpu")
+    real = pipe.graphs["unet"].run
+
+    def run(feeds, outputs=None, **kw):
+        out = real(feeds, outputs, **kw)[0].copy()
+        out[bad_row, 0, 0, 0] = np.inf
+        return [out]
+
+    monkeypatch.setattr(pipe.graphs["unet"], "run", run)
+    with pytest.raises(RuntimeError, match=f"NaN/Inf for image {bad_row % 2} of the batch"):
+        pipe.img2img(IMG, PROMPT, NEGATIVE, strength=0.6, steps=3, seed=4, batch_size=2)
