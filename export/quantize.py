@@ -151,8 +151,8 @@ class _ObservedGraph(Graph):
         super().__init__(name, path, provider, threads)
         self.observer = observer
 
-    def run(self, feeds, outputs=None):
-        res = super().run(feeds)
+    def run(self, feeds, outputs=None, keep=()):
+        res = super().run(feeds, keep=keep)
         n_real = len(res) - len(self.observer.names)
         self.observer.update(res[n_real:])
         if outputs:
