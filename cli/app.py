@@ -86,6 +86,7 @@ def export(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it exists (atomically, at the end)."),
     fp32_ops: Optional[str] = typer.Option(None, "--fp32-ops", help="Comma-separated op types kept fp32 in every fp16 graph, or 'none'. Default: the family's (MultiHeadAttention in SD 2.x UNets)."),
     fp32_vae_decoder: bool = typer.Option(False, "--fp32-vae-decoder", help="With fp16: also write an fp32 VAE decoder, used for an image whose fp16 decoding overflows (NaN/Inf)."),
+    skip_memory_check: bool = typer.Option(False, "--skip-memory-check", help="Start even when the available memory is clearly below the export's estimated need."),
 ) -> None:
     """Export a Stable Diffusion checkpoint to an sdrt model folder (needs the export extra: torch, diffusers)."""
 
@@ -96,7 +97,7 @@ def export(
             fail(f"export needs the export extra (pip install 'sdrt[export]'): {e}")
         ops = None if fp32_ops is None else tuple(o.strip() for o in fp32_ops.split(",") if o.strip() and o.strip() != "none")
         export_model(src, out, precision=precision, target=target, opset=opset, overwrite=overwrite, fp32_ops=ops,
-                     fp32_vae_decoder=fp32_vae_decoder)
+                     fp32_vae_decoder=fp32_vae_decoder, memory_check=not skip_memory_check)
 
     _run_guarded(go)
 
