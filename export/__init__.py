@@ -89,7 +89,7 @@ class DiffusersSource:
 
     COMPONENTS = ("text_encoder", "unet", "vae")
 
-    def __init__(self, src: Path, index: dict):
+    def __init__(self, src: Path, index: dict, prediction_type: str | None = None):
         from diffusers import AutoencoderKL, UNet2DConditionModel
         from transformers import CLIPTextConfig, CLIPTokenizer
 
@@ -105,6 +105,9 @@ class DiffusersSource:
             raise ExportError(f"{src}: the UNet takes extra conditioning (SDXL/LCM-distilled); sdrt accepts SD 1.x/2.x UNets")
         self.tokenizer = CLIPTokenizer.from_pretrained(src, subfolder="tokenizer", local_files_only=True)
         self.scheduler_config = json.loads((src / "scheduler" / "scheduler_config.json").read_text(encoding="utf-8"))
+        self._override = prediction_type is not None
+        if self._override:
+            self.scheduler_config["prediction_type"] = prediction_type
 
     def weight_bytes(self) -> dict[str, int]:
         """fp32 bytes of each model's weights, from the weight files' headers (no weights read)."""
@@ -121,7 +124,10 @@ class DiffusersSource:
 
     def write_scheduler(self, dst: Path) -> None:
         dst.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(self.src / "scheduler" / "scheduler_config.json", dst / "scheduler_config.json")
+        if self._override:
+            (dst / "scheduler_config.json").write_text(json.dumps(self.scheduler_config, indent=2) + "\n")
+        else:
+            shutil.copy2(self.src / "scheduler" / "scheduler_config.json", dst / "scheduler_config.json")
 
 
 def _folder_weight_bytes(folder: Path) -> int:
@@ -230,12 +236,17 @@ def export_model(
     fp32_vae_decoder: bool = False,
     check: bool = True,
     memory_check: bool = True,
+    prediction_type: str | None = None,
+    vae: str | os.PathLike | None = None,
     log: Callable[[str], None] = _log,
 ) -> Path:
-    """Export the diffusers folder `src` into the sdrt model folder `out`; returns `out`.
+    """Export the diffusers folder or single-file checkpoint `src` into the sdrt model folder `out`;
+    returns `out`.
 
-    `src` may also be an sdrt fp32 cpu-target folder with precision="int8": its UNet is quantized
-    (no PyTorch needed) and the other files are copied.
+    `src` may be a diffusers folder, an A1111/ComfyUI-style single-file SD 1.x/2.x checkpoint
+    (.safetensors, or .ckpt/.pt read with PyTorch's weights-only loader; see export/checkpoint.py),
+    or an sdrt fp32 cpu-target folder with precision="int8": its UNet is quantized (no PyTorch
+    needed) and the other files are copied.
 
     precision/target: fp32 + cpu (fused for the CPU provider), int8 + cpu (the same, with the
     UNet's convolutions statically quantized to int8 after calibration on fixed prompts and its
@@ -247,6 +258,10 @@ def export_model(
     image whose fp16 decoding overflows (NaN/Inf).
     memory_check: refuse to start when the machine's available memory is clearly below what the
     export needs (estimated from the models' weight sizes, see export/memory.py).
+    prediction_type: "epsilon" or "v_prediction" for a single file whose tensors cannot tell
+    (SD 2.x 512 eps vs 768 v; by default decided as A1111 decides it), or to override a folder's.
+    vae: replace the model's VAE by an A1111-style VAE file or a diffusers AutoencoderKL folder;
+    the manifest records its name and hash (the infotext's "VAE" and "VAE hash").
     """
     src, out = Path(src).expanduser(), Path(out).expanduser()
     if precision not in PRECISIONS:
@@ -261,21 +276,47 @@ def export_model(
         raise ExportError("--fp32-vae-decoder goes with --precision fp16 (the VAE decoder is fp32 otherwise)")
     if not 14 <= opset <= 20:
         raise ExportError(f"opset {opset} is not supported; accepted: 14 to 20")
-    from_folder = (src / MANIFEST).is_file()
+    if prediction_type not in (None, "epsilon", "v_prediction"):
+        raise ExportError(f"prediction type {prediction_type!r} is not supported; accepted: epsilon, v_prediction")
+    from_file = src.is_file()
+    from_folder = not from_file and (src / MANIFEST).is_file()
+    tensors = index = None
     if from_folder:
         if precision != "int8" or target != "cpu":
             raise ExportError(f"{src} is an sdrt model folder: it can only be quantized (--precision int8, cpu target); "
                               "other precisions are exported from the diffusers folder")
+        if vae is not None or prediction_type is not None:
+            raise ExportError(f"{src} is an sdrt model folder: --vae and --prediction-type apply when exporting from "
+                              "a checkpoint or a diffusers folder")
+    elif from_file:
+        from .checkpoint import TensorFile, detect
+
+        tensors = TensorFile(src)
+        detect(tensors, prediction_type)  # a file sdrt cannot export is refused here, before any big allocation
     else:
+        if not src.exists() and src.suffix.lower() in (".safetensors", ".ckpt", ".pt", ".pth"):
+            raise ExportError(f"checkpoint {src} does not exist")
         index = _read_index(src)
+    vae_file = None
+    if vae is not None:
+        from .checkpoint import VaeFile
+
+        vae_file = VaeFile(Path(vae).expanduser())
     if out.exists() and not overwrite:
         raise ExportError(f"output folder {out} already exists; pass --overwrite to replace it")
     if out.resolve() == src.resolve():
         raise ExportError("the output folder must differ from the source folder")
     if from_folder:
         weights = memory.onnx_folder_weight_bytes(src)
+    elif from_file:
+        from .checkpoint import OPEN_CLIP, UNET, VAE, CLIP_L
+
+        weights = {"unet": 4 * tensors.numel(UNET), "vae": 4 * tensors.numel(VAE),
+                   "text_encoder": 4 * (tensors.numel(CLIP_L) + tensors.numel(OPEN_CLIP))}
     else:
         weights = {c: _folder_weight_bytes(src / c) for c in DiffusersSource.COMPONENTS}
+    if vae_file is not None:
+        weights["vae"] = vae_file.fp32_bytes()
     need, avail, short = memory.shortfall(weights, precision, with_torch=not from_folder)
     if short and memory_check:
         raise ExportError(
@@ -291,7 +332,14 @@ def export_model(
         if from_folder:
             manifest = _quantize_into(src, tmp, log)
         else:
-            manifest = _export_into(src, tmp, index, precision, target, opset, fp32_ops, fp32_vae_decoder, check, log)
+            if from_file:
+                from .checkpoint import CheckpointSource
+
+                source = CheckpointSource(src, prediction_type, log=log, tensors=tensors)
+            else:
+                source = DiffusersSource(src, index, prediction_type)
+            source.vae_file = vae_file
+            manifest = _export_into(source, tmp, precision, target, opset, fp32_ops, fp32_vae_decoder, check, log)
         _fsync_tree(tmp)
         (tmp / INCOMPLETE_MARKER).unlink()
         if out.exists():
@@ -325,8 +373,7 @@ def _free_memory() -> None:
         pass
 
 
-def _export_into(src, tmp, index, precision, target, opset, fp32_ops, fp32_vae_decoder, check, log,
-                 source: DiffusersSource | None = None) -> dict:
+def _export_into(source, tmp, precision, target, opset, fp32_ops, fp32_vae_decoder, check, log) -> dict:
     """Export each model of `source` in turn: load it, trace its graphs (weights written to external
     data as they are traced), keep the module's outputs on the example inputs, free the module,
     then check, fuse and convert each graph one at a time with its weights on disk."""
@@ -337,7 +384,7 @@ def _export_into(src, tmp, index, precision, target, opset, fp32_ops, fp32_vae_d
 
     torch.set_grad_enabled(False)
     t0 = time.time()
-    source = source or DiffusersSource(src, index)
+    src, index = source.src, source.index
     prediction_type = source.scheduler_config.get("prediction_type", "epsilon")
     if prediction_type not in ("epsilon", "v_prediction"):
         raise ExportError(f"{src}: prediction_type {prediction_type!r} is not supported; accepted: epsilon, v_prediction")
@@ -348,7 +395,8 @@ def _export_into(src, tmp, index, precision, target, opset, fp32_ops, fp32_vae_d
     checks, fused, precisions = {}, {}, {}
     configs = {}
     for component in source.COMPONENTS:
-        module = source.load(component)
+        vae_file = getattr(source, "vae_file", None)
+        module = vae_file.load() if component == "vae" and vae_file is not None else source.load(component)
         if component == "text_encoder":
             specs = [text_encoder_spec(module, source.tokenizer)]
             (tmp / "text_encoder").mkdir()
@@ -429,6 +477,16 @@ def _export_into(src, tmp, index, precision, target, opset, fp32_ops, fp32_vae_d
         "source": source.name,
         "versions": _versions(),
     }
+    if getattr(source, "detected", None) is not None:
+        from .checkpoint import sha256_and_short
+
+        digest, short = sha256_and_short(src)
+        # The file's A1111 short hash: the infotext's "Model hash" matches A1111's for the same file.
+        manifest["source_file"] = {"name": src.name, "sha256": digest, "short_hash": short,
+                                   "prediction_type_from": source.detected.how}
+    if getattr(source, "vae_file", None) is not None:
+        v = source.vae_file
+        manifest["vae"] = {"name": v.name, "sha256": v.sha256, "short_hash": v.short_hash}
     assert set(GRAPHS) <= set(precisions)
     if precision == "int8":
         from .quantize import quantize_unet

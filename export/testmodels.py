@@ -140,6 +140,24 @@ KINDS["mid"] = Kind(
     "PNDMScheduler",
     SD15_SCHEDULER,
 )
+# Tiny models in the SD 1.x / 2.x families' conventions (attention heads: 8 per block for SD 1.x,
+# one per 64 channels for SD 2.x and for the text encoders; SD 2.x: linear projections, GELU text
+# encoder, "!" padding), so that the same weights written as a single-file checkpoint convert back
+# with the configs sdrt ships for those families (tests/test_checkpoint.py).
+_CKPT_TEXT = {**_TINY_TEXT, "hidden_size": 64, "intermediate_size": 96, "num_attention_heads": 1, "projection_dim": 64}
+_CKPT_SD1_UNET = {**_TINY_UNET, "cross_attention_dim": 64, "attention_head_dim": 8}
+_CKPT_SD2_UNET = {**_TINY_UNET, "block_out_channels": (64, 128), "cross_attention_dim": 64, "attention_head_dim": (1, 2),
+                  "use_linear_projection": True}
+_SD2_SCHEDULER = {**SD15_SCHEDULER, "prediction_type": "epsilon"}
+KINDS["ckpt-sd1"] = Kind(_CKPT_SD1_UNET, _TINY_VAE, _CKPT_TEXT, "PNDMScheduler", SD15_SCHEDULER)
+KINDS["ckpt-sd1-inpaint"] = Kind({**_CKPT_SD1_UNET, "in_channels": 9}, _TINY_VAE, _CKPT_TEXT, "PNDMScheduler",
+                                 SD15_SCHEDULER, inpaint=True)
+KINDS["ckpt-sd2"] = Kind(_CKPT_SD2_UNET, _TINY_VAE, {**_CKPT_TEXT, "hidden_act": "gelu"}, "DDIMScheduler", _SD2_SCHEDULER,
+                         pad_token="!")
+KINDS["ckpt-sd2-v"] = Kind(_CKPT_SD2_UNET, _TINY_VAE, {**_CKPT_TEXT, "hidden_act": "gelu"}, "DDIMScheduler",
+                           {**_SD2_SCHEDULER, "prediction_type": "v_prediction"}, pad_token="!")
+KINDS["ckpt-sd2-inpaint"] = Kind({**_CKPT_SD2_UNET, "in_channels": 9}, _TINY_VAE, {**_CKPT_TEXT, "hidden_act": "gelu"},
+                                 "DDIMScheduler", _SD2_SCHEDULER, pad_token="!", inpaint=True)
 KINDS["sd15-inpaint"] = Kind(
     {**KINDS["sd15"].unet, "in_channels": 9}, KINDS["sd15"].vae, KINDS["sd15"].text, "PNDMScheduler", SD15_SCHEDULER, inpaint=True
 )
