@@ -112,6 +112,7 @@ def info(
         import onnxruntime as ort
 
         from sdrt.runtime.modelfolder import read_model_folder
+        from sdrt.runtime.sessions import onnxruntime_distributions
 
         i = read_model_folder(model, verify=verify)
         size = sum(p.stat().st_size for p in i.path.rglob("*") if p.is_file())
@@ -126,6 +127,7 @@ def info(
             ("precision", ", ".join(f"{k} {v}" for k, v in i.precision.items())),
             ("files", f"{size / 2**20:.1f} MiB" + ("" if i.manifest else " (no sdrt.json: not checked)")),
             ("providers here", ", ".join(ort.get_available_providers())),
+            ("onnxruntime", " + ".join(onnxruntime_distributions()) or f"{ort.__version__} (no distribution metadata)"),
         ]
         w = max(len(k) for k, _ in rows)
         for k, v in rows:

@@ -142,7 +142,11 @@ class BoundSession:
             if self.max_graphs > 0:
                 ro.add_run_config_entry("gpu_graph_id", str(slot.graph_id))
             try:
+                # Host-to-device copies of pageable memory may still be in flight when update_inplace
+                # returns, and ONNX Runtime's CUDA stream does not wait for the default stream.
+                slot.binding.synchronize_inputs()
                 self.session.run_with_iobinding(slot.binding, ro)
+                slot.binding.synchronize_outputs()
             except Exception as e:
                 if slot.graph_id == NO_GRAPH:
                     raise

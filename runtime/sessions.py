@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import os
 import threading
@@ -50,14 +51,14 @@ def resolve_provider(provider: str, info: ModelInfo | None = None) -> str:
         if provider == "cpu" and info is not None and info.target == "cuda" and "fp16" in info.precision.values():
             raise ProviderError(
                 f"model folder {info.path} holds fp16 graphs fused for CUDA, and this onnxruntime has no CUDA provider "
-                f"(providers: {', '.join(available)}); install onnxruntime-gpu (pip install 'sdrt[gpu]') or export the "
+                f"(providers: {', '.join(available)}); {gpu_install_hint()}, or export the "
                 "model with --target cpu"
             )
     if provider == "cuda" and not has_cuda:
         raise ProviderError(
             "CUDA was asked for, but this onnxruntime has no CUDA provider "
             f"(onnxruntime {ort.__version__}, providers: {', '.join(available)}); "
-            "install onnxruntime-gpu (pip install 'sdrt[gpu]') on a machine with an NVIDIA GPU, or use provider='cpu'"
+            f"{gpu_install_hint()} on a machine with an NVIDIA GPU, or use provider='cpu'"
         )
     if provider == "cpu" and info is not None and info.target == "cuda" and "fp16" in info.precision.values():
         raise ProviderError(
@@ -65,6 +66,27 @@ def resolve_provider(provider: str, info: ModelInfo | None = None) -> str:
             "Export the model with --target cpu for CPU use"
         )
     return provider
+
+
+def onnxruntime_distributions() -> list[str]:
+    """The installed distributions that provide the `onnxruntime` package (one is right)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = []
+    for name in ("onnxruntime", "onnxruntime-gpu"):
+        try:
+            found.append(f"{name} {version(name)}")
+        except PackageNotFoundError:
+            pass
+    return found
+
+
+def gpu_install_hint() -> str:
+    dists = onnxruntime_distributions()
+    if len(dists) > 1:
+        return (f"{' and '.join(dists)} are both installed and overwrite each other's files: "
+                "pip uninstall -y onnxruntime onnxruntime-gpu, then SDRT_ONNXRUNTIME=gpu pip install sdrt")
+    return "install sdrt with the CUDA build of ONNX Runtime (SDRT_ONNXRUNTIME=gpu pip install sdrt, see the README)"
 
 
 def session_options(provider: str, threads: int | None = None):
@@ -106,6 +128,19 @@ def _shared_cpu_arena() -> bool:
             except Exception:  # the application registered one already, or none can be: each session keeps its own
                 _arena.append(False)
         return _arena[0]
+
+
+@functools.lru_cache(maxsize=None)
+def _preload_cuda_libraries() -> None:
+    """Load CUDA and cuDNN from the nvidia-* pip packages when that is how they are installed
+    (onnxruntime-gpu[cuda,cudnn], or beside PyTorch); a system-wide CUDA is found without it."""
+    import onnxruntime as ort
+
+    if hasattr(ort, "preload_dlls"):
+        try:
+            ort.preload_dlls()
+        except Exception:  # nothing to preload: the libraries come from the system's library path
+            pass
 
 
 def _release_freed_heap() -> None:
@@ -167,6 +202,9 @@ class Graph:
 
     def _create(self):
         import onnxruntime as ort
+
+        if self.provider == "cuda":
+            _preload_cuda_libraries()
 
         def create(cuda_graph: bool):
             return ort.InferenceSession(str(self.path), session_options(self.provider, self.threads),
