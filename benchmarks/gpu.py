@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """sdrt on a GPU beside diffusers fp16 and torch.compile: the same work, measured in one run.
 
-    python benchmarks/gpu.py --out results/                 # a CUDA machine: build, export, measure, write results
+    python benchmarks/gpu.py --out results/                 # a CUDA machine: build, export, measure (about 9 min on an H200)
     python benchmarks/gpu.py --provider cpu --tiny --out r/ # the same code end to end on a tiny model on the CPU
     python benchmarks/gpu.py --render results/gpu-DATE.json   # rewrite docs/benchmarks.md's GPU section from results
 
