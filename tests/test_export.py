@@ -499,3 +499,36 @@ def test_runtime_import_does_not_need_torch():
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr
+
+
+def _mha_input_types(folder):
+    """For each MultiHeadAttention node of the UNet: the element types its data inputs arrive in."""
+    m = onnx.load(str(folder / "unet" / "model.onnx"))
+    producer = {o: n for n in m.graph.node for o in n.output}
+    types = []
+    for n in m.graph.node:
+        if n.op_type == "MultiHeadAttention":
+            for i in n.input[:3]:
+                p = producer.get(i)
+                if i and p is not None and p.op_type == "Cast":
+                    types.append(next(a.i for a in p.attribute if a.name == "to"))
+                elif i:
+                    types.append("fp16 producer")
+    return types
+
+
+def test_sd2_fp16_unet_keeps_attention_fp32(models, tmp_path):
+    """SD 2.x UNets overflow in fp16 attention (black images); their fp16 export keeps
+    MultiHeadAttention in fp32 by default (inputs cast to float), SD 1.x keeps it fp16, and an
+    explicit fp32_ops list overrides the default."""
+    sd2 = models.exported("tiny-sd2-v", target="cuda", precision="fp16")
+    sd1 = models.exported("tiny-sd1", target="cuda", precision="fp16")
+    assert read_model_folder(sd2).manifest["fp32_ops"] == {"unet": ["MultiHeadAttention"]}
+    assert read_model_folder(sd1).manifest["fp32_ops"] == {}
+    t2, t1 = _mha_input_types(sd2), _mha_input_types(sd1)
+    assert t2 and set(t2) == {onnx.TensorProto.FLOAT}
+    assert t1 and onnx.TensorProto.FLOAT not in t1
+    none = export_model(models.source("tiny-sd2-v"), tmp_path / "none", target="cuda", precision="fp16", fp32_ops=(),
+                        check=False, log=lambda m: None)
+    assert read_model_folder(none).manifest["fp32_ops"] == {}
+    assert onnx.TensorProto.FLOAT not in _mha_input_types(none)
