@@ -151,7 +151,7 @@ class _ObservedGraph(Graph):
         super().__init__(name, path, provider, threads)
         self.observer = observer
 
-    def run(self, feeds, outputs=None):
+    def run(self, feeds, outputs=None, keep=()):
         res = super().run(feeds)
         n_real = len(res) - len(self.observer.names)
         self.observer.update(res[n_real:])
