@@ -87,7 +87,8 @@ class _Gate:
                 status["code"] = message["status"]
                 status["started"] = True
                 message.setdefault("headers", [])
-                message["headers"] = list(message["headers"]) + [(b"x-request-id", rid.encode())]
+                message["headers"] = list(message["headers"]) + [(b"x-request-id", rid.encode()),
+                                                                 (b"x-sdrt-replica", st.replica_id.encode())]
             await send(message)
 
         async def respond(resp: Response):
@@ -157,6 +158,7 @@ class ServiceState:
         self.engine: Engine | None = None
         self.options: dict[str, Any] = {"CLIP_stop_at_last_layers": 1}
         self.start_error: str | None = None
+        self.replica_id = secrets.token_hex(4)  # which process answered (several behind Ray's proxy)
         self._options_lock = threading.Lock()
 
     def count_error(self, kind: str) -> None:
