@@ -223,9 +223,13 @@ def decode_image(text: str, name: str, cfg: ServeConfig):
         raw = base64.b64decode(text.strip(), validate=True)
     except (binascii.Error, ValueError):
         raise RequestError(f"{name}: not valid base64; expected a base64-encoded image (PNG, JPEG, WebP, ...)") from None
+    too_large = RequestError(f"{name}: the image is larger than the {cfg.max_image_pixels} pixels accepted", status=413,
+                             kind="PayloadTooLarge")
     try:
         img = Image.open(io.BytesIO(raw))
         w, h = img.size
+    except Image.DecompressionBombError:
+        raise too_large from None
     except Exception:
         raise RequestError(f"{name}: the data is not an image sdrt can read (PNG, JPEG, WebP, BMP, GIF, TIFF)") from None
     if w * h > cfg.max_image_pixels:

@@ -307,6 +307,7 @@ class Engine:
         self.pending: collections.deque[Job] = collections.deque()
         self.running: list[Job] = []
         self.accepting = True
+        self._held = False
         self._stop = False
         self._thread: threading.Thread | None = None
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, cfg.max_batch_images), thread_name_prefix="sdrt-batch")
@@ -349,6 +350,12 @@ class Engine:
             for j in self.running:
                 j.stop("interrupted")
             return len(self.running)
+
+    def hold(self, held: bool = True) -> None:
+        """Stop (or resume) starting queued requests; running ones go on. Requests keep queueing."""
+        with self.cond:
+            self._held = held
+            self.cond.notify_all()
 
     def retry_after(self) -> int:
         per = (sum(self._latency) / len(self._latency)) if self._latency else 5.0
@@ -393,7 +400,7 @@ class Engine:
     # ----------------------------------------------------------------- dispatcher
     def _take_group(self) -> list[Job] | None:
         with self.cond:
-            while not self.pending and not self._stop:
+            while (not self.pending or self._held) and not self._stop:
                 self.cond.wait()
             if not self.pending:
                 return None
