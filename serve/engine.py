@@ -179,6 +179,7 @@ class Registry:
     def __init__(self, cfg: ServeConfig):
         self.cfg = cfg
         self._lock = threading.Lock()
+        self._load_lock = threading.Lock()  # one model load at a time (two requests for a cold model load it once)
         self._loaded: collections.OrderedDict[str, Any] = collections.OrderedDict()
         self.current: str | None = None
         self.ready = False
@@ -225,8 +226,15 @@ class Registry:
             if pipe is not None:
                 self._loaded.move_to_end(name)
                 return pipe
+        with self._load_lock:
+            return self._load(name)
+
+    def _load(self, name: str):
         from sdrt.runtime import load
 
+        with self._lock:
+            if name in self._loaded:
+                return self._loaded[name]
         entry = self.listing()[name]
         pipe = load(entry.path, provider=self.cfg.provider, threads=self.cfg.threads)
         pipe.graphs["unet"] = BatchingGraph(pipe.graphs["unet"])
@@ -457,17 +465,16 @@ class Engine:
             if job.stop_reason is not None:
                 raise Stopped(job.stop_reason)
             pipe = self.registry.get(job.plan.model)
-            done_steps = 0
             results = []
-            for call in job.plan.calls:
-                def progress(step, total, _base=done_steps):
-                    job.step = _base + step
+            n_calls = len(job.plan.calls)
+            for k, call in enumerate(job.plan.calls):
+                def progress(step, total, _k=k):
+                    job.steps_total = total * n_calls  # the pipeline's own count (img2img runs fewer steps)
+                    job.step = _k * total + step
                     if job.stop_reason is not None:
                         raise Stopped(job.stop_reason)
 
-                r = getattr(pipe, call.method)(*call.args, **call.kwargs, progress=progress)
-                results.append(r)
-                done_steps += job.plan.steps
+                results.append(getattr(pipe, call.method)(*call.args, **call.kwargs, progress=progress))
             job.extra["model_info"] = pipe.info
             job.future.set_result(results)
         except BaseException as e:  # noqa: BLE001 - every outcome goes to the waiting request

@@ -454,6 +454,24 @@ def test_micro_batching_gives_each_request_its_own_result(pipe):
             assert same(r.image, ref.images[0])
 
 
+def test_micro_batch_inputs_that_do_not_stack_run_apart(pipe):
+    """A prompt over 75 tokens has longer embeddings: it meets the group at every UNet call but
+    runs as its own call; both requests still get their own images."""
+    long_prompt = ", ".join(["a red circle on a white background"] * 12)
+    prompts = [PROMPT, long_prompt]
+    with in_thread(max_batch_images=8, batch_wait_ms=50) as live:
+        eng = live.state.engine
+        with paused(eng) as gate, concurrent.futures.ThreadPoolExecutor(2) as ex:
+            futs = [ex.submit(live.api().txt2img, prompt=p, width=64, height=64, steps=5, seed=3, cfg_scale=7) for p in prompts]
+            assert wait_for(lambda: len(eng.pending) == 2)
+            gate.set()
+            results = [f.result() for f in futs]
+        assert eng.unet_batches == {2: 10}  # 5 steps x 2 requests, each call its own 2 CFG rows
+        for p, r in zip(prompts, results):
+            ref = pipe.txt2img(p, width=64, height=64, steps=5, seed=3, guidance=7.0, sampler="Euler a")
+            assert same(r.image, ref.images[0])
+
+
 def test_queue_full_answers_503_with_retry_after():
     with in_thread(max_queue=1, max_batch_images=1) as live:
         eng = live.state.engine
