@@ -43,7 +43,7 @@ class RequestError(Exception):
 class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
-    prompt: str = ""
+    prompt: Optional[str] = ""
     negative_prompt: Optional[str] = ""
     styles: Optional[list[str]] = None
     seed: Optional[int] = -1
