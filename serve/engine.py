@@ -52,10 +52,12 @@ _local = threading.local()
 
 
 class _Slot:
-    __slots__ = ("feeds", "out", "error", "done")
+    __slots__ = ("feeds", "outputs", "kw", "out", "error", "done")
 
-    def __init__(self, feeds):
+    def __init__(self, feeds, outputs, kw):
         self.feeds = feeds
+        self.outputs = outputs
+        self.kw = kw
         self.out = None
         self.error = None
         self.done = False
@@ -72,8 +74,8 @@ class BatchGroup:
         self.graph = None
         self.on_call = on_call
 
-    def run(self, graph, feeds):
-        slot = _Slot(feeds)
+    def run(self, graph, feeds, outputs=None, kw=None):
+        slot = _Slot(feeds, outputs, kw or {})
         with self.cond:
             self.graph = graph
             self.waiting.append(slot)
@@ -102,9 +104,10 @@ class BatchGroup:
         return None
 
     @staticmethod
-    def _key(feeds):
+    def _key(slot):
+        feeds = slot.feeds
         n = feeds["sample"].shape[0]
-        parts = []
+        parts = [("", "outputs", tuple(slot.outputs or ()))]
         for k in sorted(feeds):
             v = np.asarray(feeds[k])
             if v.ndim > 0 and v.shape[0] == n:
@@ -116,17 +119,17 @@ class BatchGroup:
     def _execute(self, graph, batch: list[_Slot]) -> None:
         parts: dict[Any, list[_Slot]] = collections.defaultdict(list)
         for s in batch:
-            parts[self._key(s.feeds)].append(s)
+            parts[self._key(s)].append(s)
         for key, slots in parts.items():
             try:
                 if len(slots) == 1:
-                    slots[0].out = graph.run(slots[0].feeds)[0]
+                    slots[0].out = graph.run(slots[0].feeds, slots[0].outputs, **slots[0].kw)[0]
                 else:
                     feeds = {}
-                    for k, how, *_ in key:
+                    for k, how, *_ in key[1:]:
                         vals = [np.asarray(s.feeds[k]) for s in slots]
                         feeds[k] = np.concatenate(vals) if how == "rows" else vals[0]
-                    out = graph.run(feeds)[0]
+                    out = graph.run(feeds, slots[0].outputs)[0]  # stacked inputs are new arrays: nothing to keep
                     i = 0
                     for s in slots:
                         n = s.feeds["sample"].shape[0]
@@ -157,11 +160,11 @@ class BatchingGraph:
         self._graph.load()
         return self
 
-    def run(self, feeds, outputs=None):
+    def run(self, feeds, outputs=None, **kw):
         group = getattr(_local, "group", None)
-        if group is None or outputs is not None or "sample" not in feeds:
-            return self._graph.run(feeds, outputs)
-        return group.run(self._graph, feeds)
+        if group is None or "sample" not in feeds:
+            return self._graph.run(feeds, outputs, **kw)
+        return group.run(self._graph, feeds, outputs, kw)
 
 
 # ------------------------------------------------------------------------------------ models
