@@ -261,13 +261,18 @@ class Registry:
         self.current = name
         return name
 
-    def start(self) -> None:
+    def check(self) -> str:
+        """The model to load first; an error naming the folder when there is none."""
         models = self.listing()
         if not models:
             raise RuntimeError(f"--models-dir {self.cfg.models_dir} holds no model folders (folders with sdrt.json or model_index.json)")
         first = self.cfg.default_model or next(iter(models))
         if first not in models:
             raise RuntimeError(f"default model {first!r} is not in {self.cfg.models_dir}; available: {', '.join(models)}")
+        return first
+
+    def start(self) -> None:
+        first = self.check()
         self.current = first
         pipe = self.get(first)
         pipe.load_graphs()

@@ -80,6 +80,9 @@ def run_ray(cfg: ServeConfig, replicas: int = 1, log_level: str = "info") -> Non
 
     from .observability import log, setup_logging
 
+    from .engine import Registry
+
+    Registry(cfg).check()
     setup_logging(log_level)
     cores = os.cpu_count() or 2
     ray.init(num_cpus=max(cores, replicas), include_dashboard=False, logging_level=log_level.upper(),

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 from .app import create_app
 from .config import ServeConfig
+from .engine import Registry
 from .observability import log, setup_logging
 
 
 def run(cfg: ServeConfig, log_level: str = "info") -> None:
     import uvicorn
 
+    Registry(cfg).check()  # no model to serve: one error line now, not a server that never gets ready
     setup_logging(log_level)
     app = create_app(cfg)
 

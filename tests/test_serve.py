@@ -600,3 +600,12 @@ def test_ray_two_replicas(pipe):
         # the HTTP API is unchanged behind Ray's proxy: errors and the real client
         _check_error(_send(live.url, "POST", "/sdapi/v1/txt2img", {"steps": -1}), 422, "ValidationError", "steps")
         assert live.api().txt2img(prompt=PROMPT, width=64, height=64, steps=2, seed=1).image.size == (64, 64)
+
+
+def test_serve_refuses_to_start_without_a_model(tmp_path):
+    for args, says in ((["--models-dir", str(tmp_path)], "holds no model folders"),
+                       (["--model", str(tmp_path / "nothing")], "not a folder"),
+                       (["--api-auth", "alice"], "user:password")):
+        done = subprocess.run([*SDRT, "serve", "--port", str(free_port()), *args], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 1 and says in done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
