@@ -52,9 +52,10 @@ _local = threading.local()
 
 
 class _Slot:
-    __slots__ = ("feeds", "outputs", "kw", "out", "error", "done")
+    __slots__ = ("graph", "feeds", "outputs", "kw", "out", "error", "done")
 
-    def __init__(self, feeds, outputs, kw):
+    def __init__(self, graph, feeds, outputs, kw):
+        self.graph = graph
         self.feeds = feeds
         self.outputs = outputs
         self.kw = kw
@@ -71,17 +72,15 @@ class BatchGroup:
         self.cond = threading.Condition()
         self.active = members
         self.waiting: list[_Slot] = []
-        self.graph = None
         self.on_call = on_call
 
     def run(self, graph, feeds, outputs=None, kw=None):
-        slot = _Slot(feeds, outputs, kw or {})
+        slot = _Slot(graph, feeds, outputs, kw or {})
         with self.cond:
-            self.graph = graph
             self.waiting.append(slot)
             batch = self._take()
         if batch:
-            self._execute(graph, batch)
+            self._execute(batch)
         with self.cond:
             while not slot.done:
                 self.cond.wait()
@@ -93,9 +92,8 @@ class BatchGroup:
         with self.cond:
             self.active -= 1
             batch = self._take()
-            graph = self.graph
         if batch:
-            self._execute(graph, batch)
+            self._execute(batch)
 
     def _take(self):
         if self.waiting and len(self.waiting) >= self.active:
@@ -107,7 +105,7 @@ class BatchGroup:
     def _key(slot):
         feeds = slot.feeds
         n = feeds["sample"].shape[0]
-        parts = [("", "outputs", tuple(slot.outputs or ()))]
+        parts = [("", "graph", id(slot.graph), tuple(slot.outputs or ()))]
         for k in sorted(feeds):
             v = np.asarray(feeds[k])
             if v.ndim > 0 and v.shape[0] == n:
@@ -116,11 +114,12 @@ class BatchGroup:
                 parts.append((k, "same", v.shape, v.dtype.str, v.tobytes()))
         return tuple(parts)
 
-    def _execute(self, graph, batch: list[_Slot]) -> None:
+    def _execute(self, batch: list[_Slot]) -> None:
         parts: dict[Any, list[_Slot]] = collections.defaultdict(list)
         for s in batch:
             parts[self._key(s)].append(s)
         for key, slots in parts.items():
+            graph = slots[0].graph
             try:
                 if len(slots) == 1:
                     slots[0].out = graph.run(slots[0].feeds, slots[0].outputs, **slots[0].kw)[0]
