@@ -40,7 +40,7 @@ Known choices:
 """
 
 from .names import UnknownSamplerError, family_of, list_samplers, list_schedules
-from .plan import Plan, batch_noise_sampler, denoised_from_output, make_plan, sample
+from .plan import Plan, batch_noise_sampler, denoised_from_output, make_plan, sample, sampler_options
 from .samplers import SAMPLERS
 
 __all__ = [
@@ -54,4 +54,5 @@ __all__ = [
     "list_schedules",
     "make_plan",
     "sample",
+    "sampler_options",
 ]

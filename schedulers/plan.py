@@ -172,6 +172,13 @@ def _prediction(config) -> str:
     return pred
 
 
+def sampler_options(sampler: str) -> tuple[str, ...]:
+    """The options a sampler name takes as keywords of make_plan (eta, s_churn, s_noise, ...),
+    less those its name fixes (A1111's DPM++ 2M runs with eta 0)."""
+    spec, _, _ = names.resolve(sampler)
+    return tuple(sorted(set(_SAMPLER_OPTIONS.get(spec.sampler, ())) - set(spec.options)))
+
+
 def _split_options(spec, options):
     own = set(_SAMPLER_OPTIONS.get(spec.sampler, ())) - set(spec.options)
     allowed = own | set(_SCHEDULE_OPTIONS) | set(_COMMON_OPTIONS)
