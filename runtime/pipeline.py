@@ -106,7 +106,8 @@ class Pipeline:
     """A loaded model folder. Thread-safe: several threads may call it at once."""
 
     def __init__(self, info: ModelInfo, provider: str = "auto", threads: int | None = None, *,
-                 io_binding: bool | None = None, cuda_graphs: int | None = None):
+                 io_binding: bool | None = None, cuda_graphs: int | None = None,
+                 provider_options: dict[str, Any] | None = None):
         self.info = info
         self.provider = resolve_provider(provider, info)
         self.io_binding = self.provider == "cuda" if io_binding is None else bool(io_binding)
@@ -118,7 +119,7 @@ class Pipeline:
         self.cuda_graphs = cuda_graphs if self.provider == "cuda" else 0
         self.graphs = {
             name: Graph(name, path, self.provider, threads, io_binding=self.io_binding,
-                        cuda_graphs=cuda_graphs if name == "unet" else 0)
+                        cuda_graphs=cuda_graphs if name == "unet" else 0, provider_options=provider_options)
             for name, path in info.graph_files.items()
         }
         from .text import ClipTokenizer
@@ -635,15 +636,18 @@ def _family(sampler) -> str | None:
 
 
 def load(path: str | Path | None = None, provider: str = "auto", *, verify: str = "auto", threads: int | None = None,
-         io_binding: bool | None = None, cuda_graphs: int | None = None) -> Pipeline:
+         io_binding: bool | None = None, cuda_graphs: int | None = None,
+         provider_options: dict[str, Any] | None = None) -> Pipeline:
     """Load a model folder (sdrt export or optimum export). path=None loads the embedded default model.
 
     io_binding: run the graphs on buffers that stay put between calls (on the device with CUDA);
     default: on for CUDA, off for the CPU. cuda_graphs: how many UNet input shapes (batch, size)
-    may hold a captured CUDA graph (default 4 with CUDA and IO binding, 0 otherwise)."""
+    may hold a captured CUDA graph (default 4 with CUDA and IO binding, 0 otherwise).
+    provider_options: ONNX Runtime CUDA provider options over sdrt's (e.g.
+    {"cudnn_conv_use_max_workspace": "0"}, which trades convolution speed for GPU memory)."""
     if path is None:
         from sdrt.models import default_model_path
 
         path = default_model_path()
     return Pipeline(read_model_folder(path, verify=verify), provider=provider, threads=threads,
-                    io_binding=io_binding, cuda_graphs=cuda_graphs)
+                    io_binding=io_binding, cuda_graphs=cuda_graphs, provider_options=provider_options)

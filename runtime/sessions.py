@@ -152,17 +152,20 @@ def _release_freed_heap() -> None:
         pass
 
 
-def provider_list(provider: str, device_id: int = 0, cuda_graph: bool = False) -> list[Any]:
+def provider_list(provider: str, device_id: int = 0, cuda_graph: bool = False,
+                  options: dict[str, Any] | None = None) -> list[Any]:
+    """The providers of a session; `options` override sdrt's CUDA provider options."""
     if provider == "cuda":
-        options = {
+        cuda = {
             "device_id": device_id,
             "arena_extend_strategy": "kSameAsRequested",
             "cudnn_conv_algo_search": "EXHAUSTIVE",
             "do_copy_in_default_stream": True,
+            **(options or {}),
         }
         if cuda_graph:
-            options["enable_cuda_graph"] = True
-        return [("CUDAExecutionProvider", options), "CPUExecutionProvider"]
+            cuda["enable_cuda_graph"] = True
+        return [("CUDAExecutionProvider", cuda), "CPUExecutionProvider"]
     return ["CPUExecutionProvider"]
 
 
@@ -174,13 +177,15 @@ class Graph:
     (0: none). A session that cannot capture falls back to plain runs with a one-line log."""
 
     def __init__(self, name: str, path: Path, provider: str, threads: int | None = None, *, io_binding: bool = False,
-                 cuda_graphs: int = 0, log: Callable[[str], None] | None = None):
+                 cuda_graphs: int = 0, provider_options: dict[str, Any] | None = None,
+                 log: Callable[[str], None] | None = None):
         self.name = name
         self.path = path
         self.provider = provider
         self.threads = threads
         self.io_binding = io_binding
         self.cuda_graphs = cuda_graphs if io_binding and provider == "cuda" else 0
+        self.provider_options = provider_options
         self.log = log or _log
         self._session = None
         self._bound: BoundSession | None = None
@@ -208,7 +213,8 @@ class Graph:
 
         def create(cuda_graph: bool):
             return ort.InferenceSession(str(self.path), session_options(self.provider, self.threads),
-                                        providers=provider_list(self.provider, cuda_graph=cuda_graph))
+                                        providers=provider_list(self.provider, cuda_graph=cuda_graph,
+                                                                options=self.provider_options))
 
         try:
             try:

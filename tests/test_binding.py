@@ -181,3 +181,15 @@ def test_kept_input_crosses_once_even_when_converted(models):
         got = b.run(dict(f, encoder_hidden_states=emb64), ["out_sample"], keep=("encoder_hidden_states",))[0]
         assert np.array_equal(got, g.session.run(["out_sample"], f)[0])
     assert b.copied["encoder_hidden_states"] == 1 and b.copied["sample"] == 4
+
+
+def test_provider_options_reach_every_session(models):
+    from sdrt.runtime.sessions import provider_list
+
+    (name, opts), cpu = provider_list("cuda", cuda_graph=True, options={"cudnn_conv_use_max_workspace": "0",
+                                                                         "arena_extend_strategy": "kNextPowerOfTwo"})
+    assert name == "CUDAExecutionProvider" and cpu == "CPUExecutionProvider"
+    assert opts["cudnn_conv_use_max_workspace"] == "0" and opts["arena_extend_strategy"] == "kNextPowerOfTwo"
+    assert opts["enable_cuda_graph"] is True and opts["cudnn_conv_algo_search"] == "EXHAUSTIVE"
+    pipe = load(models.exported("tiny-sd1"), provider="cpu", provider_options={"x": "1"})
+    assert {g.provider_options["x"] for g in pipe.graphs.values()} == {"1"}
