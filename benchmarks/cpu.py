@@ -146,6 +146,17 @@ def worker_diffusers(model: Path, w: dict, image: Path, repeats: int) -> dict:
             "load_seconds": load}
 
 
+def _time_parts(pipe) -> Timer:
+    """Time the model parts of an optimum-style pipeline (optimum's ONNX Runtime and optimum-intel's
+    OpenVINO ones: each part is called through its forward) and its scheduler's step."""
+    timer = Timer()
+    for attr, stage in (("text_encoder", "text_encoder"), ("unet", "unet"), ("vae_encoder", "vae_encode"), ("vae_decoder", "vae_decode")):
+        m = getattr(pipe, attr)
+        m.forward = timer.wrap(stage, m.forward)
+    pipe.scheduler.step = timer.wrap("sampler", pipe.scheduler.step)
+    return timer
+
+
 def worker_optimum(model: Path, w: dict, image: Path, repeats: int) -> dict:
     import onnxruntime as ort
     import torch
@@ -158,11 +169,7 @@ def worker_optimum(model: Path, w: dict, image: Path, repeats: int) -> dict:
     pipe.scheduler = PNDMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     load = time.perf_counter() - t
-    timer = Timer()
-    for attr, stage in (("text_encoder", "text_encoder"), ("unet", "unet"), ("vae_encoder", "vae_encode"), ("vae_decoder", "vae_decode")):
-        m = getattr(pipe, attr)
-        m.forward = timer.wrap(stage, m.forward)
-    pipe.scheduler.step = timer.wrap("sampler", pipe.scheduler.step)
+    timer = _time_parts(pipe)
     img = Image.open(image).convert("RGB")
 
     def call():
@@ -218,11 +225,7 @@ def worker_openvino(model: Path, w: dict, image: Path, repeats: int, save: Path 
     pipe.compile()
     pipe.set_progress_bar_config(disable=True)
     load = time.perf_counter() - t
-    timer = Timer()
-    for attr, stage in (("text_encoder", "text_encoder"), ("unet", "unet"), ("vae_encoder", "vae_encode"), ("vae_decoder", "vae_decode")):
-        m = getattr(pipe, attr)
-        m.forward = timer.wrap(stage, m.forward)
-    pipe.scheduler.step = timer.wrap("sampler", pipe.scheduler.step)
+    timer = _time_parts(pipe)
     img = Image.open(image).convert("RGB")
 
     last = []
