@@ -255,7 +255,8 @@ def _load_folder(folder: str, stamp: tuple) -> ClipTokenizer:
 
 # ------------------------------------------------------------------------- A1111 prompt syntax
 _BREAK_RE = re.compile(r"\s*\bBREAK\b\s*")
-_WEIGHT_RE = re.compile(r":([+-]?[.\d]+)\)")  # ":1.25)" closes a round bracket with weight 1.25
+# ":1.25)" or ": 1.25 )" closes a round bracket with weight 1.25 (A1111's `:\s*([+-]?[.\d]+)\s*\)`)
+_WEIGHT_RE = re.compile(r":\s*([+-]?[.\d]+)\s*\)")
 _TEXT_RE = re.compile(r"[^\\()\[\]:]+")
 _ESCAPABLE = "()[]\\"
 ROUND = 1.1
@@ -265,8 +266,8 @@ SQUARE = 1 / 1.1
 def parse_prompt_attention(text: str) -> list[tuple[str, float]]:
     """Split a prompt written in AUTOMATIC1111's emphasis syntax into (text, weight) pieces.
 
-    "(x)" multiplies x's weight by 1.1, "[x]" divides it by 1.1, "(x:w)" multiplies it by w;
-    nesting multiplies. "\\(" "\\)" "\\[" "\\]" "\\\\" are the literal characters; any other
+    "(x)" multiplies x's weight by 1.1, "[x]" divides it by 1.1, "(x:w)" multiplies it by w
+    (whitespace around w allowed: "(x: 1.2 )"); nesting multiplies. "\\(" "\\)" "\\[" "\\]" "\\\\" are the literal characters; any other
     backslash vanishes. A ")" or "]" with nothing open is literal text; brackets still open at
     the end are closed there. "BREAK" as a separate word gives the entry ("BREAK", -1.0) (it
     swallows the whitespace around it); a bracket around BREAK scales that entry too, which

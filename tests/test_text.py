@@ -10,6 +10,8 @@ import json
 import math
 import shutil
 import statistics
+import random
+import re
 import subprocess
 import sys
 import time
@@ -326,12 +328,113 @@ def test_parse_rules():
     assert _p("a \\\\ b") == [["a \\ b", 1.0]]
     assert _p("a\\b \\:") == [["ab :", 1.0]]  # a backslash that escapes nothing vanishes
     assert _p("a) b] c:d :1.2) e") == [["a) b] c:d :1.2) e", 1.0]]  # nothing open: literal
-    assert _p("(x:1.2 )") == [["x:1.2 ", 1.1]]  # not a weight: literal, bracket closes with 1.1
+    assert _p("(x:1.2 )") == [["x", 1.2]]  # whitespace around the weight is allowed
+    assert _p("(x:1.2 y)") == [["x:1.2 y", 1.1]]  # not a weight: literal, bracket closes with 1.1
     assert _p("(a:1.5)(b:1.5)") == [["ab", 1.5]]
     with pytest.raises(InputError, match="1.2.3"):
         parse_prompt_attention("(x:1.2.3)")
     with pytest.raises(InputError):
         parse_prompt_attention(None)
+
+
+# AUTOMATIC1111's emphasis syntax, re-derived from its documented token grammar (the regex
+# alternatives of modules/prompt_parser.py, tried in this order at every position):
+_A1111_TOKENS = re.compile(r"""
+\\\(|\\\)|\\\[|\\]|\\\\|\\|   # escapes; a lone backslash
+\(|\[|                           # open
+:\s*([+-]?[.\d]+)\s*\)|            # weight, closing a round bracket
+\)|]|                             # close
+[^\\()\[\]:]+|                     # text
+:
+""", re.X)
+
+
+def _reference_attention(text):
+    """Weights by the rules of A1111's docstring: an opening bracket starts a group, its close
+    multiplies everything since it opened (1.1, 1/1.1, or the weight); a close with nothing open
+    is text; groups still open at the end close there, round ones first; equal neighbours merge."""
+    pieces, opened = [], {"(": [], "[": []}
+
+    def close(kind, factor):
+        start = opened[kind].pop()
+        for p in pieces[start:]:
+            p[1] *= factor
+
+    for m in _A1111_TOKENS.finditer(text):
+        tok = m.group(0)
+        if tok[0] == "\\":
+            pieces.append([tok[1:], 1.0])
+        elif tok in ("(", "["):
+            opened[tok].append(len(pieces))
+        elif m.group(1) is not None and opened["("]:
+            close("(", float(m.group(1)))
+        elif tok == ")" and opened["("]:
+            close("(", 1.1)
+        elif tok == "]" and opened["["]:
+            close("[", 1 / 1.1)
+        else:
+            for k, part in enumerate(re.split(r"\s*\bBREAK\b\s*", tok)):
+                if k:
+                    pieces.append(["BREAK", -1.0])
+                pieces.append([part, 1.0])
+    for kind, factor in (("(", 1.1), ("[", 1 / 1.1)):
+        for start in opened[kind]:
+            for p in pieces[start:]:
+                p[1] *= factor
+    merged = []
+    for p in pieces or [["", 1.0]]:
+        if merged and merged[-1][1] == p[1]:
+            merged[-1][0] += p[0]
+        else:
+            merged.append(list(p))
+    return merged
+
+
+def test_parse_weight_whitespace_hand_checked():
+    # A1111's weight pattern is :\s*([+-]?[.\d]+)\s*\) (checked by hand against A1111 v1.10.1)
+    assert _p("a (cat: 1.2) dog") == [["a ", 1.0], ["cat", 1.2], [" dog", 1.0]]
+    assert _p("(cat:1.2 )") == [["cat", 1.2]]
+    assert _p("(cat : 1.2)") == [["cat ", 1.2]]  # whitespace before the colon stays in the text
+    assert _p("(a:\t1.2)") == [["a", 1.2]]
+    assert _p("(a:\n 0.5\n)") == [["a", 0.5]]
+    assert _p("(a: +2 ) b") == [["a", 2.0], [" b", 1.0]]
+    assert _p("(a: 1.2 b)") == [["a: 1.2 b", 1.1]]  # text after the number: not a weight
+    assert _p("a: 1.2) b") == [["a: 1.2) b", 1.0]]  # a weight with nothing open is text
+    assert _p("((a: 2 ))") == [["a", 2.2]]
+
+
+def _random_prompts(n, seed):
+    rng = random.Random(seed)
+    atoms = ["a", "cat", " ", "  ", "\t", "(", ")", "[", "]", ":", "1.2", "0.5", "-1", "+2", ".", "\\(", "\\",
+             "\\]", "BREAK", " BREAK ", ",", "\n"]
+    return ["".join(rng.choice(atoms) for _ in range(rng.randint(0, 14))) for _ in range(n)]
+
+
+def test_parse_matches_a1111_grammar_on_generated_prompts():
+    checked = 0
+    for text in _random_prompts(3000, seed=13):
+        try:
+            want = _reference_attention(text)
+        except ValueError:  # a weight like "1.2.": A1111 fails on float(); sdrt says which weight
+            with pytest.raises(InputError):
+                parse_prompt_attention(text)
+            continue
+        assert _p(text) == want, text
+        checked += 1
+    assert checked > 2500
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_parse_weight_whitespace_property(seed):
+    """Whitespace between the colon, the weight and the bracket never changes the result."""
+    rng = random.Random(seed)
+    ws = [" ", "  ", "\t", "\n", "\u3000", ""]
+    for _ in range(200):
+        inner = rng.choice(["cat", "a (b) c", "[x] y", "BREAK z", ""])
+        w = rng.choice(["1.2", "0.5", "-1", "+2", "3", ".7"])
+        plain = f"p ({inner}:{w}) q"
+        spaced = f"p ({inner}:{rng.choice(ws)}{w}{rng.choice(ws)}) q"
+        assert _p(spaced) == _p(plain), spaced
 
 
 def test_parse_break():
