@@ -10,6 +10,7 @@ No torch: the graphs run in ONNX Runtime, the sampler arithmetic in NumPy (sdrt.
 
 from __future__ import annotations
 
+import itertools
 import random
 import threading
 import time
@@ -22,7 +23,7 @@ import numpy as np
 
 from sdrt import schedulers
 
-from . import prepare
+from . import prepare, prompts
 from .errors import InputError
 from .modelfolder import CLIP_SKIP_OUTPUT, FP32_VAE_DECODER, ModelInfo, read_model_folder
 from .sessions import Graph, resolve_provider
@@ -252,16 +253,23 @@ class Pipeline:
                            "the noise and the sampler options")
 
     def make_denoiser(self, plan, cond, uncond, guidance: float, conditioning: np.ndarray | None = None):
-        """denoise(x, sigma) -> x0 estimate, with CFG as one UNet call on a 2B batch."""
+        """denoise(x, sigma) -> x0 estimate, with CFG as one UNet call on a 2B batch.
+
+        `cond` may instead be a function of the model call's index (0 first) returning
+        (key, cond, uncond), for text embeddings that change between calls (prompt editing);
+        `uncond` is then unused."""
         prediction_type = self.info.prediction_type
         cfg = guidance > 1.0
-        emb_cache: dict[int, np.ndarray] = {}
+        emb_cache: dict = {}
+        per_call = cond if callable(cond) else (lambda i: (None, cond, uncond))
+        calls = itertools.count()
 
         def embeddings(b: int) -> np.ndarray:
-            if b not in emb_cache:
-                c = np.repeat(cond, b, axis=0)
-                emb_cache[b] = np.concatenate([np.repeat(uncond, b, axis=0), c]) if cfg else c
-            return emb_cache[b]
+            key, c_, u_ = per_call(next(calls))
+            if (b, key) not in emb_cache:
+                c = np.repeat(c_, b, axis=0)
+                emb_cache[b, key] = np.concatenate([np.repeat(u_, b, axis=0), c]) if cfg else c
+            return emb_cache[b, key]
 
         buf: dict[str, np.ndarray] = {}
 
@@ -482,6 +490,8 @@ class Pipeline:
             raise InputError(str(e)) from None
         except (TypeError, ValueError) as e:
             raise InputError(f"sampler {sampler!r}: {e}") from None
+        cond_schedule = prompts.prompt_schedule(prompts.composable_prompt(prompt), plan.prompt_steps)
+        uncond_schedule = prompts.prompt_schedule(negative_prompt, plan.prompt_steps)
         b = job.batch_size
         lat_shape = (self.info.latent_channels, job.height // self.info.vae_scale_factor, job.width // self.info.vae_scale_factor)
         if noise is not None:
@@ -498,7 +508,10 @@ class Pipeline:
         self.load_graphs(("text_encoder", "unet", "vae_decoder") + (("vae_encoder",) if encodes else ()))
 
         t = time.perf_counter()
-        cond, uncond = self.encode_prompt(prompt, negative_prompt, clip_skip)
+        if len(cond_schedule) == len(uncond_schedule) == 1:
+            cond, uncond = self.encode_prompt(cond_schedule[0][1], uncond_schedule[0][1], clip_skip)
+        else:  # prompt editing: the embeddings change between model calls
+            cond, uncond = self._text_per_call(cond_schedule, uncond_schedule, clip_skip), None
         timings["text_encoder"] = time.perf_counter() - t
 
         # Start latents.
@@ -572,6 +585,28 @@ class Pipeline:
             return Result([], seeds, params, self._infotexts(params, seeds), arrays=arr, timings=timings)
         return Result(images, seeds, params, self._infotexts(params, seeds), timings=timings)
 
+
+    def _text_per_call(self, cond_schedule, uncond_schedule, clip_skip):
+        """call index -> (key, cond, uncond) for prompts with A1111's prompt editing: each text
+        encoded once (a schedule's texts padded to its longest, as A1111 batches them), the
+        entry chosen per model call as A1111's CFG denoiser does, cond and uncond of a call
+        brought to one length with empty-prompt chunks (as encode_prompt does)."""
+        from .text import encode_schedules, pad_with_empty
+
+        conds, unconds, (empty,) = encode_schedules(
+            [[t for _, t in cond_schedule], [t for _, t in uncond_schedule], [""]], self.tokenizer, self._text_encoder,
+            clip_skip=clip_skip)
+        pairs: dict = {}
+
+        def at(call: int):
+            i = prompts.entry_at_call(cond_schedule, call)
+            j = prompts.entry_at_call(uncond_schedule, call)
+            if (i, j) not in pairs:
+                n = max(conds[i].shape[0], unconds[j].shape[0])
+                pairs[i, j] = (pad_with_empty(conds[i], n, empty)[None], pad_with_empty(unconds[j], n, empty)[None])
+            return ((i, j), *pairs[i, j])
+
+        return at
 
     def _inpaint_conditioning(self, job, rand, sample_posterior, b, lat_shape) -> np.ndarray:
         """The 5 extra channels of a 9-channel inpainting UNet: mask ++ masked-image latents."""

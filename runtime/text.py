@@ -43,6 +43,8 @@ __all__ = [
     "prompt_chunks",
     "apply_emphasis",
     "encode_prompts",
+    "encode_schedules",
+    "pad_with_empty",
 ]
 
 BOS_TOKEN = "<|startoftext|>"
@@ -512,30 +514,13 @@ def encode_prompts(
     if k_cond != k_uncond:
         groups.append(chunks_of(""))
 
-    # one encoder call on the distinct rows
-    rows: dict[bytes, int] = {}
-    unique: list[np.ndarray] = []
-    for c in groups:
-        for row in c.ids:
-            key = row.tobytes()
-            if key not in rows:
-                rows[key] = len(unique)
-                unique.append(row)
-    ids = np.stack(unique)
-    z = np.asarray(text_encoder(ids, int(clip_skip)))
-    if z.ndim != 3 or z.shape[:2] != ids.shape:
-        raise ValueError(f"the text encoder returned shape {z.shape} for ids of shape {ids.shape}; expected {ids.shape + ('D',)}")
-    z = z.astype(np.float32, copy=False)
+    rows, z = _encode_rows(groups, text_encoder, clip_skip)
 
     def embed(c: PromptChunks) -> np.ndarray:
-        parts = []
-        for row, w in zip(c.ids, c.weights):
-            zi = z[rows[row.tobytes()]]
-            parts.append(apply_emphasis(zi, w) if emphasis else zi)
-        return np.concatenate(parts, axis=0)
+        return _embed(c, rows, z, emphasis)
 
     def stack(side: list[PromptChunks], k: int) -> np.ndarray:
-        length = k * ids.shape[1]
+        length = k * z.shape[1]
         out = []
         for c in side:
             e = embed(c)
@@ -553,3 +538,64 @@ def encode_prompts(
         short = np.concatenate([short, pad], axis=1)
         cond, uncond = (short, uncond) if k_cond < k_uncond else (cond, short)
     return np.ascontiguousarray(cond, dtype=np.float32), np.ascontiguousarray(uncond, dtype=np.float32)
+
+
+def _encode_rows(groups: Sequence[PromptChunks], text_encoder: TextEncoder, clip_skip: int):
+    """One encoder call on the distinct chunk rows of `groups`: (row bytes -> index, z)."""
+    rows: dict[bytes, int] = {}
+    unique: list[np.ndarray] = []
+    for c in groups:
+        for row in c.ids:
+            key = row.tobytes()
+            if key not in rows:
+                rows[key] = len(unique)
+                unique.append(row)
+    ids = np.stack(unique)
+    z = np.asarray(text_encoder(ids, int(clip_skip)))
+    if z.ndim != 3 or z.shape[:2] != ids.shape:
+        raise ValueError(f"the text encoder returned shape {z.shape} for ids of shape {ids.shape}; expected {ids.shape + ('D',)}")
+    return rows, z.astype(np.float32, copy=False)
+
+
+def _embed(c: PromptChunks, rows: dict, z: np.ndarray, emphasis: bool) -> np.ndarray:
+    parts = []
+    for row, w in zip(c.ids, c.weights):
+        zi = z[rows[row.tobytes()]]
+        parts.append(apply_emphasis(zi, w) if emphasis else zi)
+    return np.concatenate(parts, axis=0)
+
+
+def encode_schedules(
+    schedules: Sequence[Sequence[str]],
+    tokenizer: ClipTokenizer,
+    text_encoder: TextEncoder,
+    *,
+    clip_skip: int = 1,
+    emphasis: bool = True,
+    comma_backtrack: int = COMMA_BACKTRACK,
+) -> list[list[np.ndarray]]:
+    """Embeddings (77*k, D) of every text of every schedule (the texts a prompt takes over the
+    steps with prompt editing), as A1111's get_learned_conditioning makes them: a schedule's
+    texts are encoded as one batch, so the shorter ones are extended by whole chunks of the
+    empty prompt to the longest. One encoder call on the distinct chunks of all texts."""
+    if isinstance(clip_skip, bool) or not isinstance(clip_skip, (int, np.integer)) or clip_skip < 1:
+        raise InputError(f"clip_skip must be an integer of at least 1, got {clip_skip!r}")
+    parsed: dict[str, PromptChunks] = {}
+    for text in ["", *(t for sched in schedules for t in sched)]:
+        if text not in parsed:
+            parsed[text] = prompt_chunks(text, tokenizer, emphasis=emphasis, comma_backtrack=comma_backtrack)
+    rows, z = _encode_rows(list(parsed.values()), text_encoder, clip_skip)
+    empty = _embed(parsed[""], rows, z, emphasis)
+    out = []
+    for sched in schedules:
+        k = max(len(parsed[t]) for t in sched)
+        out.append([pad_with_empty(_embed(parsed[t], rows, z, emphasis), k * empty.shape[0], empty) for t in sched])
+    return out
+
+
+def pad_with_empty(z: np.ndarray, length: int, empty: np.ndarray) -> np.ndarray:
+    """z (n, D) extended to `length` rows by whole chunks of the empty prompt's embedding `empty`."""
+    extra = (length - z.shape[0]) // empty.shape[0]
+    if extra <= 0:
+        return np.ascontiguousarray(z, dtype=np.float32)
+    return np.ascontiguousarray(np.concatenate([z, np.tile(empty, (extra, 1))]), dtype=np.float32)

@@ -16,6 +16,8 @@ from .training import (alphas_cumprod, distilled_table, index_nearest, sigma_fro
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 _MULTI = "dpmpp_multistep"
+# Samplers with two model evaluations per step (A1111 marks them "second_order").
+SECOND_ORDER = ("heun", "dpm_2", "dpm_2_ancestral", "dpmpp_sde", "dpmpp_2s_ancestral", "restart")
 
 
 @dataclass(frozen=True, eq=False)
@@ -44,6 +46,13 @@ class Plan:
     _relabel: float = 1.0
     _finish_scale: float = 1.0
     _eps_from_v_at_int_t: np.ndarray | None = field(default=None, repr=False)  # A1111 UniPC, v models
+
+    @property
+    def prompt_steps(self) -> int:
+        """The step count of A1111's prompt editing: the requested steps, twice that for samplers
+        that evaluate the model twice per step (A1111's "second order" samplers), whose
+        CFG denoiser counts every evaluation as a step."""
+        return self.steps * (2 if self.sampler in SECOND_ORDER else 1)
 
     def timestep(self, sigma) -> float:
         """The timestep the reference feeds its UNet at noise level `sigma`."""

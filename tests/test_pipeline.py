@@ -572,6 +572,66 @@ def test_emphasis_reaches_the_encoding(sd1):
     assert not np.array_equal(same, weighted)
 
 
+def _texts_seen(pipe, spy, cands):
+    """For every UNet call, which (cond, uncond) text pair of `cands` its embeddings are."""
+    enc = {pair: pipe.encode_prompt(*pair) for pair in cands}
+    out = []
+    for call in spy.calls:
+        emb = call["encoder_hidden_states"]
+        hit = [pair for pair, (c, u) in enc.items()
+               if emb.shape[1] == c.shape[1] and np.array_equal(emb[1], c[0]) and np.array_equal(emb[0], u[0])]
+        assert len(hit) == 1, "each call's embeddings are those of one text pair"
+        out.append(hit[0])
+    return out
+
+
+@pytest.mark.parametrize("sampler,strength,steps,calls_red", [
+    # [red:blue:0.5] over 10 steps ends "red" after step 5; A1111's denoiser counts model calls from 0,
+    # in img2img too: t_enc + 1 = 6 calls (0..5) at strength 0.5 are all "red"
+    ("Euler", 1.0, 10, 6), ("Euler", 0.5, 10, 6), ("Euler", 0.8, 10, 6),
+    # second-order samplers count both evaluations: 20 schedule steps, end at 10 -> calls 0..10
+    ("Heun", 1.0, 10, 11), ("DPM++ 2M", 0.3, 10, 4),
+])
+def test_prompt_editing_switches_per_model_call(sd1, sampler, strength, steps, calls_red):
+    red, blue = ("a red circle", "blurry"), ("a blue circle", "blurry")
+    with UnetSpy(sd1) as spy:
+        if strength == 1.0:
+            sd1.txt2img("a [red:blue:0.5] circle", "blurry", steps=steps, sampler=sampler, seed=1, width=SIZE, height=SIZE)
+        else:
+            sd1.img2img(IMG, "a [red:blue:0.5] circle", "blurry", strength=strength, steps=steps, sampler=sampler, seed=1)
+    seen = _texts_seen(sd1, spy, [red, blue])
+    n = len(seen)
+    assert seen == [red] * min(calls_red, n) + [blue] * max(0, n - calls_red)
+
+
+def test_prompt_alternation_and_negative_schedule(sd1):
+    with UnetSpy(sd1) as spy:
+        sd1.txt2img("a [red|blue] circle", "[blurry:ugly:2]", steps=5, sampler="Euler", seed=1, width=SIZE, height=SIZE)
+    seen = _texts_seen(sd1, spy, [(f"a {c} circle", n) for c in ("red", "blue") for n in ("blurry", "ugly")])
+    # alternation: step t (= call index here, calls 0 and 1 both take step 1's entry) -> options[(t - 1) % 2]
+    colours = ["red", "red", "blue", "red", "blue"]
+    negatives = ["blurry", "blurry", "blurry", "ugly", "ugly"]
+    assert seen == [(f"a {c} circle", n) for c, n in zip(colours, negatives)]
+
+
+def test_prompt_schedule_texts_are_encoded_once(models):
+    pipe = load(models.exported("tiny-sd1"), provider="cpu")
+    te = pipe.graphs["text_encoder"]
+    real = te.run
+    seen = []
+    te.run = lambda feeds, outputs=None: seen.append(np.array(feeds["input_ids"])) or real(feeds, outputs)
+    pipe.txt2img("a [red|green|blue] circle", "[x:y:3]", steps=6, sampler="Euler", seed=1, width=SIZE, height=SIZE)
+    rows = np.concatenate(seen)
+    assert len({r.tobytes() for r in rows}) == len(rows)  # no chunk encoded twice
+    assert len(rows) == 3 + 2 + 1  # three cond texts, two negatives, the empty prompt
+
+
+@pytest.mark.parametrize("prompt", ["a cat AND a dog", "a red circle:1.3"])
+def test_composable_prompts_are_refused(sd1, prompt):
+    with pytest.raises(InputError, match="composable"):
+        sd1.img2img(IMG, prompt, steps=2, seed=0)
+
+
 # ---------------------------------------------------------------------------- 9. outputs
 def test_output_kinds_and_infotext(sd1, models):
     opts = dict(strength=0.6, steps=4, sampler="Euler a", seed=9, batch_size=2)

@@ -29,6 +29,7 @@ from sdrt.runtime.text import (
     ClipTokenizer,
     apply_emphasis,
     encode_prompts,
+    encode_schedules,
     parse_prompt_attention,
     prompt_chunks,
 )
@@ -624,6 +625,21 @@ def test_encode_multichunk_and_cond_uncond_padding(toks):
     cond2, uncond2 = encode_prompts(["cat"], [long], t, enc)
     np.testing.assert_allclose(uncond2[0], want, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(cond2[0], np.concatenate([enc.f(np.array([_row([CAT])]))[0], empty, empty]), rtol=1e-6)
+
+
+def test_encode_schedules_pads_a_schedule_to_its_longest_text(toks):
+    """A1111 encodes a prompt's schedule texts as one batch: shorter ones get empty-prompt chunks."""
+    t = toks["sd1"]
+    enc = fake_encoder()
+    long = "a " * 60 + ", " + "cat " * 20
+    (short_z, long_z), (neg,) = encode_schedules([["cat", long], ["dog"]], t, enc)
+    (ids, _), = enc.calls
+    assert len({tuple(r) for r in ids.tolist()}) == len(ids)  # each distinct chunk once
+    empty = enc.f(np.array([_row([])]))[0]
+    np.testing.assert_allclose(short_z, np.concatenate([enc.f(np.array([_row([CAT])]))[0], empty]), rtol=1e-6)
+    np.testing.assert_allclose(long_z, np.concatenate([enc.f(np.array([_row([A] * 60 + [COMMA])]))[0],
+                                                       enc.f(np.array([_row([CAT] * 20)]))[0]]), rtol=1e-6)
+    np.testing.assert_allclose(neg, enc.f(np.array([_row([DOG])]))[0], rtol=1e-6)  # its own schedule: no padding
 
 
 def test_encode_batch(toks):
