@@ -642,7 +642,7 @@ class Pipeline:
         return p
 
     def _infotexts(self, params: dict, seeds: list[int]) -> list[str]:
-        from .infotext import format_infotext
+        from .infotext import format_infotext, sdrt_version
 
         out = []
         for s in seeds:
@@ -659,6 +659,7 @@ class Pipeline:
                 "Clip skip": params["clip_skip"] if params["clip_skip"] > 1 else None,
             }
             fields.update(params.get("infotext_extra", {}))
+            fields["Version"] = f"sdrt {sdrt_version()}"  # A1111 writes its own version here
             out.append(format_infotext(params["prompt"], params["negative_prompt"], {k: v for k, v in fields.items() if v is not None}))
         return out
 

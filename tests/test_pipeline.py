@@ -632,6 +632,17 @@ def test_composable_prompts_are_refused(sd1, prompt):
         sd1.img2img(IMG, prompt, steps=2, seed=0)
 
 
+def test_infotext_version_is_sdrts(sd1):
+    """A1111 ends its infotext with "Version: v1.10.1"; sdrt writes its own, from pyproject.toml."""
+    import tomllib
+    from pathlib import Path
+
+    version = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["version"]
+    for r in (sd1.img2img(IMG, PROMPT, steps=2, seed=0, dry_run=True),
+              sd1.inpaint(IMG, _mask(), PROMPT, steps=2, seed=0, dry_run=True)):
+        assert r.infotext.endswith(f", Version: sdrt {version}"), r.infotext
+
+
 # ---------------------------------------------------------------------------- 9. outputs
 def test_output_kinds_and_infotext(sd1, models):
     opts = dict(strength=0.6, steps=4, sampler="Euler a", seed=9, batch_size=2)
