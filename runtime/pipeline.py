@@ -561,7 +561,8 @@ class Pipeline:
             # Ancestral/SDE noise: each image from its own generator (one Brownian motion each).
             noise_sampler = schedulers.batch_noise_sampler(plan, rand.rngs, x)
             x = schedulers.sample(plan, counted, x, noise_sampler=noise_sampler, callback=callback,
-                                  substep_callback=blend.after_substep if blend is not None else None)
+                                  substep_callback=blend.after_substep if blend is not None else None,
+                                  model_input=blend.model_input if blend is not None and blend.blends_input else None)
         timings["denoise"] = time.perf_counter() - t
         latents = plan.finish(x)
         if blend is not None:
@@ -577,7 +578,8 @@ class Pipeline:
         timings["vae_decode"] = time.perf_counter() - t
         if fallbacks:
             params["vae_fp32_fallback"] = fallbacks  # images decoded again in fp32 (fp16 overflow)
-        images = prepare.finish_images(job, pixels)
+        # diffusers rounds to 8 bits; A1111 and ComfyUI truncate (255 * clamp((x + 1) / 2)).astype(uint8)
+        images = prepare.finish_images(job, pixels, rounding="round" if plan.family == "diffusers" else "floor")
         timings["total"] = time.perf_counter() - t_start
         timings["unet_calls"] = n_calls["unet"]
         if output == "np":

@@ -34,6 +34,7 @@ class Job:
     latent_size: tuple[int, int] | None = None  # latent_upscale: (h, w) the latents are resized to
     # Inpainting
     latent_keep: np.ndarray | None = None  # (1 or B, 1, h, w): 1 where the original is kept
+    latent_repaint: np.ndarray | None = None  # the same, 1 where it is repainted (A1111's nmask = latmask)
     latent_fill: str | None = None  # "latent_noise" | "latent_nothing"
     fill_keep: np.ndarray | None = None  # (1, 1, h, w): 1 where latent_fill keeps the original
     masked_pixels: np.ndarray | None = None  # 9-channel models: image with the hole greyed, [-1, 1]
@@ -158,14 +159,14 @@ def inpaint_job(
         latmask = im.latent_mask_diffusers(work_mask, hl, wl)
     else:
         latmask = im.latent_mask(work_mask, hl, wl, round=mask_round)
-    keep = (1.0 - latmask).astype(np.float32)
+    keep = (1.0 - latmask).astype(np.float32)  # A1111: mask = 1 - latmask, nmask = latmask
 
     job = Job(batch_size, w, h, out_w, out_h, pixels=pixels, blend=family if family in ("comfyui", "diffusers") else "a1111")
     if fill in ("latent_noise", "latent_nothing"):
         job.latent_fill, job.fill_keep = fill, keep
     # diffusers blends latents only for 4-channel UNets; A1111 and ComfyUI do it for both kinds.
     if not (diffusers and info.is_inpainting_model):
-        job.latent_keep = keep
+        job.latent_keep, job.latent_repaint = keep, latmask.astype(np.float32)
     if info.is_inpainting_model:
         binary = im.binary_mask_array(work_mask, round=mask_round)  # (1, 1, H, W) float, 1 = repaint
         job.masked_pixels = (pixels * (1.0 - binary)).astype(np.float32)
@@ -223,17 +224,19 @@ class LatentBlender:
     """Keeps the unmasked part of the latents on the original during sampling.
 
     a1111: the x0 prediction is blended with the clean init latents at every model call, and
-    the result once more at the end (CFGDenoiser + the final blend in processing.py).
+    the result once more at the end (CFGDenoiser + the final blend in processing.py); for its
+    timestep samplers (DDIM, PLMS, UniPC) the model's input is blended instead (`model_input`).
     comfyui: the model input is blended with the noised init and its output with the clean init
     (KSamplerX0Inpaint).
     diffusers: after each step, the latents are blended with the init noised to the next
     step's level (StableDiffusionInpaintPipeline, 4-channel UNets).
     """
 
-    def __init__(self, style: str, keep: np.ndarray, init: np.ndarray, noise: np.ndarray, plan, steps_total: int):
+    def __init__(self, style: str, keep: np.ndarray, init: np.ndarray, noise: np.ndarray, plan, steps_total: int,
+                 repaint: np.ndarray | None = None):
         self.style = style
         self.keep = keep
-        self.repaint = (1.0 - keep).astype(np.float32)
+        self.repaint = (1.0 - keep).astype(np.float32) if repaint is None else repaint
         self.init = init
         self.noise = noise
         self.plan = plan
@@ -242,7 +245,19 @@ class LatentBlender:
         # schedulers that end above sigma 0 decode x / sqrt(1 + s^2)).
         self.final_scale = 1.0 / float(plan.finish(np.ones(1))[0])
 
+    def model_input(self, x, sigma):
+        """A1111's timestep samplers (DDIM, PLMS, UniPC; mask_before_denoising): the model sees the
+        VP latent blended with the clean init, x / sqrt(1 + sigma^2) * nmask + init * mask, here in
+        k-space."""
+        return x * self.repaint + self.init * (self.keep * np.float32(np.sqrt(1.0 + sigma * sigma)))
+
+    @property
+    def blends_input(self) -> bool:
+        return self.style == "a1111" and bool(getattr(self.plan, "mask_before_denoising", False))
+
     def wrap(self, denoise):
+        if self.style == "a1111" and self.blends_input:
+            return denoise
         if self.style == "a1111":
             def blended(x, sigma):
                 return denoise(x, sigma) * self.repaint + self.init * self.keep
@@ -278,13 +293,14 @@ class LatentBlender:
 def latent_blender(job: Job, plan, init: np.ndarray | None, noise: np.ndarray):
     if job.latent_keep is None or init is None:
         return None
-    return LatentBlender(job.blend, job.latent_keep, init, noise, plan, max(1, len(plan.sigmas) - 1))
+    return LatentBlender(job.blend, job.latent_keep, init, noise, plan, max(1, len(plan.sigmas) - 1), job.latent_repaint)
 
 
-def finish_images(job: Job, pixels: np.ndarray) -> list:
-    """Decoded (B,3,H,W) in [-1,1] -> PIL images, pasted back and overlaid as the job says."""
+def finish_images(job: Job, pixels: np.ndarray, rounding: str = "round") -> list:
+    """Decoded (B,3,H,W) in [-1,1] -> PIL images, pasted back and overlaid as the job says.
+    rounding: "floor" (A1111's and ComfyUI's truncating cast) or "round" (diffusers)."""
     out = []
-    for img in im.from_array(pixels):
+    for img in im.from_array(pixels, rounding=rounding):
         if job.overlay is not None or job.paste_box is not None:
             img = im.apply_overlay(img, job.overlay, job.paste_box, (job.out_width, job.out_height))
         out.append(img)

@@ -198,7 +198,9 @@ def test_strength_zero_is_the_vae_round_trip(sd1):
     from diffusers import AutoencoderKL
     from diffusers.image_processor import VaeImageProcessor
 
-    r = pipe.img2img(_image(), PROMPT, strength=0.0, steps=10, seed=0, sample_posterior=False)
+    # diffusers' rule: int(10 * 0) = 0 steps (A1111 names run one step at strength 0)
+    r = pipe.img2img(_image(), PROMPT, strength=0.0, steps=10, seed=0, sample_posterior=False,
+                     sampler="EulerDiscreteScheduler")
     vae = AutoencoderKL.from_pretrained(src, subfolder="vae").eval()
     proc = VaeImageProcessor(vae_scale_factor=2)
     with torch.no_grad():

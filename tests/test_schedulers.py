@@ -258,8 +258,37 @@ def test_family_prefix_and_case():
 
 
 # -------------------------------------------------------------------------- img2img rules
-@pytest.mark.parametrize("name", ["Euler", "euler", "EulerDiscreteScheduler", "DDIM", "PLMS", "UniPC",
-                                  "PNDMScheduler", "uni_pc", "LCMScheduler"])
+def _a1111_alpha_bar():
+    """ldm's alpha-bar (float64 linspace of sqrt(beta), squared, cumprod) as the float32 buffer A1111 holds."""
+    betas = np.linspace(0.00085**0.5, 0.012**0.5, 1000) ** 2
+    return np.cumprod(1 - betas).astype(np.float32).astype(np.float64)
+
+
+@pytest.mark.parametrize("name", ["Euler", "Euler a", "DPM++ 2M Karras", "LMS"])
+def test_a1111_strength_zero_runs_one_step(name):
+    """A1111: t_enc = int(0 * steps) = 0, so sigmas[steps - 1:] = [sigma_min, 0]: one step."""
+    ac = _a1111_alpha_bar()
+    sigma_min = float(np.sqrt((np.float32(1) - np.float32(ac[0])) / np.float32(ac[0])))
+    plan = make_plan(name, 20, 0.0, config=SD)
+    assert plan.unet_calls == 1
+    np.testing.assert_allclose(plan.sigmas, [sigma_min, 0.0], rtol=2.4e-7)  # exp(float32 log): 2 float32 ulps
+    assert plan.sigmas[0] == pytest.approx(0.0292, abs=1e-4)
+
+
+@pytest.mark.parametrize("name", ["DDIM", "PLMS", "UniPC"])
+def test_a1111_timestep_samplers_at_strength_zero_noise_to_t1(name):
+    """A1111's timestep samplers: timesteps[:t_enc] is empty, the latent is noised to
+    timesteps[0] = 1 and returned."""
+    a = _a1111_alpha_bar()[1]
+    plan = make_plan(name, 20, 0.0, config=SD)
+    assert plan.unet_calls == 0
+    x0 = np.ones((1, 4, 2, 2))
+    noise = np.full_like(x0, 0.5)
+    out = plan.finish(sample(plan, lambda x_, s_: 1 / 0, plan.start(x0, noise)))
+    np.testing.assert_allclose(out, np.sqrt(a) * x0 + np.sqrt(1 - a) * noise, rtol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["euler", "EulerDiscreteScheduler", "PNDMScheduler", "uni_pc", "LCMScheduler"])
 def test_strength_zero_has_no_steps(name):
     plan = make_plan(name, 4 if name == "LCMScheduler" else 20, 0.0, config=SD)
     assert plan.unet_calls == 0 and len(plan.sigmas) == 1
