@@ -135,6 +135,16 @@ def inpaint_job(
 
     paste_box = None
     crop = im.crop_region(m, padding) if only_masked else None
+    if only_masked and crop is None and not diffusers:
+        # A1111: a blank mask leaves no region to work on; it drops the mask and runs img2img on
+        # the whole image (no fill, no latent mask, no overlay)
+        job = Job(batch_size, w, h, w, h, pixels=im.to_array(im.resize_image(img, w, h, resize_mode)))
+        extra = _inpaint_infotext(mask_blur_x, mask_blur_y, invert_mask, fill, False, padding)
+        job.parameters = {"resize_mode": resize_mode, "mask_blur_x": mask_blur_x, "mask_blur_y": mask_blur_y,
+                          "invert_mask": invert_mask, "mask_round": mask_round, "fill": fill, "only_masked": only_masked,
+                          "padding": padding, "overlay": overlay, "blank_mask": True,
+                          "infotext_extra": {k: v for k, v in extra.items() if k != "Masked content"}}
+        return job
     if crop is not None:
         # Only masked: work on the region around the mask at the requested size, paste it back.
         x1, y1, x2, y2 = im.expand_crop_region(crop, w, h, img.width, img.height)

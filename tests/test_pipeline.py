@@ -505,6 +505,61 @@ def test_only_masked(models, kind, overlay):
     assert "Inpaint area: Only masked" in r.infotext and "Masked area padding: 2" in r.infotext
 
 
+@pytest.mark.parametrize("kind", ["tiny-sd1", "tiny-inpaint"])
+def test_only_masked_with_a_blank_mask_is_img2img(models, kind):
+    """A1111 (processing.py): a blank mask gives no crop region; it drops the mask and runs
+    img2img on the whole image (no fill, no overlay)."""
+    pipe = load(models.exported(kind), provider="cpu")
+    big = _image(5, size=(48, 40))
+    blank = Image.new("L", big.size, 0)
+    opts = dict(strength=0.8, steps=4, seed=6, sampler="Euler a", width=SIZE, height=SIZE, sample_posterior=False)
+    r = pipe.inpaint(big, blank, PROMPT, mask_blur=4, only_masked=True, padding=2, fill="fill", **opts)
+    want = pipe.img2img(big, PROMPT, **opts)
+    assert r.images[0].size == (SIZE, SIZE)
+    np.testing.assert_array_equal(_px(r), _px(want))
+    assert _maxdiff(r.images[0], big.resize((SIZE, SIZE), Image.Resampling.LANCZOS)) > 10
+    assert "Inpaint area" not in r.infotext and "Masked content" not in r.infotext
+
+
+def test_a1111_repaint_weight_is_the_latent_mask(sd1):
+    """A1111: latmask = the mask resized to latent size (PIL's default filter) / 255; nmask =
+    latmask (repainted), mask = 1 - latmask (kept). Without mask_round the soft values stay,
+    and 1 - (1 - latmask) is not latmask in float32."""
+    cv2 = pytest.importorskip("cv2")
+    from sdrt.runtime import prepare
+
+    mask = _mask()
+    blurred = Image.fromarray(cv2.GaussianBlur(np.asarray(mask), (21, 1), 4))  # A1111: k = 2 * int(2.5 * 4 + 0.5) + 1
+    job = prepare.inpaint_job(sd1.info, IMG, mask, width=None, height=None, resize_mode="just_resize", batch_size=1,
+                              mask_blur_x=4, mask_blur_y=0, invert_mask=False, mask_round=False, fill="original",
+                              only_masked=False, padding=0, overlay=True, family="a1111")
+    latmask = np.asarray(blurred.convert("RGB").resize((LAT, LAT)), dtype=np.float32)[..., 0] / 255
+    assert np.any((1 - (1 - latmask)) != latmask)  # the test can tell the two apart
+    np.testing.assert_array_equal(job.latent_repaint[0, 0], latmask)
+    np.testing.assert_array_equal(job.latent_keep[0, 0], (1.0 - latmask).astype(np.float32))
+    blender = prepare.latent_blender(job, schedulers.make_plan("Euler", 4, 0.5, config=sd1.info.scheduler_config),
+                                     np.zeros((1, 4, LAT, LAT), np.float32), np.zeros((1, 4, LAT, LAT), np.float32))
+    np.testing.assert_array_equal(blender.repaint[0, 0], latmask)
+
+
+@pytest.mark.parametrize("sampler,family", [("Euler a", "a1111"), ("euler", "comfyui"),
+                                            ("EulerDiscreteScheduler", "diffusers")])
+def test_pixels_round_or_truncate_by_family(sd1, sampler, family):
+    """8-bit output: A1111 and ComfyUI truncate 255 * clamp((x + 1) / 2) (astype(uint8));
+    diffusers' image processor rounds ((x / 2 + 0.5).clamp(0, 1) * 255).round()."""
+    import torch
+    from diffusers.image_processor import VaeImageProcessor
+
+    opts = dict(strength=0.6, steps=3, seed=2, sampler=sampler, sample_posterior=False)
+    r = sd1.img2img(IMG, PROMPT, **opts)
+    x = torch.from_numpy(sd1.decode_latents(sd1.img2img(IMG, PROMPT, output="latent", **opts).arrays))
+    if family == "diffusers":
+        want = np.asarray(VaeImageProcessor().postprocess(x, output_type="pil")[0])
+    else:
+        want = (255.0 * torch.clamp((x + 1.0) / 2.0, 0.0, 1.0)).numpy()[0].transpose(1, 2, 0).astype(np.uint8)
+    np.testing.assert_array_equal(np.asarray(r.images[0]), want)
+
+
 # ------------------------------------------------------------------- 8. prompt features
 @pytest.fixture(scope="module")
 def diffusers_text(models):

@@ -310,13 +310,21 @@ def vp_eps(out, z, a, pred):
     return a.sqrt() * out + (1 - a).sqrt() * z if pred == "v_prediction" else out
 
 
-def a1111_timestep_reference(kind, steps, strength, pred, x0, noise, seq, eta=0.0):
+def a1111_timestep_reference(kind, steps, strength, pred, x0, noise, seq, eta=0.0, nmask=None):
     """A1111's timestep samplers (sd_samplers_timesteps*), in VP space on its grid
     1, 1 + 1000 // steps, ...: img2img noises at grid[t_enc] and samples grid[:t_enc], the loop
     stops one entry short (final alpha-bar at grid[0]); DDIM and PLMS are written out from their
     formulas, UniPC is diffusers' UniPCMultistepScheduler (order 3, bh1) on A1111's time-uniform
-    continuous grid."""
+    continuous grid. With `nmask` (1 = repaint), inpainting as A1111's CFGDenoiserTimesteps does
+    it (mask_before_denoising): every model input is z * nmask + x0 * (1 - nmask), the sampler
+    steps its own z with the model's eps, and the result gets the same blend at the end."""
     ac = a1111_alphas_cumprod().double()  # A1111's float32 alpha-bar
+    blend = (lambda z: z) if nmask is None else (lambda z: z * nmask + torch.from_numpy(x0) * (1 - nmask))
+    out = _a1111_timestep_loop(kind, steps, strength, pred, x0, noise, seq, eta, ac, blend)
+    return out if nmask is None else out * nmask.numpy() + x0 * (1 - nmask.numpy())
+
+
+def _a1111_timestep_loop(kind, steps, strength, pred, x0, noise, seq, eta, ac, blend):
     grid = a1111_grid(steps)
     nt = torch.from_numpy(noise)
     if strength >= 1.0:
@@ -328,6 +336,7 @@ def a1111_timestep_reference(kind, steps, strength, pred, x0, noise, seq, eta=0.
         z = a.sqrt() * torch.from_numpy(x0) + (1 - a).sqrt() * nt
 
     def eps(z, t):
+        z = blend(z)
         return vp_eps(model_torch(z, t), z, ac[t], pred)
 
     def ddim(z, e, t, tp, sig=0.0, n=None):
@@ -386,10 +395,11 @@ def a1111_timestep_reference(kind, steps, strength, pred, x0, noise, seq, eta=0.
     # A1111 hands UniPC eps; for v models it converts with the alpha-bar of int(t).
     sch.register_to_config(prediction_type="epsilon")
     for i in range(n):
-        out = model_torch(z, taus[i])
+        z_in = blend(z)
+        out = model_torch(z_in, taus[i])
         if pred == "v_prediction":
             a = ac[int(taus[i])]
-            out = a.sqrt() * out + (1 - a).sqrt() * z
+            out = a.sqrt() * out + (1 - a).sqrt() * z_in
         z = sch.step(out, sch.timesteps[i], z).prev_sample
     return z.numpy()
 
@@ -427,6 +437,32 @@ def test_a1111_timestep_samplers_fix_steps_input_errors(kind):
             with pytest.raises(ValueError, match="from 1 to 1000") as e:
                 make_plan(kind, steps, strength, config=SD_CONFIG, rule="a1111_fix_steps")
             assert "\n" not in str(e.value) and str(total) in str(e.value)
+
+
+@pytest.mark.parametrize("pred", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("kind", ["DDIM", "PLMS", "UniPC"])
+def test_a1111_timestep_samplers_inpaint_blend_the_model_input(kind, pred):
+    """sdrt's A1111 inpainting blender (runtime.prepare.LatentBlender) with a timestep sampler
+    blends the model's input, not its output: A1111's mask_before_denoising."""
+    from sdrt.runtime.prepare import LatentBlender
+
+    x0, noise = inputs(13)
+    nmask = (np.arange(SHAPE[-1]) < 3).astype(np.float64) * np.ones(SHAPE)
+    nmask[..., 0, :] = 0.5  # a soft row
+    steps, strength = 10, 0.7
+    ref = a1111_timestep_reference(kind, steps, strength, pred, x0, noise, SequenceNoise(SHAPE),
+                                   nmask=torch.from_numpy(nmask))
+    plan = make_plan(kind, steps, strength, config={**SD_CONFIG, "prediction_type": pred})
+    assert plan.mask_before_denoising
+    blender = LatentBlender("a1111", 1.0 - nmask, x0, noise, plan, len(plan.sigmas) - 1, nmask)
+    den = blender.wrap(sdrt_denoiser(plan, pred))
+    out = sample(plan, den, plan.start(x0, noise), model_input=blender.model_input)
+    got = blender.finish(plan.finish(out))
+    assert rel_err(got, ref) <= TOL
+    # blending the model's output instead (the k-diffusion samplers' way) is a different result
+    plain = LatentBlender("a1111", 1.0 - nmask, x0, noise, make_plan("Euler", 10, 0.7, config=SD_CONFIG), 10, nmask)
+    out2 = sample(plan, plain.wrap(sdrt_denoiser(plan, pred)), plan.start(x0, noise))
+    assert rel_err(blender.finish(plan.finish(out2)), ref) > 100 * TOL
 
 
 def test_a1111_ddim_eta():
