@@ -52,7 +52,10 @@ A1111 = [
     _a("Heun", "heun", ["k_heun"]),
     _a("DPM2", "dpm_2", ["k_dpm_2"], "karras", discard_penultimate=True),
     _a("DPM2 a", "dpm_2_ancestral", ["k_dpm_2_a"], "karras", discard_penultimate=True),
-    _a("DDIM", "a1111_ddim", [], None),
+    _a("DPM fast", "dpm_fast", ["k_dpm_fast"]),
+    _a("DPM adaptive", "dpm_adaptive", ["k_dpm_ad"]),
+    _a("Restart", "restart", ["restart"], "karras"),
+    _a("DDIM", "a1111_ddim", ["ddim"], None),
     _a("PLMS", "a1111_plms", ["plms"], None),
     _a("UniPC", "a1111_unipc", ["unipc"], None),
     _a("LCM", "lcm", ["k_lcm"]),
@@ -132,7 +135,9 @@ _PREFIXES = {"a1111": "a1111", "comfyui": "comfyui", "comfy": "comfyui", "diffus
 
 def _table():
     out: dict[str, Spec] = {}
-    # ComfyUI first: its "ddim" (Euler) wins over A1111's lower-case alias of DDIM.
+    # The rule for a name two tools share: a sampler's own name wins over another's alias, and
+    # ComfyUI's names over A1111's aliases: "ddim" is ComfyUI's ddim (Euler on ddim_uniform),
+    # "DDIM" and "a1111:ddim" are A1111's DDIM.
     for spec in COMFY + A1111 + DIFFUSERS:
         for n in (spec.name, *spec.aliases):
             out.setdefault(n, spec)

@@ -10,6 +10,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from . import diffusers_compat, names, noise, schedules
+from . import samplers as samplers_mod
 from .samplers import SAMPLERS, sde_midpoint
 from .training import (alphas_cumprod, distilled_table, index_nearest, sigma_from_t_vp, sigmas_from_alphas_cumprod,
                        t_from_sigma)
@@ -30,7 +31,7 @@ class Plan:
     steps: int                     # requested steps
     strength: float                # requested strength (denoise)
     sigmas: np.ndarray             # levels the run visits, descending, last = final level
-    unet_calls: int                # denoise calls the run makes
+    unet_calls: int | None         # denoise calls the run makes (None: decided while it runs)
     prediction_type: str
     rule: str                      # img2img rule used
     sampler: str                   # sdrt sampler function (key of samplers.SAMPLERS)
@@ -144,6 +145,9 @@ _SAMPLER_OPTIONS = {
     "a1111_plms": (),
     "a1111_unipc": ("uni_pc_variant", "uni_pc_order"),
     "comfy_unipc": (),
+    "dpm_fast": ("eta", "s_noise"),
+    "dpm_adaptive": ("eta", "s_noise", "order", "rtol", "atol", "h_init", "pcoeff", "icoeff", "dcoeff", "accept_safety"),
+    "restart": ("s_noise",),
 }
 _SCHEDULE_OPTIONS = ("sigma_min", "sigma_max", "rho", "beta_alpha", "beta_beta")
 _COMMON_OPTIONS = ("discard_penultimate_sigma", "seed", "original_inference_steps")
@@ -295,7 +299,29 @@ def _plan_kdiffusion(spec, steps, strength, sched_key, rule, config, options) ->
         noise_kind = "randn"
         kw["vp"] = False
     calls = len(run) - 1
-    if sampler == "comfy_unipc":
+    if sampler in ("dpm_fast", "dpm_adaptive"):
+        # A1111 hands these sigma_max, sigma_min and n instead of the schedule: the model's own
+        # range and the steps in txt2img, the ends of the kept schedule (its last nonzero sigma)
+        # and its length in img2img. They stop at sigma_min; eta defaults to A1111's 1.
+        if strength >= 1.0:
+            smax, smin, nfe = float(table[-1]), float(table[0]), steps
+        else:
+            smax, smin, nfe = float(run[0]), float(run[-2]), len(run) - 1
+        kw.setdefault("eta", 1.0)
+        noise_kind = "randn" if kw["eta"] else "none"
+        if sampler == "dpm_fast":
+            kw["orders"] = samplers_mod.dpm_fast_orders(nfe)
+            calls = nfe
+            run = np.exp(-np.linspace(-math.log(smax), -math.log(smin), len(kw["orders"]) + 1))
+        else:
+            calls = None  # decided while it runs
+            run = np.array([smax, smin])
+    elif sampler == "restart":
+        kw["pairs"] = samplers_mod.restart_pairs(run, schedules.karras)
+        calls = sum(2 if b > 0 else 1 for _, b in kw["pairs"])
+        restarts = any(p1[1] < p2[0] for p1, p2 in zip(kw["pairs"], kw["pairs"][1:]))
+        noise_kind = "randn" if restarts else "none"
+    elif sampler == "comfy_unipc":
         sampler = "unipc"
         run = run.copy()
         if run[-1] == 0:

@@ -172,6 +172,109 @@ def test_a1111_samplers(name, steps, strength, pred):
     assert plan.unet_calls == len(den.calls)
 
 
+def a1111_no_schedule_reference(func, steps, strength, pred, x0, noise, seq, **kw):
+    """A1111's DPM fast / DPM adaptive call: these take sigma_min, sigma_max (and n) instead of
+    a schedule: in txt2img the model's range and the steps, in img2img the kept tail of the
+    "Automatic" (uniform) schedule: sigma_max = its first sigma, sigma_min = its last nonzero one,
+    n = its length. eta is A1111's eta_ancestral, 1."""
+    mw = wrapper(pred, quantize=False, ac=a1111_alphas_cumprod())
+    with f64():
+        sig = mw.get_sigmas(steps).to(torch.float64)
+        if x0 is None:
+            x = torch.from_numpy(noise) * sig[0]
+            lo, hi, n = mw.sigmas[0].item(), mw.sigmas[-1].item(), steps
+        else:
+            t_enc = int(min(strength, 0.999) * steps)
+            sched = sig[steps - t_enc - 1:]
+            x = torch.from_numpy(x0) + torch.from_numpy(noise) * sched[0]
+            lo, hi, n = sched[-2].item(), sched[0].item(), len(sched) - 1
+        if func == "sample_dpm_fast":
+            kw["n"] = n
+        calls = []
+
+        def model(x_, s_, **k):
+            calls.append(float(s_[0]))
+            return mw(x_, s_, **k)
+
+        out = getattr(sampling, func)(model, x, lo, hi, disable=True, eta=1.0, noise_sampler=seq.reset().torch, **kw)
+    return out.numpy(), calls
+
+
+@pytest.mark.parametrize("pred", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("steps,strength", [(12, 1.0), (15, 0.55), (9, 0.3)])
+@pytest.mark.parametrize("name,func", [("DPM fast", "sample_dpm_fast"), ("DPM adaptive", "sample_dpm_adaptive")])
+def test_a1111_dpm_fast_and_adaptive(name, func, steps, strength, pred):
+    x0, noise = inputs(14)
+    x0 = None if strength == 1.0 else x0
+    seq = SequenceNoise(SHAPE, seed=17)
+    ref, ref_calls = a1111_no_schedule_reference(func, steps, strength, pred, x0, noise, seq)
+    plan, out, den = run_sdrt(name, steps, strength, pred=pred, x0=x0, noise=noise, seq=seq)
+    assert rel_err(out, ref) <= TOL
+    # the same evaluations (the adaptive controller's accepts and rejects included), at levels
+    # equal but for k-diffusion's float32 schedule arithmetic (t_to_sigma works in float32)
+    assert [s for s, _ in den.calls] == pytest.approx(ref_calls, rel=TOL)
+    if name == "DPM fast":
+        assert plan.unet_calls == len(ref_calls) == (steps if x0 is None else int(strength * steps) + 1)
+
+
+def restart_reference(steps, strength, pred, x0, noise, seq):
+    """A1111's Restart sampler (Xu et al. 2023, "Restart Sampling for Improving Generative
+    Processes"), re-derived: its "Automatic" schedule is Karras; with 20 or more steps the
+    schedule is remade as Karras over steps - k * K steps (k = 9 restart steps once, steps // 4
+    twice from 36 steps) and a Karras segment of k + 1 levels from the schedule's sigma nearest
+    2 down to its sigma nearest 0.1 is run K times after reaching 0.1, each time after adding
+    noise back up to the segment's top; every step is Heun (Euler to 0)."""
+    mw = wrapper(pred, quantize=False, ac=a1111_alphas_cumprod())
+    with f64():
+        smin, smax = mw.sigmas[0].item(), mw.sigmas[-1].item()
+        sig = sampling.get_sigmas_karras(steps, smin, smax).to(torch.float64)
+        if x0 is None:
+            x = torch.from_numpy(noise) * sig[0]
+        else:
+            t_enc = int(min(strength, 0.999) * steps)
+            sig = sig[steps - t_enc - 1:]
+            x = torch.from_numpy(x0) + torch.from_numpy(noise) * sig[0]
+        n = len(sig) - 1
+        segments = {}
+        if n >= 20:
+            k, times = (n // 4, 2) if n >= 36 else (9, 1)
+            sig = sampling.get_sigmas_karras(n - k * times, sig[-2].item(), sig[0].item()).to(torch.float64)
+            at, top = int(torch.argmin((sig - 0.1).abs())), int(torch.argmin((sig - 2.0).abs()))
+            if top < at:
+                seg = sampling.get_sigmas_karras(k + 1, sig[at].item(), sig[top].item()).to(torch.float64)[:-1]
+                segments[at] = [(seg[j], seg[j + 1]) for j in range(len(seg) - 1)] * times
+        steps_list = []
+        for i in range(len(sig) - 1):
+            steps_list.append((sig[i], sig[i + 1]))
+            steps_list += segments.get(i + 1, [])
+        seq.reset()
+        level = steps_list[0][0]
+        for s, sn in steps_list:
+            if s > level:
+                x = x + seq.torch() * (s**2 - level**2) ** 0.5
+            d = sampling.to_d(x, s, mw(x, s.reshape(1)))
+            if sn == 0:
+                x = x + d * (sn - s)
+            else:
+                x2 = x + d * (sn - s)
+                x = x + (d + sampling.to_d(x2, sn, mw(x2, sn.reshape(1)))) / 2 * (sn - s)
+            level = sn
+    return x.numpy(), len(steps_list)
+
+
+@pytest.mark.parametrize("pred", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("steps,strength", [(12, 1.0), (24, 1.0), (40, 1.0), (40, 0.6), (30, 0.5)])
+def test_a1111_restart(steps, strength, pred):
+    x0, noise = inputs(15)
+    x0 = None if strength == 1.0 else x0
+    seq = SequenceNoise(SHAPE, seed=18)
+    ref, n_steps = restart_reference(steps, strength, pred, x0, noise, seq)
+    plan, out, den = run_sdrt("Restart", steps, strength, pred=pred, x0=x0, noise=noise, seq=seq)
+    assert len(plan.options["pairs"]) == n_steps
+    assert rel_err(out, ref) <= TOL
+    assert plan.unet_calls == len(den.calls)
+
+
 @pytest.mark.parametrize("name", ["DPM++ 2M SDE", "DPM++ 2M SDE Heun", "DPM++ 3M SDE"])
 def test_a1111_strength_zero_single_step_to_zero(name):
     """At strength 0 A1111 runs one step, from the last nonzero sigma to 0. k-diffusion's
