@@ -44,7 +44,7 @@ DEFAULTS = {
     "batch_size": 1,
     "resize_mode": "just_resize",
     "clip_skip": 1,
-    "mask_blur": 4,
+    "mask_blur": None,  # 4 (A1111's) for A1111 and ComfyUI names, 0 for diffusers names
     "fill": "original",
     "padding": 32,
     "txt2img_size": 512,
@@ -418,7 +418,7 @@ def inpaint(
     prompt: Prompt = None,
     negative: Negative = None,
     model: Model = None,
-    mask_blur: Optional[int] = typer.Option(None, "--mask-blur", help=f"Blur of the mask edge in pixels (A1111 samplers). (default: {_d['mask_blur']})", rich_help_panel=_INP, show_default=False),
+    mask_blur: Optional[int] = typer.Option(None, "--mask-blur", help="Blur of the mask edge in pixels: A1111's Gaussian for A1111 and ComfyUI samplers (default 4), diffusers' mask_processor.blur for diffusers samplers (default 0).", rich_help_panel=_INP, show_default=False),
     invert_mask: Optional[bool] = typer.Option(None, "--invert-mask/--no-invert-mask", help="Repaint the black part of the mask instead (A1111's 'Inpaint not masked').", rich_help_panel=_INP, show_default=False),
     fill: Optional[str] = typer.Option(None, "--fill", help=f"What the masked area starts from: fill, original, latent_noise or latent_nothing. (default: {_d['fill']})", rich_help_panel=_INP, show_default=False),
     only_masked: Optional[bool] = typer.Option(None, "--only-masked/--whole-picture", help="Work on the region around the mask at full resolution and paste it back (A1111's 'Only masked').", rich_help_panel=_INP, show_default=False),

@@ -369,7 +369,7 @@ class Pipeline:
         noise: np.ndarray | None = None,
         sample_posterior: bool = True,
         output: str = "pil",
-        mask_blur: int = 4,
+        mask_blur: int | None = None,
         mask_blur_x: int | None = None,
         mask_blur_y: int | None = None,
         invert_mask: bool = False,
@@ -382,7 +382,13 @@ class Pipeline:
         dry_run: bool = False,
         **sampler_options,
     ) -> Result:
-        """Repaint the white part of `mask` in `image` (A1111's inpainting options)."""
+        """Repaint the white part of `mask` in `image` (A1111's inpainting options).
+
+        mask_blur: A1111's Gaussian mask blur for A1111 and ComfyUI names (default 4, A1111's);
+        diffusers' mask_processor.blur (Pillow's GaussianBlur, one radius) for diffusers names
+        (default 0: diffusers blurs only when asked)."""
+        if mask_blur is None:
+            mask_blur = 0 if _family(sampler) == "diffusers" else 4
         job = prepare.inpaint_job(
             self.info,
             image,

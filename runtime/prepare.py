@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageFilter
 
 from . import images as im
 from .errors import InputError
@@ -131,6 +131,11 @@ def inpaint_job(
         m = im.invert(m)
     if not diffusers:
         m = im.blur_mask(m, mask_blur_x, mask_blur_y)
+    elif mask_blur_x or mask_blur_y:
+        if mask_blur_x != mask_blur_y:
+            raise InputError(f"mask_blur_x and mask_blur_y must be equal with a diffusers sampler (diffusers' "
+                             f"mask_processor.blur has one radius), got {mask_blur_x} and {mask_blur_y}")
+        m = m.filter(ImageFilter.GaussianBlur(mask_blur_x))  # diffusers' VaeImageProcessor.blur
     w, h = im.target_size(img.size, width, height, f)
 
     paste_box = None
