@@ -328,7 +328,8 @@ class Pipeline:
 
         dry_run=True (here, in inpaint and in txt2img) checks the whole request and returns the
         Result it would make (seeds, parameters, infotexts; no images) without running a model."""
-        job = prepare.img2img_job(self.info, image, width=width, height=height, resize_mode=resize_mode, batch_size=batch_size)
+        job = prepare.img2img_job(self.info, image, width=width, height=height, resize_mode=resize_mode, batch_size=batch_size,
+                                  family=_family(sampler))
         return self._generate(
             job,
             mode="img2img",

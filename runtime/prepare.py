@@ -40,9 +40,15 @@ class Job:
     masked_pixels: np.ndarray | None = None  # 9-channel models: image with the hole greyed, [-1, 1]
     conditioning_mask: np.ndarray | None = None  # 9-channel models: (1, 1, h, w), 1 = repaint
     blend: str = "a1111"  # per-step latent blending: a1111 | comfyui | diffusers
+    resampler: str = "a1111"  # images.RESAMPLERS: A1111's Pillow 9.5 arithmetic, or the installed Pillow (diffusers)
     overlay: Any = None  # PIL RGBA of the original outside the mask, or None
     paste_box: tuple[int, int, int, int] | None = None  # only-masked: where the output goes
     parameters: dict[str, Any] = field(default_factory=dict)
+
+
+def _resampler(family: str | None) -> str:
+    """diffusers resizes with the installed Pillow; A1111 (and sdrt for ComfyUI names) with Pillow 9.5's arithmetic."""
+    return "pillow" if family == "diffusers" else "a1111"
 
 
 def _check_choice(name: str, value, choices) -> None:
@@ -70,7 +76,8 @@ def txt2img_job(info: ModelInfo, width: int, height: int, batch_size: int) -> Jo
     return Job(batch_size, w, h, w, h, parameters={})
 
 
-def img2img_job(info: ModelInfo, image, *, width, height, resize_mode: str, batch_size: int) -> Job:
+def img2img_job(info: ModelInfo, image, *, width, height, resize_mode: str, batch_size: int,
+                family: str | None = None) -> Job:
     _check_batch(batch_size)
     _check_choice("resize_mode", resize_mode, RESIZE_MODES)
     _size_arg("width", width)
@@ -81,12 +88,13 @@ def img2img_job(info: ModelInfo, image, *, width, height, resize_mode: str, batc
     if resize_mode == "latent_upscale":
         # A1111 mode 3: encode the image at its own size, then resize the latents.
         ew, eh = im.target_size(img.size, None, None, f)
-        pixels = im.to_array(im.resize_image(img, ew, eh, "just_resize"))
+        pixels = im.to_array(im.resize_image(img, ew, eh, "just_resize", _resampler(family)))
         job = Job(batch_size, ew, eh, w, h, pixels=pixels, latent_size=(h // f, w // f))
     else:
-        pixels = im.to_array(im.resize_image(img, w, h, resize_mode))
+        pixels = im.to_array(im.resize_image(img, w, h, resize_mode, _resampler(family)))
         job = Job(batch_size, w, h, w, h, pixels=pixels)
     job.parameters = {"resize_mode": resize_mode}
+    job.resampler = _resampler(family)
     if job.latent_size is not None:
         job.width, job.height = w, h  # the loop works at the resized latent size
     return job
@@ -126,7 +134,8 @@ def inpaint_job(
 
     img = im.load_image(image, "image")
     m = im.load_mask(mask, "mask", round=mask_round)
-    m = im.match_mask(m, img)  # same aspect ratio -> resized to the image; otherwise an InputError
+    rs = _resampler(family)
+    m = im.match_mask(m, img, resampler=rs)  # same aspect ratio -> resized to the image; otherwise an InputError
     if invert_mask:
         m = im.invert(m)
     if not diffusers:
@@ -143,7 +152,7 @@ def inpaint_job(
     if only_masked and crop is None and not diffusers:
         # A1111: a blank mask leaves no region to work on; it drops the mask and runs img2img on
         # the whole image (no fill, no latent mask, no overlay)
-        job = Job(batch_size, w, h, w, h, pixels=im.to_array(im.resize_image(img, w, h, resize_mode)))
+        job = Job(batch_size, w, h, w, h, pixels=im.to_array(im.resize_image(img, w, h, resize_mode, rs)), resampler=rs)
         extra = _inpaint_infotext(mask_blur_x, mask_blur_y, invert_mask, fill, False, padding)
         job.parameters = {"resize_mode": resize_mode, "mask_blur_x": mask_blur_x, "mask_blur_y": mask_blur_y,
                           "invert_mask": invert_mask, "mask_round": mask_round, "fill": fill, "only_masked": only_masked,
@@ -155,13 +164,13 @@ def inpaint_job(
         x1, y1, x2, y2 = im.expand_crop_region(crop, w, h, img.width, img.height)
         paste_box = (x1, y1, x2, y2)
         mask_for_overlay = m
-        work_mask = im.resize_image(m.crop(paste_box), w, h, "resize_and_fill")
-        work_img = im.resize_image(img.crop(paste_box), w, h, "resize_and_fill")
+        work_mask = im.resize_image(m.crop(paste_box), w, h, "resize_and_fill", rs)
+        work_img = im.resize_image(img.crop(paste_box), w, h, "resize_and_fill", rs)
         out_w, out_h = img.width, img.height
         overlay_base = img
     else:
-        work_mask = im.resize_image(m, w, h, resize_mode)
-        work_img = im.resize_image(img, w, h, resize_mode)
+        work_mask = im.resize_image(m, w, h, resize_mode, rs)
+        work_img = im.resize_image(img, w, h, resize_mode, rs)
         out_w, out_h = w, h
         mask_for_overlay = work_mask if diffusers else im.double_mask(work_mask)
         overlay_base = work_img
@@ -176,7 +185,8 @@ def inpaint_job(
         latmask = im.latent_mask(work_mask, hl, wl, round=mask_round)
     keep = (1.0 - latmask).astype(np.float32)  # A1111: mask = 1 - latmask, nmask = latmask
 
-    job = Job(batch_size, w, h, out_w, out_h, pixels=pixels, blend=family if family in ("comfyui", "diffusers") else "a1111")
+    job = Job(batch_size, w, h, out_w, out_h, pixels=pixels, blend=family if family in ("comfyui", "diffusers") else "a1111",
+              resampler=rs)
     if fill in ("latent_noise", "latent_nothing"):
         job.latent_fill, job.fill_keep = fill, keep
     # diffusers blends latents only for 4-channel UNets; A1111 and ComfyUI do it for both kinds.
@@ -317,7 +327,7 @@ def finish_images(job: Job, pixels: np.ndarray, rounding: str = "round") -> list
     out = []
     for img in im.from_array(pixels, rounding=rounding):
         if job.overlay is not None or job.paste_box is not None:
-            img = im.apply_overlay(img, job.overlay, job.paste_box, (job.out_width, job.out_height))
+            img = im.apply_overlay(img, job.overlay, job.paste_box, (job.out_width, job.out_height), job.resampler)
         out.append(img)
     return out
 

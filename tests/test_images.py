@@ -220,12 +220,13 @@ def test_resize_modes_match_diffusers(vae_processor, mode, theirs):
     rng = np.random.default_rng(3)
     for sw, sh, w, h in RESIZE_CASES:
         img = rand_rgb(rng, sw, sh)
-        ours = im.resize_image(img, w, h, mode)
+        # diffusers resizes with the installed Pillow: sdrt's "pillow" resampler (its diffusers names)
+        ours = im.resize_image(img, w, h, mode, resampler="pillow")
         ref = vae_processor.resize(img, height=h, width=w, resize_mode=theirs)
         assert ours.size == (w, h)
         assert np.array_equal(arr(ours), arr(ref.convert("RGB"))), (sw, sh, w, h)
         mask = rand_mask(rng, sw, sh)
-        ours_m = im.resize_image(mask, w, h, mode)
+        ours_m = im.resize_image(mask, w, h, mode, resampler="pillow")
         ref_m = vae_processor.resize(mask, height=h, width=w, resize_mode=theirs)
         assert ours_m.mode == "L"
         assert np.array_equal(arr(ours_m), arr(ref_m.convert("L"))), (sw, sh, w, h)
@@ -588,3 +589,37 @@ def test_no_heavy_imports_at_run_time():
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# --------------------------------------------------------------------------- resampling
+
+
+def _pillow_reference_cases():
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("pillow_reference", root / "scripts" / "pillow_reference.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.cases(), np.load(root / "tests" / "data" / "pillow-resize-reference.npz")
+
+
+def test_resize_is_pillow_9_5_whatever_pillow_is_installed():
+    """A1111 v1.10.1 resizes with Pillow 9.5; Pillow 10.0 to 12.3 compute the same, Pillow 13
+    does not. The fixture holds Pillow 12.3.0's results (identical to 9.5.0's) for hard-edged
+    masks and noise, Lanczos and bicubic, up and down, with boxes of zero width or height (A1111's
+    resize-and-fill bands); sdrt's resampler must give them bit for bit."""
+    from sdrt.runtime import resample
+
+    cases, ref = _pillow_reference_cases()
+    assert str(ref["pillow_version"]).split(".")[0] in ("9", "10", "11", "12")
+    for name, a, size, kind, box in cases:
+        np.testing.assert_array_equal(resample.resize_array(a, size, kind, box), ref[name], err_msg=name)
+        out = resample.resize(Image.fromarray(a), size, kind, box)  # the path sdrt takes here
+        np.testing.assert_array_equal(np.asarray(out), ref[name], err_msg=name)
+    # the installed Pillow is used only where it computes the same
+    filters = {"lanczos": Image.Resampling.LANCZOS, "bicubic": Image.Resampling.BICUBIC}
+    native_same = all(np.array_equal(np.asarray(Image.fromarray(a).resize(size, filters[kind], box=box)), ref[name])
+                      for name, a, size, kind, box in cases)
+    assert native_same or not resample.PILLOW_MATCHES
