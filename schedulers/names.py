@@ -61,6 +61,10 @@ A1111 = [
     _a("LCM", "lcm", ["k_lcm"]),
 ]
 
+# A1111 samplers sdrt knows by name but does not run (its CFG++ variant needs the unconditional
+# prediction inside the sampler).
+NOT_SUPPORTED = {"ddim cfg++": "A1111's DDIM CFG++", "ddim_cfgpp": "A1111's DDIM CFG++"}
+
 # The combined "<sampler> <schedule>" names of A1111 before v1.9 (any such pair is accepted).
 A1111_LEGACY = {
     "LMS Karras": ["k_lms_ka"],
@@ -231,6 +235,9 @@ def resolve(name: str, schedule: str | None = None) -> tuple[Spec, str | None, d
                         break
             if spec is not None:
                 break
+    if spec is None and text.lower() in NOT_SUPPORTED:
+        raise UnknownSamplerError(f"sampler {name!r} ({NOT_SUPPORTED[text.lower()]}) is not supported; "
+                                  f"valid names are {_valid_names()}")
     if spec is None:
         raise UnknownSamplerError(f"unknown sampler {name!r}; valid names are {_valid_names()}")
     if options and spec.family != "diffusers":

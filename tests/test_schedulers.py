@@ -477,3 +477,10 @@ def test_brownian_tree_with_query_points():
 def test_shared_names_and_new_a1111_samplers(name, family, sampler):
     plan = make_plan(name, 12, 0.6, config=SD)
     assert (plan.family, plan.sampler) == (family, sampler)
+
+
+@pytest.mark.parametrize("name", ["DDIM CFG++", "ddim_cfgpp"])
+def test_ddim_cfgpp_is_refused_by_name(name):
+    with pytest.raises(UnknownSamplerError, match="DDIM CFG\\+\\+.*not supported") as e:
+        make_plan(name, 10, config=SD)
+    assert "\n" not in str(e.value)
