@@ -277,6 +277,21 @@ def check_neutral_options(values: dict, where: str) -> None:
         raise RequestError(f"{where}.sd_vae: sdrt uses the model folder's own VAE (accepted: Automatic), got {vae!r}")
 
 
+def a1111_sampler_name(name: str) -> str:
+    """A sampler name in A1111's context, which matches its samplers' names and aliases in any
+    case: A1111's sampler where it has one so named ("ddim" and "euler" are A1111's DDIM and
+    Euler here, ComfyUI's elsewhere in sdrt), else the name as given (A1111's combined names,
+    ComfyUI and diffusers names stay accepted)."""
+    from sdrt.schedulers.names import A1111
+
+    if isinstance(name, str):
+        want = name.strip().lower()
+        for spec in A1111:
+            if want in (spec.name.lower(), *(a.lower() for a in spec.aliases)):
+                return spec.name
+    return name
+
+
 def _sampler_kwargs(req: _Request, sampler: str) -> dict:
     """eta, s_churn, s_tmin, s_tmax, s_noise as A1111 passes them: only to a sampler that takes them,
     and only when they differ from the neutral value (A1111 ignores them otherwise)."""
@@ -312,7 +327,7 @@ def plan_request(req: _Request, endpoint: str, cfg: ServeConfig, options: dict) 
         seed = random.randrange(MAX_SEED)
     if not 0 <= seed <= MAX_SEED:
         raise RequestError(f"seed must be -1 (random) or an integer from 0 to {MAX_SEED}, got {seed}")
-    sampler = req.sampler_name or req.sampler_index or "Euler"
+    sampler = a1111_sampler_name(req.sampler_name or req.sampler_index or "Euler")
     model, clip_skip = resolve_overrides(req.override_settings, options)
     common = dict(prompt=prompt, negative_prompt=negative, steps=steps, guidance=float(req.cfg_scale), sampler=sampler,
                   schedule=req.scheduler, clip_skip=clip_skip, **_sampler_kwargs(req, sampler))

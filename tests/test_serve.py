@@ -609,3 +609,18 @@ def test_serve_refuses_to_start_without_a_model(tmp_path):
         done = subprocess.run([*SDRT, "serve", "--port", str(free_port()), *args], capture_output=True, text=True, timeout=120)
         assert done.returncode == 1 and says in done.stderr
         assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("name,want", [("ddim", "DDIM"), ("euler", "Euler"), ("EULER A", "Euler a"), ("k_dpm_fast", "DPM fast"),
+                                       ("plms", "PLMS"), ("DPM++ 2M Karras", "DPM++ 2M Karras"),
+                                       ("uni_pc", "uni_pc"), ("DDIMScheduler", "DDIMScheduler")])
+def test_sampler_names_resolve_in_a1111_context(name, want):
+    """A1111's API matches its samplers' names and aliases in any case: there "ddim" is A1111's
+    DDIM (ComfyUI's ddim elsewhere in sdrt); names A1111 lacks pass through."""
+    from sdrt.schedulers import family_of
+    from sdrt.serve.a1111 import a1111_sampler_name
+
+    got = a1111_sampler_name(name)
+    assert got == want
+    if want[0].isupper() and not want.endswith("Scheduler"):
+        assert family_of(got) == "a1111"
