@@ -192,6 +192,7 @@ def test_every_listed_name_resolves(name):
     assert np.all(np.diff(plan.sigmas) <= 0) and plan.sigmas[0] > plan.sigmas[-1]
     for alias in entry.aliases:
         if family_of(alias) != entry.family:  # another tool's own name ("ddim"): the prefix selects
+            assert any(o.name == alias for o in list_samplers()), alias
             alias = f"{entry.family}:{alias}"
         other = make_plan(alias, 10, 0.7, config=SD)
         np.testing.assert_array_equal(other.sigmas, plan.sigmas)
