@@ -106,15 +106,18 @@ def info(
     model: Path = typer.Argument(..., help="A model folder."),
     verify: str = typer.Option("auto", "--verify", help="File check: auto (hash changed files), full, size, none."),
 ) -> None:
-    """Describe a model folder: family, channels, precision, target, sizes, and the providers available here."""
+    """Describe a model folder: family, channels, precision, target, sizes, the providers and CPU features
+    available here, and whether its int8 graphs compute exactly on this CPU."""
 
     def go():
         import onnxruntime as ort
 
+        from sdrt.runtime.cpu import cpu_features, int8_exactness, int8_weight_max
         from sdrt.runtime.modelfolder import read_model_folder
         from sdrt.runtime.sessions import onnxruntime_distributions
 
         i = read_model_folder(model, verify=verify)
+        cpu = cpu_features()
         size = sum(p.stat().st_size for p in i.path.rglob("*") if p.is_file())
         rows = [
             ("model", str(i.path)),
@@ -128,7 +131,11 @@ def info(
             ("files", f"{size / 2**20:.1f} MiB" + ("" if i.manifest else " (no sdrt.json: not checked)")),
             ("providers here", ", ".join(ort.get_available_providers())),
             ("onnxruntime", " + ".join(onnxruntime_distributions()) or f"{ort.__version__} (no distribution metadata)"),
+            ("CPU here", cpu.describe()),
         ]
+        weight_max = int8_weight_max(i.manifest)
+        if weight_max is not None:
+            rows.append(("int8 exact here", int8_exactness(weight_max, cpu)[1]))
         w = max(len(k) for k, _ in rows)
         for k, v in rows:
             typer.echo(f"{k:<{w}}  {v}")

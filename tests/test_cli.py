@@ -12,7 +12,6 @@ import pty
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -101,10 +100,12 @@ GEN = ["--steps", 3, "--provider", "cpu"]
 # --------------------------------------------------------------------------- start-up and help
 
 
-def test_help_imports_no_runtime_and_is_fast():
+def test_help_imports_no_runtime():
+    """`sdrt --help` and usage errors answer from typer alone: neither ONNX Runtime nor PyTorch (nor
+    NumPy, Pillow, the pipeline or the samplers) is imported, which is what keeps them instant
+    (benchmarks/startup.py times them)."""
     code = (
-        "import sys, time, json\n"
-        "t = time.perf_counter()\n"
+        "import sys, json\n"
         "from sdrt.cli.app import app\n"
         "codes = []\n"
         "for args in (['--help'], ['img2img', '--help'], ['img2img', 'x.png', '--steps', 'many'], ['inpaint', 'x.png']):\n"
@@ -113,20 +114,15 @@ def test_help_imports_no_runtime_and_is_fast():
         "    except SystemExit as e:\n"
         "        codes.append(e.code)\n"
         "heavy = [m for m in ('onnxruntime', 'torch', 'PIL', 'numpy', 'sdrt.runtime.pipeline', 'sdrt.schedulers') if m in sys.modules]\n"
-        "print('RESULT', json.dumps({'seconds': time.perf_counter() - t, 'heavy': heavy, 'codes': codes}))\n"
+        "print('RESULT', json.dumps({'heavy': heavy, 'codes': codes}))\n"
     )
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     line = next(ln for ln in p.stdout.splitlines() if ln.startswith("RESULT "))
     res = json.loads(line[len("RESULT "):])
-    t = time.perf_counter()
-    q = sub("--help")
-    wall = time.perf_counter() - t
-    print(f"\nimport sdrt.cli.app + 4 help/usage answers: {res['seconds'] * 1000:.0f} ms in-process; "
-          f"`sdrt --help` as a new process: {wall * 1000:.0f} ms")
     assert res["heavy"] == [], f"--help imported {res['heavy']}"
     assert res["codes"] == [0, 0, 2, 2]  # help, help, bad number, missing --mask
+    q = sub("--help")
     assert q.returncode == 0 and "img2img" in q.stdout
-    assert res["seconds"] < 2.0
 
 
 HELP = {
