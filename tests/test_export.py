@@ -134,12 +134,32 @@ def test_int8_cpu_export(models):
     ort.InferenceSession(str(unet), so, providers=["CPUExecutionProvider"])
     fused = Counter(n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node)
     assert fused["QLinearConv"] == convs
-    fp32 = models.exported("tiny-sd1")
-    feeds = _tiny_unet_feeds(seed=0, side=16, t=500.0)
-    ref = _session(fp32 / "unet" / "model.onnx").run(None, feeds)[0]
-    got = _session(unet).run(None, feeds)[0]
-    rel = float(np.abs(got - ref).mean() / np.abs(ref).mean())
-    print(f"int8 UNet vs fp32: mean abs difference {100 * rel:.2f}% of the mean output")
+    # The int8 UNet against the fp32 one on 9 inputs (3 seeds x 3 noise levels): one input's error
+    # jumps by a few percent when the input moves by 1e-6 (a dynamic quantization scale changes and
+    # every value of its tensor rounds anew); the mean over 9 moves by a tenth of a percent.
+    fp32 = _session(models.exported("tiny-sd1") / "unet" / "model.onnx")
+    fused = _session(unet)
+    # ONNX Runtime's reference arithmetic for the same graph: with graph optimizations off, each
+    # quantized convolution runs as DequantizeLinear -> fp32 Conv -> QuantizeLinear, no integer kernel.
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    unfused = ort.InferenceSession(str(unet), so, providers=["CPUExecutionProvider"])
+    err, err_ref = [], []
+    for seed in range(3):
+        for t in (100.0, 500.0, 900.0):
+            feeds = _tiny_unet_feeds(seed=seed, side=16, t=t)
+            ref = fp32.run(None, feeds)[0]
+            scale = np.abs(ref).mean()
+            err.append(np.abs(fused.run(None, feeds)[0] - ref).mean() / scale)
+            err_ref.append(np.abs(unfused.run(None, feeds)[0] - ref).mean() / scale)
+    rel, rel_ref = float(np.mean(err)), float(np.mean(err_ref))
+    print(f"int8 UNet vs fp32: mean abs difference {100 * rel:.2f}% of the mean output "
+          f"({100 * rel_ref:.2f}% with ONNX Runtime's unfused QDQ arithmetic)")
+    # QLinearConv rounds where the unfused graph does; a float rounding on the other side of a step
+    # is as likely to shrink the error as to grow it, so the kernels add nothing on average.
+    assert rel <= 1.1 * rel_ref
+    # The quantization's own cost: 5.7% (4.7% with full-range weights) on this random-weight model,
+    # whose untrained layers amplify small errors (a trained UNet: 1.5-4.5%, docs/benchmarks.md).
     assert 0 < rel < 0.1
     with pytest.raises(ExportError, match="int8"):
         export_model(models.source("tiny-sd1"), folder.parent / "nope", precision="int8", target="cuda")
