@@ -107,12 +107,12 @@ def info(
     verify: str = typer.Option("auto", "--verify", help="File check: auto (hash changed files), full, size, none."),
 ) -> None:
     """Describe a model folder: family, channels, precision, target, sizes, the providers and CPU features
-    available here, and whether its int8 graphs compute exactly on this CPU."""
+    available here, and how its int8 graphs run on this CPU."""
 
     def go():
         import onnxruntime as ort
 
-        from sdrt.runtime.cpu import cpu_features, int8_exactness, int8_weight_max
+        from sdrt.runtime.cpu import cpu_features, int8_status, int8_weight_max
         from sdrt.runtime.modelfolder import read_model_folder
         from sdrt.runtime.sessions import onnxruntime_distributions
 
@@ -135,7 +135,7 @@ def info(
         ]
         weight_max = int8_weight_max(i.manifest)
         if weight_max is not None:
-            rows.append(("int8 exact here", int8_exactness(weight_max, cpu)[1]))
+            rows.append(("int8 here", int8_status(weight_max, cpu)[1]))
         w = max(len(k) for k, _ in rows)
         for k, v in rows:
             typer.echo(f"{k:<{w}}  {v}")

@@ -7,7 +7,9 @@ a1*w1 + a2*w2 into a signed 16-bit value and saturates it there: with a up to 25
 only when two weights of one sign add up to at most 32767 / 255 in magnitude, which every pair
 does when |w| <= 64 (255 * 2 * 64 = 32640). sdrt's int8 export writes weights in [-64, 64] and
 records the largest in sdrt.json ("int8_weight_max"); folders from before that have full-range
-weights (127).
+weights (127). On a CPU whose kernels would saturate on them, sdrt's sessions have ONNX Runtime
+convert such weights to uint8 (session.x64quantprecision) and run its exact uint8 x uint8
+kernels, which are slower; other runtimes given the same graph may saturate.
 
 Flags come from /proc/cpuinfo on Linux and from NumPy's own CPU detection elsewhere. No torch.
 """
@@ -118,21 +120,24 @@ def int8_weight_max(manifest: dict | None) -> int | None:
     return int(manifest.get("int8_weight_max", LEGACY_INT8_WEIGHT_MAX))
 
 
-def int8_exactness(weight_max: int, cpu: CpuFeatures) -> tuple[bool | None, str]:
-    """Whether int8 graphs with weights in [-weight_max, weight_max] compute exactly on `cpu`
-    (True, False, or None when the CPU's features are unknown), and a sentence saying why."""
+def int8_status(weight_max: int, cpu: CpuFeatures) -> tuple[bool | None, str]:
+    """How sdrt runs int8 graphs with weights in [-weight_max, weight_max] on `cpu`: always exactly;
+    at full speed (True), through ONNX Runtime's slower uint8 x uint8 kernels because the uint8 x
+    int8 ones would saturate (False), or unknown when the CPU's features cannot be read (None);
+    and a sentence saying so."""
     if weight_max <= EXACT_WEIGHT_MAX:
-        return True, (f"yes, on every CPU (int8 weights within +-{weight_max}: no pair of uint8 x int8 products "
+        return True, (f"exact on every CPU (int8 weights within +-{weight_max}: no pair of uint8 x int8 products "
                       "can leave 16 bits)")
+    advice = ("export it again (`sdrt export SRC OUT --precision int8`, from the diffusers or fp32 cpu folder: "
+              "weights within +-64, exact at full speed on every CPU)")
     saturates = cpu.int8_products_saturate()
     if saturates is False:
-        reason = "ARM64 dot products accumulate in 32 bits" if cpu.arch == "arm64" else "VNNI/AMX accumulate in 32 bits"
-        return True, (f"yes, on this CPU ({reason}); its int8 weights within +-{weight_max} may saturate on x86-64 "
-                      "CPUs without VNNI: export it again to run it anywhere")
-    advice = ("export it again (`sdrt export SRC OUT --precision int8`, from the diffusers or fp32 cpu folder: "
-              "weights within +-64, exact on every CPU)")
+        reason = "ARM64 accumulates int8 products in 32 bits" if cpu.arch == "arm64" else "VNNI/AMX accumulate in 32 bits"
+        return True, (f"exact ({reason}); on x86-64 CPUs without VNNI its int8 weights within +-{weight_max} run "
+                      f"slower, as uint8 x uint8, to keep from saturating: {advice}")
     if saturates is None:
-        return None, (f"unknown: int8 weights within +-{weight_max} saturate on x86-64 CPUs without VNNI, and this "
-                      f"CPU's features could not be read; {advice}")
-    return False, (f"no: this CPU has no VNNI, and its int8 kernels may saturate on weights within +-{weight_max} "
-                   f"(wrong images); {advice}")
+        return None, (f"exact; this CPU's features could not be read: on x86-64 CPUs without VNNI its int8 weights "
+                      f"within +-{weight_max} run slower, as uint8 x uint8, to keep from saturating: {advice}")
+    return False, (f"exact but slower: this CPU has no VNNI, its uint8 x int8 kernels may saturate on int8 weights "
+                   f"within +-{weight_max}, so ONNX Runtime runs them as uint8 x uint8 (other runtimes may give wrong "
+                   f"values); {advice}")

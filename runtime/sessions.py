@@ -89,6 +89,10 @@ def gpu_install_hint() -> str:
     return "install sdrt with the CUDA build of ONNX Runtime (SDRT_ONNXRUNTIME=gpu pip install sdrt, see the README)"
 
 
+# ONNX Runtime's session option for exact int8 products on x86-64 CPUs without VNNI.
+X64_QUANT_PRECISION = "session.x64quantprecision"
+
+
 def session_options(provider: str, threads: int | None = None):
     import onnxruntime as ort
 
@@ -108,6 +112,11 @@ def session_options(provider: str, threads: int | None = None):
         if _shared_cpu_arena():
             so.add_session_config_entry("session.use_env_allocators", "1")
         so.add_session_config_entry("session.use_device_allocator_for_initializers", "1")
+        # int8 weights beyond +-64 (sdrt int8 folders written before they were kept within it) would
+        # saturate ONNX Runtime's uint8 x int8 kernels on x86-64 CPUs without VNNI: there it converts
+        # such weights to uint8 and uses its exact, slower uint8 x uint8 kernels. A no-op elsewhere and
+        # for weights within +-64 (see sdrt.runtime.cpu).
+        so.add_session_config_entry(X64_QUANT_PRECISION, "1")
     return so
 
 

@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from sdrt.runtime.cpu import CpuFeatures, cpu_features, int8_exactness, int8_weight_max, parse_cpuinfo
+from sdrt.runtime.cpu import CpuFeatures, cpu_features, int8_status, int8_weight_max, parse_cpuinfo
 
 EPYC_7763 = """processor	: 0
 vendor_id	: AuthenticAMD
@@ -59,20 +59,29 @@ def test_cpuinfo_features_and_int16_saturation(text, machine, shown, saturates):
     assert cpu.int8_products_saturate() is saturates
 
 
-def test_exactness_of_int8_folders():
-    """Weights within +-64 are exact on any CPU, even one whose features are unknown; full-range
-    weights only where products accumulate in 32 bits, and the answer says what to do elsewhere."""
+def test_how_int8_folders_run():
+    """Weights within +-64 run at full speed on any CPU, even one whose features are unknown;
+    full-range weights only where products accumulate in 32 bits, and the answer says what to do
+    elsewhere."""
     epyc, ice, arm = (parse_cpuinfo(t, m) for t, m in ((EPYC_7763, "x86_64"), (ICE_LAKE, "x86_64"), (GRAVITON_3, "aarch64")))
     unknown = CpuFeatures("x86_64", frozenset(), "unknown")
     for cpu in (epyc, ice, arm, unknown):
-        ok, why = int8_exactness(64, cpu)
-        assert ok is True and "every CPU" in why
-    ok, why = int8_exactness(127, epyc)
-    assert ok is False and "may saturate" in why and "sdrt export" in why
-    assert int8_exactness(127, ice)[0] is True and int8_exactness(127, arm)[0] is True
-    assert int8_exactness(127, unknown)[0] is None
+        full_speed, why = int8_status(64, cpu)
+        assert full_speed is True and why.startswith("exact on every CPU")
+    full_speed, why = int8_status(127, epyc)
+    assert full_speed is False and "no VNNI" in why and "may saturate" in why and "sdrt export" in why
+    assert int8_status(127, ice)[0] is True and int8_status(127, arm)[0] is True
+    assert int8_status(127, unknown)[0] is None
     # 65 is the first magnitude whose pair can leave int16: 2 * 255 * 65 = 33150 > 32767.
-    assert int8_exactness(65, epyc)[0] is False
+    assert int8_status(65, epyc)[0] is False
+
+
+def test_cpu_sessions_ask_for_exact_int8_products():
+    """sdrt's CPU sessions set ONNX Runtime's option that swaps the uint8 x int8 kernels for exact
+    uint8 x uint8 ones where weights beyond +-64 would saturate them (a no-op on CPUs with VNNI)."""
+    from sdrt.runtime.sessions import session_options
+
+    assert session_options("cpu").get_session_config_entry("session.x64quantprecision") == "1"
 
 
 def test_weight_range_of_a_folder():
