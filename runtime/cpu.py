@@ -9,13 +9,15 @@ does when |w| <= 64 (255 * 2 * 64 = 32640). sdrt's int8 export writes weights in
 records the largest in sdrt.json ("int8_weight_max"); folders from before that have full-range
 weights (127). On a CPU whose kernels would saturate on them, sdrt's sessions have ONNX Runtime
 convert such weights to uint8 (session.x64quantprecision) and run its exact uint8 x uint8
-kernels, which are slower; other runtimes given the same graph may saturate.
+kernels, which are slower; other runtimes given the same graph may saturate. (ONNX Runtime would
+apply that option on any x86-64 CPU with AVX2, VNNI included, so sdrt sets it only where needed.)
 
 Flags come from /proc/cpuinfo on Linux and from NumPy's own CPU detection elsewhere. No torch.
 """
 
 from __future__ import annotations
 
+import functools
 import platform
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,11 +104,16 @@ def _from_numpy(machine: str) -> CpuFeatures | None:
     return CpuFeatures(_arch(machine), frozenset(flags), "numpy")
 
 
-def cpu_features(cpuinfo: Path = Path("/proc/cpuinfo")) -> CpuFeatures:
-    """This machine's CPU features (see SHOWN)."""
+def cpu_features() -> CpuFeatures:
+    """This machine's CPU features (see SHOWN), read once per process."""
+    return _read_features()
+
+
+@functools.lru_cache(maxsize=1)
+def _read_features() -> CpuFeatures:
     machine = platform.machine()
     try:
-        return parse_cpuinfo(cpuinfo.read_text(encoding="utf-8", errors="replace"), machine)
+        return parse_cpuinfo(Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace"), machine)
     except OSError:
         pass
     return _from_numpy(machine) or CpuFeatures(_arch(machine), frozenset(), "unknown")

@@ -76,12 +76,26 @@ def test_how_int8_folders_run():
     assert int8_status(65, epyc)[0] is False
 
 
-def test_cpu_sessions_ask_for_exact_int8_products():
+def test_cpu_sessions_ask_for_exact_int8_products_where_needed(monkeypatch):
     """sdrt's CPU sessions set ONNX Runtime's option that swaps the uint8 x int8 kernels for exact
-    uint8 x uint8 ones where weights beyond +-64 would saturate them (a no-op on CPUs with VNNI)."""
+    uint8 x uint8 ones where weights beyond +-64 would saturate them: on x86-64 without VNNI, and
+    where the CPU's features are unknown; not with VNNI (the option would slow full-range weights
+    down there too) nor on ARM64."""
+    from sdrt.runtime import cpu
     from sdrt.runtime.sessions import session_options
 
-    assert session_options("cpu").get_session_config_entry("session.x64quantprecision") == "1"
+    def option_with(text, machine, source="/proc/cpuinfo"):
+        features = parse_cpuinfo(text, machine) if source != "unknown" else CpuFeatures(machine, frozenset(), "unknown")
+        monkeypatch.setattr(cpu, "cpu_features", lambda: features)
+        return session_options("cpu").get_session_config_entry("session.x64quantprecision")
+
+    assert option_with(EPYC_7763, "x86_64") == "1"
+    assert option_with(SKYLAKE_SP, "x86_64") == "1"
+    assert option_with("", "x86_64", source="unknown") == "1"
+    with pytest.raises(RuntimeError):  # not set: ONNX Runtime raises on a missing entry
+        option_with(ICE_LAKE, "x86_64")
+    with pytest.raises(RuntimeError):
+        option_with(GRAVITON_3, "aarch64")
 
 
 def test_weight_range_of_a_folder():
