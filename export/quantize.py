@@ -53,7 +53,6 @@ MIN_SQNR_DB = 36.0
 # can leave int16 (see the module docstring). 64 is ONNX Runtime's own reduced range for int8
 # (quantize_dynamic(reduce_range=True) writes [-64, 64]); 127 is the full range.
 WEIGHT_MAX = 64
-INT16_MAX = 32767
 
 # Op types that get dynamic int8 (MatMulInteger): constant-weight matrix products.
 DYNAMIC_OP_TYPES = ("MatMul",)

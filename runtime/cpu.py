@@ -1,4 +1,4 @@
-"""What this CPU offers ONNX Runtime's int8 kernels, and whether an int8 model folder runs exactly here.
+"""What this CPU offers ONNX Runtime's int8 kernels, and how an int8 model folder runs on it.
 
 ONNX Runtime multiplies uint8 activations by int8 weights. On x86-64 CPUs with VNNI (AVX512-VNNI
 or AVX-VNNI) or AMX, and on ARM64, the products accumulate in 32 bits. On other x86-64 CPUs (AVX2,
