@@ -58,11 +58,24 @@ def shape_mask(rgb: np.ndarray) -> np.ndarray:
     return np.sqrt(((rgb - background(rgb)) ** 2).sum(-1)) > SHAPE_DISTANCE
 
 
+def interior(mask: np.ndarray) -> np.ndarray:
+    """`mask` without its rim (pixels with a 4-neighbour outside it); `mask` itself if nothing is left."""
+    inner = mask.copy()
+    inner[1:] &= mask[:-1]
+    inner[:-1] &= mask[1:]
+    inner[:, 1:] &= mask[:, :-1]
+    inner[:, :-1] &= mask[:, 1:]
+    return inner if inner.any() else mask
+
+
 def dominant(rgb: np.ndarray, mask: np.ndarray) -> tuple[str | None, float]:
-    """The commonest colour name among the pixels of `mask`, and its share of them."""
+    """The commonest colour name among the interior pixels of `mask`, and its share of them.
+
+    A shape's colour is judged inside it: its anti-aliased rim blends the shape's colour with the
+    background's, and those blends are often nearest to a third name (yellow on blue: gray)."""
     if mask.sum() == 0:
         return None, 0.0
-    counts = np.bincount(colour_names(rgb[mask]), minlength=len(NAMES))
+    counts = np.bincount(colour_names(rgb[interior(mask)]), minlength=len(NAMES))
     return NAMES[counts.argmax()], float(counts.max() / counts.sum())
 
 
@@ -135,8 +148,13 @@ def test_measures_on_drawn_images():
     img = _rgb(circle("blue", centre=(30, 34), r=15))
     m = shape_mask(img)
     colour, share = dominant(img, m)
-    # Anti-aliased edge pixels are blends of blue and white; some of them are nearest to another name.
-    assert colour == "blue" and share > 0.9
+    assert colour == "blue" and share == 1.0
+    # The rim's anti-aliased pixels blend yellow and blue, and about half of them are nearest to
+    # another name (gray); inside the rim, every pixel of a drawn yellow disc is yellow.
+    disc = _rgb(circle("yellow", "blue", r=10))
+    rim = shape_mask(disc) & ~interior(shape_mask(disc))
+    assert (colour_names(disc[rim]) != NAMES.index("yellow")).mean() > 0.4
+    assert dominant(disc, shape_mask(disc)) == ("yellow", 1.0)
     assert abs(m.sum() - np.pi * 15**2) < 0.05 * np.pi * 15**2
     assert iou(m, shape_mask(_rgb(circle("red", centre=(30, 34), r=15)))) > 0.95
     assert iou(m, shape_mask(_rgb(circle("blue", centre=(40, 34), r=15)))) < 0.6
