@@ -125,7 +125,7 @@ def test_int8_images_stay_close_to_fp32(int8_model):
 
     Yardstick: D = mean |red circle - blue circle|, what recolouring the circle moves the image by
     (about 28 on the 0-255 scale). int8 may move the images by a fifth of D on average, and no image
-    by more than half of it. (Measured: 2.4 and 6.2 with int8 weights within +-64.)"""
+    by more than half of it. (Measured: 2.4 and 7.3 with int8 weights within +-64.)"""
     from sdrt.runtime import load
 
     fp32, int8 = load(MODEL, provider="cpu"), load(int8_model, provider="cpu")
