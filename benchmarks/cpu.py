@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""sdrt beside diffusers and optimum on the CPU: the same work, measured in one run.
+"""sdrt beside diffusers, optimum and OpenVINO on the CPU: the same work, measured in one run.
 
     python benchmarks/cpu.py                       # both workloads, all systems (about 45 min on 2 cores)
     python benchmarks/cpu.py --workloads small     # img2img 256x256 only
@@ -7,9 +7,12 @@
 What it does, all offline:
 1. builds a diffusers folder with the Stable Diffusion 1.5 architecture and random weights
    (python -m sdrt.export.testmodels --kind sd15; speed does not depend on weight values);
-2. exports it for sdrt (`sdrt export`, fp32 cpu target, and `--precision int8` with --int8) and
-   for optimum (`optimum-cli export onnx`, in optimum's own virtual environment: optimum-onnx
-   0.1.0 pins transformers<4.58, which sdrt's environment need not share);
+2. exports it for sdrt (`sdrt export`, fp32 cpu target, and `--precision int8` with --int8), for
+   optimum (`optimum-cli export onnx`, in optimum's own virtual environment: optimum-onnx 0.1.0
+   pins transformers<4.58, which sdrt's environment need not share) and for OpenVINO
+   (`optimum-cli export openvino --weight-format fp32`, and `int8` with --int8, in optimum-intel's
+   own environment); OpenVINO runs reshaped to the workload's static shapes (its fastest setting,
+   "openvino") and with the export's dynamic shapes ("openvino dynamic");
 3. runs each system in its own process (so peak RSS is its own): load, one warm-up run, then the
    best of --repeats timed runs of each workload (2 at 256x256, 1 at 512x512 by default); same prompt, same input image, same sampler
    (diffusers' PNDM, the SD 1.5 default), same steps, strength and guidance;
@@ -18,8 +21,9 @@ What it does, all offline:
 
 Stages: text encoder, VAE encode, UNet (total and per call), VAE decode, sampler arithmetic (the
 scheduler's step function), everything else (pre/post-processing, tokenizing, Python overhead).
-diffusers is timed through wrappers around its modules, optimum around its ONNX Runtime model
-objects, sdrt by its own per-graph counters (sdrt.runtime.bench).
+diffusers is timed through wrappers around its modules, optimum and OpenVINO around their model
+objects, sdrt by its own per-graph counters (sdrt.runtime.bench). Every int8 row's quality cost is
+the mean absolute pixel difference against its own fp32 row (same seed and noise).
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ WORKLOADS = {
 REPEATS = {"small": 2, "large": 1}
 STAGES = ("text_encoder", "vae_encode", "unet", "vae_decode", "sampler", "other")
 OPTIMUM_PINS = ["optimum-onnx[onnxruntime]==0.1.0", "diffusers", "numpy<2.3"]
+OPENVINO_PINS = ["optimum-intel[openvino]==2.2.0", "openvino==2026.4.1", "nncf", "diffusers", "numpy<2.3"]
 
 
 def physical_cores() -> int:
@@ -141,6 +146,17 @@ def worker_diffusers(model: Path, w: dict, image: Path, repeats: int) -> dict:
             "load_seconds": load}
 
 
+def _time_parts(pipe) -> Timer:
+    """Time the model parts of an optimum-style pipeline (optimum's ONNX Runtime and optimum-intel's
+    OpenVINO ones: each part is called through its forward) and its scheduler's step."""
+    timer = Timer()
+    for attr, stage in (("text_encoder", "text_encoder"), ("unet", "unet"), ("vae_encoder", "vae_encode"), ("vae_decoder", "vae_decode")):
+        m = getattr(pipe, attr)
+        m.forward = timer.wrap(stage, m.forward)
+    pipe.scheduler.step = timer.wrap("sampler", pipe.scheduler.step)
+    return timer
+
+
 def worker_optimum(model: Path, w: dict, image: Path, repeats: int) -> dict:
     import onnxruntime as ort
     import torch
@@ -153,11 +169,7 @@ def worker_optimum(model: Path, w: dict, image: Path, repeats: int) -> dict:
     pipe.scheduler = PNDMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     load = time.perf_counter() - t
-    timer = Timer()
-    for attr, stage in (("text_encoder", "text_encoder"), ("unet", "unet"), ("vae_encoder", "vae_encode"), ("vae_decoder", "vae_decode")):
-        m = getattr(pipe, attr)
-        m.forward = timer.wrap(stage, m.forward)
-    pipe.scheduler.step = timer.wrap("sampler", pipe.scheduler.step)
+    timer = _time_parts(pipe)
     img = Image.open(image).convert("RGB")
 
     def call():
@@ -196,7 +208,53 @@ def worker_sdrt(model: Path, w: dict, image: Path, repeats: int, save: Path | No
             "detail": f"ONNX Runtime {ort.__version__} CPU, UNet {precision}"}
 
 
-WORKERS = {"diffusers": worker_diffusers, "optimum": worker_optimum, "sdrt": worker_sdrt}
+def worker_openvino(model: Path, w: dict, image: Path, repeats: int, save: Path | None = None, static: bool = True) -> dict:
+    """optimum-intel's OpenVINO img2img pipeline; static=True reshapes it to the workload's shapes
+    (its fastest setting), static=False keeps the dynamic shapes of the export."""
+    import openvino as ov
+    import torch
+    from diffusers import PNDMScheduler
+    from optimum.intel import OVStableDiffusionImg2ImgPipeline
+    from PIL import Image
+
+    t = time.perf_counter()
+    pipe = OVStableDiffusionImg2ImgPipeline.from_pretrained(model, compile=False)
+    pipe.scheduler = PNDMScheduler.from_config(pipe.scheduler.config)
+    if static:
+        pipe.reshape(batch_size=1, height=w["size"], width=w["size"], num_images_per_prompt=1)
+    pipe.compile()
+    pipe.set_progress_bar_config(disable=True)
+    load = time.perf_counter() - t
+    timer = _time_parts(pipe)
+    img = Image.open(image).convert("RGB")
+
+    last = []
+
+    def call():
+        last[:] = pipe(PROMPT, image=img, strength=w["strength"], num_inference_steps=w["steps"],
+                       guidance_scale=w["guidance"], generator=torch.Generator().manual_seed(0)).images
+
+    rec = _peer_runs(call, timer, repeats)
+    if save is not None:
+        last[0].save(save)
+    cfg_file = Path(model) / "openvino_config.json"
+    cfg = json.loads(cfg_file.read_text()) if cfg_file.exists() else {}
+    bits = (cfg.get("quantization_config") or {}).get("bits")
+    weights = f"int{bits} (weight compression)" if bits else cfg.get("dtype", "fp32")
+    detail = (f"optimum-intel {_dist_version('optimum-intel')}, OpenVINO {ov.__version__} CPU, "
+              f"{'static' if static else 'dynamic'} shapes, weights {weights}")
+    return {**rec, "system": "openvino", "detail": detail, "load_seconds": load}
+
+
+def worker_openvino_dynamic(model: Path, w: dict, image: Path, repeats: int, save: Path | None = None) -> dict:
+    return worker_openvino(model, w, image, repeats, save, static=False)
+
+
+WORKERS = {"diffusers": worker_diffusers, "optimum": worker_optimum, "sdrt": worker_sdrt, "openvino": worker_openvino,
+           "openvino-dynamic": worker_openvino_dynamic}
+# Systems that run in their own virtual environment: optimum-onnx pins transformers<4.58, and
+# optimum-intel pulls its own transformers and torch; neither is sdrt's business.
+PEER_VENVS = {"optimum": ("venv-optimum", OPTIMUM_PINS), "openvino": ("venv-openvino", OPENVINO_PINS)}
 
 
 # ---- the driver ---------------------------------------------------------------------------------
@@ -224,28 +282,45 @@ def prepare(work: Path, args) -> dict:
         if not (q / "sdrt.json").exists():
             sh([sdrt_cli, "export", src, q, "--precision", "int8"])
         models["sdrt int8"] = q
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
+    args.peer_py = {}
     if "optimum" in args.systems:
-        opt_py = Path(args.optimum_python) if args.optimum_python else work / "venv-optimum" / "bin" / "python"
-        if not opt_py.exists():
-            sh([sys.executable, "-m", "venv", opt_py.parents[1]])
-            sh([opt_py, "-m", "pip", "install", "-q", "torch==2.13.0"])
-            sh([opt_py, "-m", "pip", "install", "-q", *OPTIMUM_PINS])
+        py_opt = args.peer_py["optimum"] = peer_python(work, args.optimum_python, "optimum")
         opt_dir = work / "sd15-optimum"
         if not (opt_dir / "model_index.json").exists():
-            env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-            sh([opt_py.parent / "optimum-cli", "export", "onnx", "-m", src, "--task", "text-to-image", opt_dir], env=env)
+            sh([py_opt.parent / "optimum-cli", "export", "onnx", "-m", src, "--task", "text-to-image", opt_dir], env=env)
         models["optimum"] = opt_dir
-        args.optimum_py = opt_py
+    if any(s.startswith("openvino") for s in args.systems):
+        py_ov = args.peer_py["openvino"] = peer_python(work, args.openvino_python, "openvino")
+        formats = {"openvino": "fp32", "openvino dynamic": "fp32", "openvino int8": "int8"}
+        for system in [s for s in args.systems if s.startswith("openvino")]:
+            ov_dir = work / f"sd15-openvino-{formats[system]}"
+            if not (ov_dir / "model_index.json").exists():
+                sh([py_ov.parent / "optimum-cli", "export", "openvino", "-m", src, "--task", "image-to-image",
+                    "--weight-format", formats[system], ov_dir], env=env)
+            models[system] = ov_dir
     models["diffusers"] = src
     return models
 
 
+def peer_python(work: Path, given: str | None, peer: str) -> Path:
+    """The python of a peer's own virtual environment (made in `work` when not given)."""
+    venv, pins = PEER_VENVS[peer]
+    py = Path(given) if given else work / venv / "bin" / "python"
+    if not py.exists():
+        sh([sys.executable, "-m", "venv", py.parents[1]])
+        sh([py, "-m", "pip", "install", "-q", "torch==2.13.0"])  # the CPU build, before anything asks for a CUDA one
+        sh([py, "-m", "pip", "install", "-q", *pins])
+    return py
+
+
 def run_worker(system: str, python: Path, model: Path, w: dict, image: Path, repeats: int, save: Path | None = None) -> dict:
-    cmd = [str(python), str(Path(__file__).resolve()), "--worker", system.split()[0], "--model", str(model),
+    worker = "openvino-dynamic" if system == "openvino dynamic" else system.split()[0]
+    cmd = [str(python), str(Path(__file__).resolve()), "--worker", worker, "--model", str(model),
            "--workload", json.dumps(w), "--image", str(image), "--repeats", str(repeats)]
     if save is not None:
         cmd += ["--save", str(save)]
-    env = {**os.environ, "PYTHONPATH": ""} if system == "optimum" else dict(os.environ)
+    env = {**os.environ, "PYTHONPATH": ""} if system.split()[0] in PEER_VENVS else dict(os.environ)
     print(f"running {system} on {w['size']}x{w['size']} ...", flush=True)
     p = subprocess.run(cmd, capture_output=True, text=True, env=env)
     lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -265,7 +340,10 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    return f"{cpu or platform.processor()}, {physical_cores()} physical cores, {os.cpu_count()} logical, Python {platform.python_version()}"
+    from sdrt.runtime.cpu import cpu_features
+
+    return (f"{cpu or platform.processor()} ({cpu_features().describe()}), {physical_cores()} physical cores, "
+            f"{os.cpu_count()} logical, Python {platform.python_version()}")
 
 
 def table(recs: list[dict]) -> str:
@@ -289,16 +367,16 @@ def table(recs: list[dict]) -> str:
     return "\n".join(rows + [""] + notes)
 
 
-def int8_cost(work: Path, size: int) -> str:
-    """Mean absolute pixel difference of the int8 UNet's image against the fp32 one (same seed)."""
+def int8_cost(work: Path, size: int, system: str) -> str:
+    """Mean absolute pixel difference of `system` int8's image against its own fp32 one (same seed)."""
     import numpy as np
     from PIL import Image
 
-    a = np.asarray(Image.open(work / f"out-sdrt-{size}.png").convert("RGB"), np.float32)
-    b = np.asarray(Image.open(work / f"out-sdrt-int8-{size}.png").convert("RGB"), np.float32)
+    a = np.asarray(Image.open(work / f"out-{system}-{size}.png").convert("RGB"), np.float32)
+    b = np.asarray(Image.open(work / f"out-{system}-int8-{size}.png").convert("RGB"), np.float32)
     d = np.abs(a - b)
-    return (f"- int8 quality cost: mean absolute pixel difference {d.mean():.2f}/255 against the fp32 graphs on the "
-            f"same seed and noise (max {d.max():.0f}/255)")
+    return (f"- {system} int8 quality cost: mean absolute pixel difference {d.mean():.2f}/255 against {system}'s fp32 "
+            f"weights on the same seed and noise (max {d.max():.0f}/255)")
 
 
 def write_docs(sections: list[str], command: str) -> Path:
@@ -319,10 +397,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--work", type=Path, default=ROOT / ".bench", help="models and environments (re-used between runs)")
     p.add_argument("--workloads", default="small,large", help=f"comma-separated: {', '.join(WORKLOADS)}")
-    p.add_argument("--systems", default="sdrt,diffusers,optimum")
+    p.add_argument("--systems", default="sdrt,diffusers,optimum,openvino,openvino dynamic",
+                   help="comma-separated: sdrt, diffusers, optimum, openvino (static shapes), openvino dynamic; "
+                        "--int8 adds sdrt int8 and openvino int8 (weights compressed to int8)")
     p.add_argument("--repeats", type=int, help=f"timed runs after the warm-up, the best is reported (default: {REPEATS})")
     p.add_argument("--int8", action="store_true", help="also run sdrt with the int8 UNet (--precision int8)")
     p.add_argument("--optimum-python", help="python of an environment with optimum-onnx 0.1.0 (default: one is made in --work)")
+    p.add_argument("--openvino-python", help="python of an environment with optimum-intel and OpenVINO (default: one is made in --work)")
     p.add_argument("--no-docs", action="store_true", help="do not write docs/benchmarks.md and benchmarks/results/")
     p.add_argument("--prepare-only", action="store_true", help="build and export the models, then stop")
     p.add_argument("--worker", choices=list(WORKERS), help=argparse.SUPPRESS)
@@ -333,7 +414,7 @@ def main() -> None:
     args = p.parse_args()
 
     if args.worker:
-        extra = {"save": args.save} if args.worker == "sdrt" else {}
+        extra = {"save": args.save} if args.worker.startswith(("sdrt", "openvino")) else {}
         rec = WORKERS[args.worker](args.model, json.loads(args.workload), args.image, args.repeats, **extra)
         rec["peak_rss_mib"] = peak_rss_mib()
         print("RESULT " + json.dumps(rec), flush=True)
@@ -342,11 +423,14 @@ def main() -> None:
     from sdrt.runtime.bench import test_image
 
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    if args.int8 and "sdrt" in systems:
+        systems.insert(systems.index("sdrt") + 1, "sdrt int8")
+    if args.int8 and "openvino" in systems:
+        systems.insert(systems.index("openvino") + 1, "openvino int8")
+    args.systems = systems
     models = prepare(args.work, args)
     if args.prepare_only:
         return
-    if args.int8 and "sdrt" in systems:
-        systems.insert(systems.index("sdrt") + 1, "sdrt int8")
     date = dt.date.today().isoformat()
     command = "python benchmarks/cpu.py " + " ".join(sys.argv[1:])
     sections, records = [], []
@@ -357,16 +441,17 @@ def main() -> None:
         test_image(w["size"]).save(image)
         recs = []
         for system in systems:
-            python = args.optimum_py if system == "optimum" else Path(sys.executable)
-            save = args.work / f"out-{system.replace(' ', '-')}-{w['size']}.png" if system.startswith("sdrt") else None
+            python = args.peer_py.get(system.split()[0], Path(sys.executable))
+            save = args.work / f"out-{system.replace(' ', '-')}-{w['size']}.png" if system.startswith(("sdrt", "openvino")) else None
             recs.append(run_worker(system, python, models[system], w, image, repeats, save))
             print(f"  {system}: {recs[-1]['seconds']:.2f} s", flush=True)
         runs = f"best of {repeats}" if repeats > 1 else "one run"
         label = (f"img2img {w['size']}x{w['size']}, {w['steps']} steps at strength {w['strength']} "
                  f"({recs[0]['unet_calls']} UNet calls on a CFG batch of 2), guidance {w['guidance']}, PNDM, {runs} after a warm-up")
         t = table(recs)
-        if "sdrt int8" in systems:
-            t += "\n" + int8_cost(args.work, w["size"])
+        for base in ("sdrt", "openvino"):
+            if f"{base} int8" in systems and base in systems:
+                t += "\n" + int8_cost(args.work, w["size"], base)
         print(f"\n### {label}\n\n{t}\n", flush=True)
         sections.append(f"### {label}\n\n{t}")
         for r in recs:

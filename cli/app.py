@@ -44,7 +44,7 @@ DEFAULTS = {
     "batch_size": 1,
     "resize_mode": "just_resize",
     "clip_skip": 1,
-    "mask_blur": 4,
+    "mask_blur": None,  # 4 (A1111's) for A1111 and ComfyUI names, 0 for diffusers names
     "fill": "original",
     "padding": 32,
     "txt2img_size": 512,
@@ -110,14 +110,18 @@ def info(
     model: Path = typer.Argument(..., help="A model folder."),
     verify: str = typer.Option("auto", "--verify", help="File check: auto (hash changed files), full, size, none."),
 ) -> None:
-    """Describe a model folder: family, channels, precision, target, sizes, and the providers available here."""
+    """Describe a model folder: family, channels, precision, target, sizes, the providers and CPU features
+    available here, and how its int8 graphs run on this CPU."""
 
     def go():
         import onnxruntime as ort
 
+        from sdrt.runtime.cpu import cpu_features, int8_status, int8_weight_max
         from sdrt.runtime.modelfolder import read_model_folder
+        from sdrt.runtime.sessions import onnxruntime_distributions
 
         i = read_model_folder(model, verify=verify)
+        cpu = cpu_features()
         size = sum(p.stat().st_size for p in i.path.rglob("*") if p.is_file())
         rows = [
             ("model", str(i.path)),
@@ -130,7 +134,12 @@ def info(
             ("precision", ", ".join(f"{k} {v}" for k, v in i.precision.items())),
             ("files", f"{size / 2**20:.1f} MiB" + ("" if i.manifest else " (no sdrt.json: not checked)")),
             ("providers here", ", ".join(ort.get_available_providers())),
+            ("onnxruntime", " + ".join(onnxruntime_distributions()) or f"{ort.__version__} (no distribution metadata)"),
+            ("CPU here", cpu.describe()),
         ]
+        weight_max = int8_weight_max(i.manifest)
+        if weight_max is not None:
+            rows.append(("int8 here", int8_status(weight_max, cpu)[1]))
         w = max(len(k) for k, _ in rows)
         for k, v in rows:
             typer.echo(f"{k:<{w}}  {v}")
@@ -420,7 +429,7 @@ def inpaint(
     prompt: Prompt = None,
     negative: Negative = None,
     model: Model = None,
-    mask_blur: Optional[int] = typer.Option(None, "--mask-blur", help=f"Blur of the mask edge in pixels (A1111 samplers). (default: {_d['mask_blur']})", rich_help_panel=_INP, show_default=False),
+    mask_blur: Optional[int] = typer.Option(None, "--mask-blur", help="Blur of the mask edge in pixels: A1111's Gaussian for A1111 and ComfyUI samplers (default 4), diffusers' mask_processor.blur for diffusers samplers (default 0).", rich_help_panel=_INP, show_default=False),
     invert_mask: Optional[bool] = typer.Option(None, "--invert-mask/--no-invert-mask", help="Repaint the black part of the mask instead (A1111's 'Inpaint not masked').", rich_help_panel=_INP, show_default=False),
     fill: Optional[str] = typer.Option(None, "--fill", help=f"What the masked area starts from: fill, original, latent_noise or latent_nothing. (default: {_d['fill']})", rich_help_panel=_INP, show_default=False),
     only_masked: Optional[bool] = typer.Option(None, "--only-masked/--whole-picture", help="Work on the region around the mask at full resolution and paste it back (A1111's 'Only masked').", rich_help_panel=_INP, show_default=False),
@@ -555,6 +564,55 @@ def bench(
         rec = run_bench(path, w, provider=provider, repeats=repeats, threads=threads)
         rec.pop("image", None)
         typer.echo(json.dumps(rec, indent=2) if json_ else format_record(rec))
+
+    _run_guarded(go)
+
+
+@app.command()
+def serve(
+    model: Annotated[Optional[Path], typer.Option("--model", "-m", help="Model folder to serve. Default: the embedded default model.", show_default=False)] = None,
+    models_dir: Annotated[Optional[Path], typer.Option("--models-dir", help="A folder of model folders, chosen per request by name (sd_model_checkpoint); the first by name loads at start.", show_default=False)] = None,
+    host: Annotated[str, typer.Option("--host", help="Address to bind. Keep 127.0.0.1 unless the service must be reached from other machines (then use --api-auth).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="Port (A1111's is 7860).")] = 7860,
+    api_auth: Annotated[Optional[str], typer.Option("--api-auth", help="HTTP Basic credentials user:pass[,user2:pass2], as A1111's --api-auth (everything but /healthz and /readyz needs them).", show_default=False)] = None,
+    max_queue: Annotated[int, typer.Option("--max-queue", help="Requests that may wait; past that a new one gets 503 with Retry-After.")] = 16,
+    request_timeout: Annotated[float, typer.Option("--request-timeout", help="Seconds a request may take from arrival (queue included); then 504.")] = 300.0,
+    max_batch: Annotated[int, typer.Option("--max-batch", help="Images per micro-batched UNet call across compatible queued requests (1: no micro-batching).")] = 8,
+    batch_wait_ms: Annotated[float, typer.Option("--batch-wait-ms", help="How long a request waits for compatible ones to batch with.")] = 10.0,
+    max_images: Annotated[int, typer.Option("--max-images", help="Images per request (batch_size x n_iter).")] = 16,
+    max_steps: Annotated[int, typer.Option("--max-steps", help="Sampling steps per request.")] = 150,
+    max_size: Annotated[int, typer.Option("--max-size", help="Largest width and height a request may ask for.")] = 2048,
+    provider: Provider = "auto",
+    threads: Annotated[Optional[int], typer.Option("--threads", help="ONNX Runtime intra-op threads (default: physical cores; with --ray: split between replicas).", show_default=False)] = None,
+    ray: Annotated[bool, typer.Option("--ray", help="Run as a Ray Serve deployment (needs the ray extra) with --replicas copies, one model load each.")] = False,
+    replicas: Annotated[int, typer.Option("--replicas", min=1, help="With --ray: number of replicas.")] = 1,
+    log_level: Annotated[str, typer.Option("--log-level", help="debug, info, warning or error.")] = "info",
+) -> None:
+    """Serve AUTOMATIC1111's HTTP API (/sdapi/v1/txt2img, img2img, png-info, ...) on sdrt (needs the serve extra).
+
+    OpenAPI docs at /docs; /healthz, /readyz and Prometheus /metrics for operations.
+
+    Example: sdrt serve --models-dir models/ --port 7860 --api-auth alice:secret
+    """
+
+    def go():
+        try:
+            from sdrt.serve.config import ServeConfig
+            if ray:
+                from sdrt.serve.ray_app import run_ray
+            else:
+                from sdrt.serve.server import run
+        except ImportError as e:
+            extra = "ray" if ray else "serve"
+            fail(f"sdrt serve{' --ray' if ray else ''} needs the {extra} extra (pip install 'sdrt[{extra}]'): {e}")
+        cfg = ServeConfig(model=None if model is None else str(model), models_dir=None if models_dir is None else str(models_dir),
+                          host=host, port=port, api_auth=api_auth or {}, max_queue=max_queue, request_timeout=request_timeout,
+                          max_batch_images=max_batch, batch_wait_ms=batch_wait_ms, max_images=max_images, max_steps=max_steps,
+                          max_width=max_size, max_height=max_size, provider=provider, threads=threads)
+        if ray:
+            run_ray(cfg, replicas=replicas, log_level=log_level)
+        else:
+            run(cfg, log_level=log_level)
 
     _run_guarded(go)
 

@@ -238,6 +238,7 @@ def export_model(
     memory_check: bool = True,
     prediction_type: str | None = None,
     vae: str | os.PathLike | None = None,
+    int8_weight_max: int = 64,
     log: Callable[[str], None] = _log,
 ) -> Path:
     """Export the diffusers folder or single-file checkpoint `src` into the sdrt model folder `out`;
@@ -262,6 +263,9 @@ def export_model(
     (SD 2.x 512 eps vs 768 v; by default decided as A1111 decides it), or to override a folder's.
     vae: replace the model's VAE by an A1111-style VAE file or a diffusers AutoencoderKL folder;
     the manifest records its name and hash (the infotext's "VAE" and "VAE hash").
+    int8_weight_max: with int8, the weights' range [-w, w]: 64 (the default) is exact on every CPU;
+    127 is exact only where ONNX Runtime's int8 products accumulate in 32 bits (VNNI, AMX, ARM), and
+    may saturate on other x86-64 CPUs (see export/quantize.py). 127 is there to measure the cost.
     """
     src, out = Path(src).expanduser(), Path(out).expanduser()
     if precision not in PRECISIONS:
@@ -272,6 +276,8 @@ def export_model(
         raise ExportError("fp16 graphs run on the CUDA provider only: use --target cuda with --precision fp16")
     if precision == "int8" and target != "cpu":
         raise ExportError("int8 graphs are for the CPU provider: use --target cpu with --precision int8")
+    if int8_weight_max not in (64, 127):
+        raise ExportError(f"int8_weight_max {int8_weight_max} is not supported; accepted: 64 (exact on every CPU), 127")
     if fp32_vae_decoder and precision != "fp16":
         raise ExportError("--fp32-vae-decoder goes with --precision fp16 (the VAE decoder is fp32 otherwise)")
     if not 14 <= opset <= 20:
@@ -330,7 +336,7 @@ def export_model(
     (tmp / INCOMPLETE_MARKER).write_text("export in progress\n")
     try:
         if from_folder:
-            manifest = _quantize_into(src, tmp, log)
+            manifest = _quantize_into(src, tmp, int8_weight_max, log)
         else:
             if from_file:
                 from .checkpoint import CheckpointSource
@@ -339,7 +345,8 @@ def export_model(
             else:
                 source = DiffusersSource(src, index, prediction_type)
             source.vae_file = vae_file
-            manifest = _export_into(source, tmp, precision, target, opset, fp32_ops, fp32_vae_decoder, check, log)
+            manifest = _export_into(source, tmp, precision, target, opset, fp32_ops, fp32_vae_decoder, check,
+                                    int8_weight_max, log)
         _fsync_tree(tmp)
         (tmp / INCOMPLETE_MARKER).unlink()
         if out.exists():
@@ -373,7 +380,8 @@ def _free_memory() -> None:
         pass
 
 
-def _export_into(source, tmp, precision, target, opset, fp32_ops, fp32_vae_decoder, check, log) -> dict:
+def _export_into(source, tmp, precision, target, opset, fp32_ops, fp32_vae_decoder, check, int8_weight_max,
+                 log) -> dict:
     """Export each model of `source` in turn: load it, trace its graphs (weights written to external
     data as they are traced), keep the module's outputs on the example inputs, free the module,
     then check, fuse and convert each graph one at a time with its weights on disk."""
@@ -492,7 +500,9 @@ def _export_into(source, tmp, precision, target, opset, fp32_ops, fp32_vae_decod
         from .quantize import quantize_unet
 
         (tmp / MANIFEST).write_text(json.dumps({**manifest, "precision": {k: "fp32" for k in precisions}, "files": {}}))
-        fused["unet"].update(quantize_unet(tmp, log=log))
+        q = quantize_unet(tmp, log=log, weight_max=int8_weight_max)
+        fused["unet"].update(q["fused_operators"])
+        manifest["int8_weight_max"] = q["int8_weight_max"]
     return _write_manifest(tmp, manifest, t0)
 
 
@@ -509,7 +519,7 @@ def _write_manifest(tmp: Path, manifest: dict, t0: float) -> dict:
     return manifest
 
 
-def _quantize_into(src: Path, tmp: Path, log) -> dict:
+def _quantize_into(src: Path, tmp: Path, int8_weight_max: int, log) -> dict:
     """int8 from an sdrt fp32 cpu-target folder (no PyTorch needed): copy it, quantize the UNet."""
     from sdrt.runtime.modelfolder import ModelFolderError, read_model_folder
 
@@ -529,9 +539,11 @@ def _quantize_into(src: Path, tmp: Path, log) -> dict:
             (shutil.copytree if p.is_dir() else shutil.copy2)(p, tmp / p.name)
     manifest = json.loads((src / MANIFEST).read_text(encoding="utf-8"))
     (tmp / MANIFEST).write_text(json.dumps({**manifest, "files": {}}))
-    counts = quantize_unet(tmp, log=log)
+    q = quantize_unet(tmp, log=log, weight_max=int8_weight_max)
     manifest["precision"] = {**manifest["precision"], "unet": "int8"}
-    manifest["fused_operators"] = {**manifest["fused_operators"], "unet": {**manifest["fused_operators"]["unet"], **counts}}
+    manifest["fused_operators"] = {**manifest["fused_operators"],
+                                   "unet": {**manifest["fused_operators"]["unet"], **q["fused_operators"]}}
+    manifest["int8_weight_max"] = q["int8_weight_max"]
     manifest["source"] = f"{manifest.get('source', '?')} (sdrt folder {src.name})"
     manifest["versions"] = _versions()
     return _write_manifest(tmp, manifest, t0)

@@ -82,14 +82,14 @@ class BoundSession:
         for s in self._slots.values():
             s.graph_id = NO_GRAPH
 
-    def _slot(self, key: tuple, feeds: dict[str, np.ndarray]) -> _Slot:
+    def _slot(self, key: tuple, specs: dict[str, tuple]) -> _Slot:
         slot = self._slots.get(key)
         if slot is not None:
             self._slots.move_to_end(key)
             return slot
         slot = _Slot(self.session, self.device, self.device_id)
-        for name, arr in feeds.items():
-            ov = self._ort.OrtValue.ortvalue_from_shape_and_type(list(arr.shape), arr.dtype, self.device, self.device_id)
+        for name, (shape, dtype) in specs.items():
+            ov = self._ort.OrtValue.ortvalue_from_shape_and_type(list(shape), dtype, self.device, self.device_id)
             self.allocations += 1
             slot.binding.bind_ortvalue_input(name, ov)
             slot.inputs[name] = ov
@@ -124,16 +124,16 @@ class BoundSession:
 
         `keep`: inputs whose host array, when it is the very object copied last time, is not
         copied again (the caller promises not to have changed it in place)."""
-        feeds = {k: _typed(v, self.input_types.get(k)) for k, v in feeds.items()}
-        key = tuple((k, v.shape, v.dtype.str) for k, v in sorted(feeds.items())) + (tuple(outputs),)
+        specs = {k: (np.shape(v), np.dtype(self.input_types.get(k) or np.asarray(v).dtype)) for k, v in feeds.items()}
+        key = tuple((k, shape, dtype.str) for k, (shape, dtype) in sorted(specs.items())) + (tuple(outputs),)
         with self._lock:
-            slot = self._slot(key, feeds)
-            for name, arr in feeds.items():
-                if name in keep and slot.held.get(name) is arr:
-                    continue
-                slot.inputs[name].update_inplace(arr)
+            slot = self._slot(key, specs)
+            for name, value in feeds.items():
+                if name in keep and slot.held.get(name) is value:
+                    continue  # the caller's very array (before any type conversion) is on the device already
+                slot.inputs[name].update_inplace(_typed(value, specs[name][1]))
                 self.copied[name] += 1
-                slot.held[name] = arr if name in keep else None
+                slot.held[name] = value if name in keep else None
             self._assign_graph(key, slot)
             if not slot.outputs:
                 for name in outputs:
@@ -142,7 +142,11 @@ class BoundSession:
             if self.max_graphs > 0:
                 ro.add_run_config_entry("gpu_graph_id", str(slot.graph_id))
             try:
+                # Host-to-device copies of pageable memory may still be in flight when update_inplace
+                # returns, and ONNX Runtime's CUDA stream does not wait for the default stream.
+                slot.binding.synchronize_inputs()
                 self.session.run_with_iobinding(slot.binding, ro)
+                slot.binding.synchronize_outputs()
             except Exception as e:
                 if slot.graph_id == NO_GRAPH:
                     raise
@@ -178,9 +182,6 @@ def _numpy_type(ort_type: str):
 
 
 def _typed(v, dtype) -> np.ndarray:
-    """The array as the graph's input type, C-contiguous (0-d arrays stay 0-d); the same object
-    when it already is (so `keep` can recognise it)."""
-    if isinstance(v, np.ndarray) and (dtype is None or v.dtype == dtype) and v.flags.c_contiguous:
-        return v
+    """The array as the graph's input type, C-contiguous (0-d arrays stay 0-d)."""
     a = np.asarray(v, dtype=dtype)
     return a if a.flags.c_contiguous else np.ascontiguousarray(a)

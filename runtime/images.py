@@ -17,6 +17,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageFilter, ImageOps
 
+from . import resample
 from .errors import InputError
 
 __all__ = [
@@ -50,7 +51,16 @@ __all__ = [
 RESIZE_MODES = ("just_resize", "crop_and_resize", "resize_and_fill")
 DEFAULT_BACKGROUND = "#ffffff"  # A1111's img2img_background_color
 
-_LANCZOS = Image.Resampling.LANCZOS
+# Resizing: resampler "a1111" is Pillow 9.5 to 12.3's Lanczos and bicubic whatever Pillow is
+# installed (A1111 v1.10.1's pixels: it pins Pillow 9.5); "pillow" is the installed Pillow, as
+# diffusers runs it.
+RESAMPLERS = ("a1111", "pillow")
+
+
+def _resize(img, size, kind="lanczos", box=None, resampler="a1111"):
+    if resampler not in RESAMPLERS:
+        raise ValueError(f"resampler must be one of {', '.join(RESAMPLERS)}, got {resampler!r}")
+    return resample.resize(img, size, kind, box, native=True if resampler == "pillow" else None)
 _ACCEPTED_SOURCES = "a file path, encoded image bytes, a PIL image or a uint8 array (HxW, HxWx3 or HxWx4)"
 _ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
 
@@ -251,13 +261,14 @@ def _check_mode(mode) -> str:
     return mode
 
 
-def resize_image(img: Image.Image, width: int, height: int, mode: str = "just_resize") -> Image.Image:
+def resize_image(img: Image.Image, width: int, height: int, mode: str = "just_resize", resampler: str = "a1111") -> Image.Image:
     """A1111's resize_image modes 0-2 with Lanczos (= diffusers' VaeImageProcessor.resize modes
     default / crop / fill).
 
     just_resize: stretch to width x height. crop_and_resize: scale to cover, centre-crop.
     resize_and_fill: scale to fit, centre, and fill the borders by stretching the edge rows or
-    columns. The result keeps the input's mode (L stays L).
+    columns. The result keeps the input's mode (L stays L). resampler: "a1111" (Pillow 9.5's
+    arithmetic, whatever Pillow is installed) or "pillow" (the installed Pillow, as diffusers).
     """
     _check_mode(mode)
     width = _whole("width", width, allow_none=False)
@@ -265,7 +276,7 @@ def resize_image(img: Image.Image, width: int, height: int, mode: str = "just_re
     if width == 0 or height == 0:
         raise InputError(f"cannot resize to {width}x{height}: both sides must be at least 1 pixel")
     if mode == "just_resize":
-        return img.resize((width, height), resample=_LANCZOS)
+        return _resize(img, (width, height), resampler=resampler)
 
     ratio = width / height
     src_ratio = img.width / img.height
@@ -276,20 +287,20 @@ def resize_image(img: Image.Image, width: int, height: int, mode: str = "just_re
         src_w = width if ratio < src_ratio else img.width * height // img.height
         src_h = height if ratio >= src_ratio else img.height * width // img.width
     src_w, src_h = max(1, src_w), max(1, src_h)
-    resized = img.resize((src_w, src_h), resample=_LANCZOS)
+    resized = _resize(img, (src_w, src_h), resampler=resampler)
     out = Image.new(img.mode if img.mode in ("L", "RGB") else "RGB", (width, height))
     out.paste(resized, box=(width // 2 - src_w // 2, height // 2 - src_h // 2))
     if mode == "resize_and_fill":
         if ratio < src_ratio:  # bands above and below
             fill = height // 2 - src_h // 2
             if fill > 0:
-                out.paste(resized.resize((width, fill), box=(0, 0, width, 0)), box=(0, 0))
-                out.paste(resized.resize((width, fill), box=(0, src_h, width, src_h)), box=(0, fill + src_h))
+                out.paste(_resize(resized, (width, fill), "bicubic", box=(0, 0, width, 0), resampler=resampler), box=(0, 0))
+                out.paste(_resize(resized, (width, fill), "bicubic", box=(0, src_h, width, src_h), resampler=resampler), box=(0, fill + src_h))
         elif ratio > src_ratio:  # bands left and right
             fill = width // 2 - src_w // 2
             if fill > 0:
-                out.paste(resized.resize((fill, height), box=(0, 0, 0, height)), box=(0, 0))
-                out.paste(resized.resize((fill, height), box=(src_w, 0, src_w, height)), box=(fill + src_w, 0))
+                out.paste(_resize(resized, (fill, height), "bicubic", box=(0, 0, 0, height), resampler=resampler), box=(0, 0))
+                out.paste(_resize(resized, (fill, height), "bicubic", box=(src_w, 0, src_w, height), resampler=resampler), box=(fill + src_w, 0))
     return out
 
 
@@ -549,7 +560,7 @@ def _grow_span(lo: int, hi: int, grow: int, limit: int) -> tuple[int, int]:
     return lo, min(hi, limit)
 
 
-def match_mask(mask: Image.Image, image, name: str = "mask") -> Image.Image:
+def match_mask(mask: Image.Image, image, name: str = "mask", resampler: str = "a1111") -> Image.Image:
     """The mask at the image's size. A mask of the same proportions (within one pixel) is
     resized with Lanczos, as A1111 does; one of other proportions is an InputError."""
     iw, ih = image.size if isinstance(image, Image.Image) else (int(v) for v in image)
@@ -562,7 +573,7 @@ def match_mask(mask: Image.Image, image, name: str = "mask") -> Image.Image:
             f"{name} is {mw}x{mh} but the image is {iw}x{ih}: their aspect ratios differ; "
             f"give a mask of the image's size ({iw}x{ih}) or of the same proportions"
         )
-    return mask.resize((iw, ih), resample=_LANCZOS)
+    return _resize(mask, (iw, ih), resampler=resampler)
 
 
 # --------------------------------------------------------------------------- overlay / paste-back
@@ -578,7 +589,8 @@ def make_overlay(original: Image.Image, mask_for_overlay: Image.Image) -> Image.
     return out.convert("RGBA")
 
 
-def apply_overlay(output: Image.Image, overlay: Image.Image | None, paste_box=None, size=None) -> Image.Image:
+def apply_overlay(output: Image.Image, overlay: Image.Image | None, paste_box=None, size=None,
+                  resampler: str = "a1111") -> Image.Image:
     """Put a generated image back over the original (A1111's apply_overlay).
 
     paste_box (x1, y1, x2, y2), "only masked" mode: the output is resized with crop_and_resize to
@@ -592,7 +604,7 @@ def apply_overlay(output: Image.Image, overlay: Image.Image | None, paste_box=No
         if canvas is None:
             raise ValueError("apply_overlay needs the overlay or size to paste into")
         base = Image.new("RGBA", tuple(canvas))
-        base.paste(resize_image(output.convert("RGB"), x2 - x1, y2 - y1, "crop_and_resize"), (x1, y1))
+        base.paste(resize_image(output.convert("RGB"), x2 - x1, y2 - y1, "crop_and_resize", resampler), (x1, y1))
         output = base
     if overlay is None:
         return output.convert("RGB")
@@ -609,7 +621,7 @@ def apply_overlay(output: Image.Image, overlay: Image.Image | None, paste_box=No
 def latent_mask(mask: Image.Image, height: int, width: int, round: bool = True) -> np.ndarray:
     """A1111's latent mask: the mask resized to latent size (PIL's default bicubic, as A1111's
     `latmask.resize(...)`), / 255, rounded when `round`. float32 (1, 1, height, width), 1 = repaint."""
-    m = mask.convert("L").resize((width, height), resample=Image.Resampling.BICUBIC)
+    m = _resize(mask.convert("L"), (width, height), "bicubic")
     a = np.asarray(m, dtype=np.float32) / np.float32(255.0)
     if round:
         a = np.around(a)

@@ -315,3 +315,13 @@ def read_infotext(path) -> str | None:
     if isinstance(text, bytes):
         text = text.decode("utf-8", errors="replace")
     return text
+
+
+def sdrt_version() -> str:
+    """sdrt's version as installed ("unknown" when running from a tree that is not installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("sdrt")
+    except PackageNotFoundError:
+        return "unknown"

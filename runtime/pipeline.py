@@ -10,6 +10,7 @@ No torch: the graphs run in ONNX Runtime, the sampler arithmetic in NumPy (sdrt.
 
 from __future__ import annotations
 
+import itertools
 import random
 import threading
 import time
@@ -22,7 +23,7 @@ import numpy as np
 
 from sdrt import schedulers
 
-from . import prepare
+from . import prepare, prompts
 from .errors import InputError
 from .modelfolder import CLIP_SKIP_OUTPUT, FP32_VAE_DECODER, ModelInfo, read_model_folder
 from .sessions import Graph, resolve_provider
@@ -106,7 +107,8 @@ class Pipeline:
     """A loaded model folder. Thread-safe: several threads may call it at once."""
 
     def __init__(self, info: ModelInfo, provider: str = "auto", threads: int | None = None, *,
-                 io_binding: bool | None = None, cuda_graphs: int | None = None):
+                 io_binding: bool | None = None, cuda_graphs: int | None = None,
+                 provider_options: dict[str, Any] | None = None):
         self.info = info
         self.provider = resolve_provider(provider, info)
         self.io_binding = self.provider == "cuda" if io_binding is None else bool(io_binding)
@@ -118,7 +120,7 @@ class Pipeline:
         self.cuda_graphs = cuda_graphs if self.provider == "cuda" else 0
         self.graphs = {
             name: Graph(name, path, self.provider, threads, io_binding=self.io_binding,
-                        cuda_graphs=cuda_graphs if name == "unet" else 0)
+                        cuda_graphs=cuda_graphs if name == "unet" else 0, provider_options=provider_options)
             for name, path in info.graph_files.items()
         }
         from .text import ClipTokenizer
@@ -251,16 +253,23 @@ class Pipeline:
                            "the noise and the sampler options")
 
     def make_denoiser(self, plan, cond, uncond, guidance: float, conditioning: np.ndarray | None = None):
-        """denoise(x, sigma) -> x0 estimate, with CFG as one UNet call on a 2B batch."""
+        """denoise(x, sigma) -> x0 estimate, with CFG as one UNet call on a 2B batch.
+
+        `cond` may instead be a function of the model call's index (0 first) returning
+        (key, cond, uncond), for text embeddings that change between calls (prompt editing);
+        `uncond` is then unused."""
         prediction_type = self.info.prediction_type
         cfg = guidance > 1.0
-        emb_cache: dict[int, np.ndarray] = {}
+        emb_cache: dict = {}
+        per_call = cond if callable(cond) else (lambda i: (None, cond, uncond))
+        calls = itertools.count()
 
         def embeddings(b: int) -> np.ndarray:
-            if b not in emb_cache:
-                c = np.repeat(cond, b, axis=0)
-                emb_cache[b] = np.concatenate([np.repeat(uncond, b, axis=0), c]) if cfg else c
-            return emb_cache[b]
+            key, c_, u_ = per_call(next(calls))
+            if (b, key) not in emb_cache:
+                c = np.repeat(c_, b, axis=0)
+                emb_cache[b, key] = np.concatenate([np.repeat(u_, b, axis=0), c]) if cfg else c
+            return emb_cache[b, key]
 
         buf: dict[str, np.ndarray] = {}
 
@@ -319,7 +328,8 @@ class Pipeline:
 
         dry_run=True (here, in inpaint and in txt2img) checks the whole request and returns the
         Result it would make (seeds, parameters, infotexts; no images) without running a model."""
-        job = prepare.img2img_job(self.info, image, width=width, height=height, resize_mode=resize_mode, batch_size=batch_size)
+        job = prepare.img2img_job(self.info, image, width=width, height=height, resize_mode=resize_mode, batch_size=batch_size,
+                                  family=_family(sampler))
         return self._generate(
             job,
             mode="img2img",
@@ -360,7 +370,7 @@ class Pipeline:
         noise: np.ndarray | None = None,
         sample_posterior: bool = True,
         output: str = "pil",
-        mask_blur: int = 4,
+        mask_blur: int | None = None,
         mask_blur_x: int | None = None,
         mask_blur_y: int | None = None,
         invert_mask: bool = False,
@@ -373,7 +383,13 @@ class Pipeline:
         dry_run: bool = False,
         **sampler_options,
     ) -> Result:
-        """Repaint the white part of `mask` in `image` (A1111's inpainting options)."""
+        """Repaint the white part of `mask` in `image` (A1111's inpainting options).
+
+        mask_blur: A1111's Gaussian mask blur for A1111 and ComfyUI names (default 4, A1111's);
+        diffusers' mask_processor.blur (Pillow's GaussianBlur, one radius) for diffusers names
+        (default 0: diffusers blurs only when asked)."""
+        if mask_blur is None:
+            mask_blur = 0 if _family(sampler) == "diffusers" else 4
         job = prepare.inpaint_job(
             self.info,
             image,
@@ -481,6 +497,8 @@ class Pipeline:
             raise InputError(str(e)) from None
         except (TypeError, ValueError) as e:
             raise InputError(f"sampler {sampler!r}: {e}") from None
+        cond_schedule = prompts.prompt_schedule(prompts.composable_prompt(prompt), plan.prompt_steps)
+        uncond_schedule = prompts.prompt_schedule(negative_prompt, plan.prompt_steps)
         b = job.batch_size
         lat_shape = (self.info.latent_channels, job.height // self.info.vae_scale_factor, job.width // self.info.vae_scale_factor)
         if noise is not None:
@@ -497,7 +515,10 @@ class Pipeline:
         self.load_graphs(("text_encoder", "unet", "vae_decoder") + (("vae_encoder",) if encodes else ()))
 
         t = time.perf_counter()
-        cond, uncond = self.encode_prompt(prompt, negative_prompt, clip_skip)
+        if len(cond_schedule) == len(uncond_schedule) == 1:
+            cond, uncond = self.encode_prompt(cond_schedule[0][1], uncond_schedule[0][1], clip_skip)
+        else:  # prompt editing: the embeddings change between model calls
+            cond, uncond = self._text_per_call(cond_schedule, uncond_schedule, clip_skip), None
         timings["text_encoder"] = time.perf_counter() - t
 
         # Start latents.
@@ -547,7 +568,8 @@ class Pipeline:
             # Ancestral/SDE noise: each image from its own generator (one Brownian motion each).
             noise_sampler = schedulers.batch_noise_sampler(plan, rand.rngs, x)
             x = schedulers.sample(plan, counted, x, noise_sampler=noise_sampler, callback=callback,
-                                  substep_callback=blend.after_substep if blend is not None else None)
+                                  substep_callback=blend.after_substep if blend is not None else None,
+                                  model_input=blend.model_input if blend is not None and blend.blends_input else None)
         timings["denoise"] = time.perf_counter() - t
         latents = plan.finish(x)
         if blend is not None:
@@ -563,7 +585,8 @@ class Pipeline:
         timings["vae_decode"] = time.perf_counter() - t
         if fallbacks:
             params["vae_fp32_fallback"] = fallbacks  # images decoded again in fp32 (fp16 overflow)
-        images = prepare.finish_images(job, pixels)
+        # diffusers rounds to 8 bits; A1111 and ComfyUI truncate (255 * clamp((x + 1) / 2)).astype(uint8)
+        images = prepare.finish_images(job, pixels, rounding="round" if plan.family == "diffusers" else "floor")
         timings["total"] = time.perf_counter() - t_start
         timings["unet_calls"] = n_calls["unet"]
         if output == "np":
@@ -571,6 +594,27 @@ class Pipeline:
             return Result([], seeds, params, self._infotexts(params, seeds), arrays=arr, timings=timings)
         return Result(images, seeds, params, self._infotexts(params, seeds), timings=timings)
 
+
+    def _text_per_call(self, cond_schedule, uncond_schedule, clip_skip):
+        """call index -> (key, cond, uncond) for prompts with A1111's prompt editing: each text
+        encoded once (a schedule's texts padded to its longest, as A1111 batches them), the
+        entry chosen per model call as A1111's CFG denoiser does, cond and uncond of a call
+        brought to one length as encode_prompt does (text.common_length)."""
+        from .text import common_length, encode_schedules
+
+        conds, unconds = encode_schedules(
+            [[t for _, t in cond_schedule], [t for _, t in uncond_schedule]], self.tokenizer, self._text_encoder,
+            clip_skip=clip_skip)
+        pairs: dict = {}
+
+        def at(call: int):
+            i = prompts.entry_at_call(cond_schedule, call)
+            j = prompts.entry_at_call(uncond_schedule, call)
+            if (i, j) not in pairs:
+                pairs[i, j] = common_length(conds[i][None], unconds[j][None])
+            return ((i, j), *pairs[i, j])
+
+        return at
 
     def _inpaint_conditioning(self, job, rand, sample_posterior, b, lat_shape) -> np.ndarray:
         """The 5 extra channels of a 9-channel inpainting UNet: mask ++ masked-image latents."""
@@ -608,7 +652,7 @@ class Pipeline:
         return p
 
     def _infotexts(self, params: dict, seeds: list[int]) -> list[str]:
-        from .infotext import format_infotext
+        from .infotext import format_infotext, sdrt_version
 
         out = []
         for s in seeds:
@@ -627,6 +671,7 @@ class Pipeline:
                 "Clip skip": params["clip_skip"] if params["clip_skip"] > 1 else None,
             }
             fields.update(params.get("infotext_extra", {}))
+            fields["Version"] = f"sdrt {sdrt_version()}"  # A1111 writes its own version here
             out.append(format_infotext(params["prompt"], params["negative_prompt"], {k: v for k, v in fields.items() if v is not None}))
         return out
 
@@ -639,15 +684,18 @@ def _family(sampler) -> str | None:
 
 
 def load(path: str | Path | None = None, provider: str = "auto", *, verify: str = "auto", threads: int | None = None,
-         io_binding: bool | None = None, cuda_graphs: int | None = None) -> Pipeline:
+         io_binding: bool | None = None, cuda_graphs: int | None = None,
+         provider_options: dict[str, Any] | None = None) -> Pipeline:
     """Load a model folder (sdrt export or optimum export). path=None loads the embedded default model.
 
     io_binding: run the graphs on buffers that stay put between calls (on the device with CUDA);
     default: on for CUDA, off for the CPU. cuda_graphs: how many UNet input shapes (batch, size)
-    may hold a captured CUDA graph (default 4 with CUDA and IO binding, 0 otherwise)."""
+    may hold a captured CUDA graph (default 4 with CUDA and IO binding, 0 otherwise).
+    provider_options: ONNX Runtime CUDA provider options over sdrt's (e.g.
+    {"cudnn_conv_use_max_workspace": "0"}, which trades convolution speed for GPU memory)."""
     if path is None:
         from sdrt.models import default_model_path
 
         path = default_model_path()
     return Pipeline(read_model_folder(path, verify=verify), provider=provider, threads=threads,
-                    io_binding=io_binding, cuda_graphs=cuda_graphs)
+                    io_binding=io_binding, cuda_graphs=cuda_graphs, provider_options=provider_options)

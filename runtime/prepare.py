@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageFilter
 
 from . import images as im
 from .errors import InputError
@@ -34,14 +34,21 @@ class Job:
     latent_size: tuple[int, int] | None = None  # latent_upscale: (h, w) the latents are resized to
     # Inpainting
     latent_keep: np.ndarray | None = None  # (1 or B, 1, h, w): 1 where the original is kept
+    latent_repaint: np.ndarray | None = None  # the same, 1 where it is repainted (A1111's nmask = latmask)
     latent_fill: str | None = None  # "latent_noise" | "latent_nothing"
     fill_keep: np.ndarray | None = None  # (1, 1, h, w): 1 where latent_fill keeps the original
     masked_pixels: np.ndarray | None = None  # 9-channel models: image with the hole greyed, [-1, 1]
     conditioning_mask: np.ndarray | None = None  # 9-channel models: (1, 1, h, w), 1 = repaint
     blend: str = "a1111"  # per-step latent blending: a1111 | comfyui | diffusers
+    resampler: str = "a1111"  # images.RESAMPLERS: A1111's Pillow 9.5 arithmetic, or the installed Pillow (diffusers)
     overlay: Any = None  # PIL RGBA of the original outside the mask, or None
     paste_box: tuple[int, int, int, int] | None = None  # only-masked: where the output goes
     parameters: dict[str, Any] = field(default_factory=dict)
+
+
+def _resampler(family: str | None) -> str:
+    """diffusers resizes with the installed Pillow; A1111 (and sdrt for ComfyUI names) with Pillow 9.5's arithmetic."""
+    return "pillow" if family == "diffusers" else "a1111"
 
 
 def _check_choice(name: str, value, choices) -> None:
@@ -69,7 +76,8 @@ def txt2img_job(info: ModelInfo, width: int, height: int, batch_size: int) -> Jo
     return Job(batch_size, w, h, w, h, parameters={})
 
 
-def img2img_job(info: ModelInfo, image, *, width, height, resize_mode: str, batch_size: int) -> Job:
+def img2img_job(info: ModelInfo, image, *, width, height, resize_mode: str, batch_size: int,
+                family: str | None = None) -> Job:
     _check_batch(batch_size)
     _check_choice("resize_mode", resize_mode, RESIZE_MODES)
     _size_arg("width", width)
@@ -80,12 +88,13 @@ def img2img_job(info: ModelInfo, image, *, width, height, resize_mode: str, batc
     if resize_mode == "latent_upscale":
         # A1111 mode 3: encode the image at its own size, then resize the latents.
         ew, eh = im.target_size(img.size, None, None, f)
-        pixels = im.to_array(im.resize_image(img, ew, eh, "just_resize"))
+        pixels = im.to_array(im.resize_image(img, ew, eh, "just_resize", _resampler(family)))
         job = Job(batch_size, ew, eh, w, h, pixels=pixels, latent_size=(h // f, w // f))
     else:
-        pixels = im.to_array(im.resize_image(img, w, h, resize_mode))
+        pixels = im.to_array(im.resize_image(img, w, h, resize_mode, _resampler(family)))
         job = Job(batch_size, w, h, w, h, pixels=pixels)
     job.parameters = {"resize_mode": resize_mode}
+    job.resampler = _resampler(family)
     if job.latent_size is not None:
         job.width, job.height = w, h  # the loop works at the resized latent size
     return job
@@ -125,27 +134,43 @@ def inpaint_job(
 
     img = im.load_image(image, "image")
     m = im.load_mask(mask, "mask", round=mask_round)
-    m = im.match_mask(m, img)  # same aspect ratio -> resized to the image; otherwise an InputError
+    rs = _resampler(family)
+    m = im.match_mask(m, img, resampler=rs)  # same aspect ratio -> resized to the image; otherwise an InputError
     if invert_mask:
         m = im.invert(m)
     if not diffusers:
         m = im.blur_mask(m, mask_blur_x, mask_blur_y)
+    elif mask_blur_x or mask_blur_y:
+        if mask_blur_x != mask_blur_y:
+            raise InputError(f"mask_blur_x and mask_blur_y must be equal with a diffusers sampler (diffusers' "
+                             f"mask_processor.blur has one radius), got {mask_blur_x} and {mask_blur_y}")
+        m = m.filter(ImageFilter.GaussianBlur(mask_blur_x))  # diffusers' VaeImageProcessor.blur
     w, h = im.target_size(img.size, width, height, f)
 
     paste_box = None
     crop = im.crop_region(m, padding) if only_masked else None
+    if only_masked and crop is None and not diffusers:
+        # A1111: a blank mask leaves no region to work on; it drops the mask and runs img2img on
+        # the whole image (no fill, no latent mask, no overlay)
+        job = Job(batch_size, w, h, w, h, pixels=im.to_array(im.resize_image(img, w, h, resize_mode, rs)), resampler=rs)
+        extra = _inpaint_infotext(mask_blur_x, mask_blur_y, invert_mask, fill, False, padding)
+        job.parameters = {"resize_mode": resize_mode, "mask_blur_x": mask_blur_x, "mask_blur_y": mask_blur_y,
+                          "invert_mask": invert_mask, "mask_round": mask_round, "fill": fill, "only_masked": only_masked,
+                          "padding": padding, "overlay": overlay, "blank_mask": True,
+                          "infotext_extra": {k: v for k, v in extra.items() if k != "Masked content"}}
+        return job
     if crop is not None:
         # Only masked: work on the region around the mask at the requested size, paste it back.
         x1, y1, x2, y2 = im.expand_crop_region(crop, w, h, img.width, img.height)
         paste_box = (x1, y1, x2, y2)
         mask_for_overlay = m
-        work_mask = im.resize_image(m.crop(paste_box), w, h, "resize_and_fill")
-        work_img = im.resize_image(img.crop(paste_box), w, h, "resize_and_fill")
+        work_mask = im.resize_image(m.crop(paste_box), w, h, "resize_and_fill", rs)
+        work_img = im.resize_image(img.crop(paste_box), w, h, "resize_and_fill", rs)
         out_w, out_h = img.width, img.height
         overlay_base = img
     else:
-        work_mask = im.resize_image(m, w, h, resize_mode)
-        work_img = im.resize_image(img, w, h, resize_mode)
+        work_mask = im.resize_image(m, w, h, resize_mode, rs)
+        work_img = im.resize_image(img, w, h, resize_mode, rs)
         out_w, out_h = w, h
         mask_for_overlay = work_mask if diffusers else im.double_mask(work_mask)
         overlay_base = work_img
@@ -158,14 +183,15 @@ def inpaint_job(
         latmask = im.latent_mask_diffusers(work_mask, hl, wl)
     else:
         latmask = im.latent_mask(work_mask, hl, wl, round=mask_round)
-    keep = (1.0 - latmask).astype(np.float32)
+    keep = (1.0 - latmask).astype(np.float32)  # A1111: mask = 1 - latmask, nmask = latmask
 
-    job = Job(batch_size, w, h, out_w, out_h, pixels=pixels, blend=family if family in ("comfyui", "diffusers") else "a1111")
+    job = Job(batch_size, w, h, out_w, out_h, pixels=pixels, blend=family if family in ("comfyui", "diffusers") else "a1111",
+              resampler=rs)
     if fill in ("latent_noise", "latent_nothing"):
         job.latent_fill, job.fill_keep = fill, keep
     # diffusers blends latents only for 4-channel UNets; A1111 and ComfyUI do it for both kinds.
     if not (diffusers and info.is_inpainting_model):
-        job.latent_keep = keep
+        job.latent_keep, job.latent_repaint = keep, latmask.astype(np.float32)
     if info.is_inpainting_model:
         binary = im.binary_mask_array(work_mask, round=mask_round)  # (1, 1, H, W) float, 1 = repaint
         job.masked_pixels = (pixels * (1.0 - binary)).astype(np.float32)
@@ -223,17 +249,19 @@ class LatentBlender:
     """Keeps the unmasked part of the latents on the original during sampling.
 
     a1111: the x0 prediction is blended with the clean init latents at every model call, and
-    the result once more at the end (CFGDenoiser + the final blend in processing.py).
+    the result once more at the end (CFGDenoiser + the final blend in processing.py); for its
+    timestep samplers (DDIM, PLMS, UniPC) the model's input is blended instead (`model_input`).
     comfyui: the model input is blended with the noised init and its output with the clean init
     (KSamplerX0Inpaint).
     diffusers: after each step, the latents are blended with the init noised to the next
     step's level (StableDiffusionInpaintPipeline, 4-channel UNets).
     """
 
-    def __init__(self, style: str, keep: np.ndarray, init: np.ndarray, noise: np.ndarray, plan, steps_total: int):
+    def __init__(self, style: str, keep: np.ndarray, init: np.ndarray, noise: np.ndarray, plan, steps_total: int,
+                 repaint: np.ndarray | None = None):
         self.style = style
         self.keep = keep
-        self.repaint = (1.0 - keep).astype(np.float32)
+        self.repaint = (1.0 - keep).astype(np.float32) if repaint is None else repaint
         self.init = init
         self.noise = noise
         self.plan = plan
@@ -242,7 +270,19 @@ class LatentBlender:
         # schedulers that end above sigma 0 decode x / sqrt(1 + s^2)).
         self.final_scale = 1.0 / float(plan.finish(np.ones(1))[0])
 
+    def model_input(self, x, sigma):
+        """A1111's timestep samplers (DDIM, PLMS, UniPC; mask_before_denoising): the model sees the
+        VP latent blended with the clean init, x / sqrt(1 + sigma^2) * nmask + init * mask, here in
+        k-space."""
+        return x * self.repaint + self.init * (self.keep * np.float32(np.sqrt(1.0 + sigma * sigma)))
+
+    @property
+    def blends_input(self) -> bool:
+        return self.style == "a1111" and bool(getattr(self.plan, "mask_before_denoising", False))
+
     def wrap(self, denoise):
+        if self.style == "a1111" and self.blends_input:
+            return denoise
         if self.style == "a1111":
             def blended(x, sigma):
                 return denoise(x, sigma) * self.repaint + self.init * self.keep
@@ -278,15 +318,16 @@ class LatentBlender:
 def latent_blender(job: Job, plan, init: np.ndarray | None, noise: np.ndarray):
     if job.latent_keep is None or init is None:
         return None
-    return LatentBlender(job.blend, job.latent_keep, init, noise, plan, max(1, len(plan.sigmas) - 1))
+    return LatentBlender(job.blend, job.latent_keep, init, noise, plan, max(1, len(plan.sigmas) - 1), job.latent_repaint)
 
 
-def finish_images(job: Job, pixels: np.ndarray) -> list:
-    """Decoded (B,3,H,W) in [-1,1] -> PIL images, pasted back and overlaid as the job says."""
+def finish_images(job: Job, pixels: np.ndarray, rounding: str = "round") -> list:
+    """Decoded (B,3,H,W) in [-1,1] -> PIL images, pasted back and overlaid as the job says.
+    rounding: "floor" (A1111's and ComfyUI's truncating cast) or "round" (diffusers)."""
     out = []
-    for img in im.from_array(pixels):
+    for img in im.from_array(pixels, rounding=rounding):
         if job.overlay is not None or job.paste_box is not None:
-            img = im.apply_overlay(img, job.overlay, job.paste_box, (job.out_width, job.out_height))
+            img = im.apply_overlay(img, job.overlay, job.paste_box, (job.out_width, job.out_height), job.resampler)
         out.append(img)
     return out
 

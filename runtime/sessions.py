@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import os
 import threading
@@ -50,14 +51,14 @@ def resolve_provider(provider: str, info: ModelInfo | None = None) -> str:
         if provider == "cpu" and info is not None and info.target == "cuda" and "fp16" in info.precision.values():
             raise ProviderError(
                 f"model folder {info.path} holds fp16 graphs fused for CUDA, and this onnxruntime has no CUDA provider "
-                f"(providers: {', '.join(available)}); install onnxruntime-gpu (pip install 'sdrt[gpu]') or export the "
+                f"(providers: {', '.join(available)}); {gpu_install_hint()}, or export the "
                 "model with --target cpu"
             )
     if provider == "cuda" and not has_cuda:
         raise ProviderError(
             "CUDA was asked for, but this onnxruntime has no CUDA provider "
             f"(onnxruntime {ort.__version__}, providers: {', '.join(available)}); "
-            "install onnxruntime-gpu (pip install 'sdrt[gpu]') on a machine with an NVIDIA GPU, or use provider='cpu'"
+            f"{gpu_install_hint()} on a machine with an NVIDIA GPU, or use provider='cpu'"
         )
     if provider == "cpu" and info is not None and info.target == "cuda" and "fp16" in info.precision.values():
         raise ProviderError(
@@ -65,6 +66,31 @@ def resolve_provider(provider: str, info: ModelInfo | None = None) -> str:
             "Export the model with --target cpu for CPU use"
         )
     return provider
+
+
+def onnxruntime_distributions() -> list[str]:
+    """The installed distributions that provide the `onnxruntime` package (one is right)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = []
+    for name in ("onnxruntime", "onnxruntime-gpu"):
+        try:
+            found.append(f"{name} {version(name)}")
+        except PackageNotFoundError:
+            pass
+    return found
+
+
+def gpu_install_hint() -> str:
+    dists = onnxruntime_distributions()
+    if len(dists) > 1:
+        return (f"{' and '.join(dists)} are both installed and overwrite each other's files: "
+                "pip uninstall -y onnxruntime onnxruntime-gpu, then SDRT_ONNXRUNTIME=gpu pip install sdrt")
+    return "install sdrt with the CUDA build of ONNX Runtime (SDRT_ONNXRUNTIME=gpu pip install sdrt, see the README)"
+
+
+# ONNX Runtime's session option for exact int8 products on x86-64 CPUs without VNNI.
+X64_QUANT_PRECISION = "session.x64quantprecision"
 
 
 def session_options(provider: str, threads: int | None = None):
@@ -86,6 +112,15 @@ def session_options(provider: str, threads: int | None = None):
         if _shared_cpu_arena():
             so.add_session_config_entry("session.use_env_allocators", "1")
         so.add_session_config_entry("session.use_device_allocator_for_initializers", "1")
+        # int8 weights beyond +-64 (sdrt int8 folders written before they were kept within it) would
+        # saturate ONNX Runtime's uint8 x int8 kernels on x86-64 CPUs without VNNI: there it is told to
+        # convert such weights to uint8 and use its exact, slower uint8 x uint8 kernels. Only there:
+        # ONNX Runtime applies the option on every x86-64 CPU with AVX2, VNNI or not (3x slower
+        # convolutions with full-range weights, measured). Weights within +-64 are never converted.
+        from .cpu import cpu_features
+
+        if cpu_features().int8_products_saturate() is not False:
+            so.add_session_config_entry(X64_QUANT_PRECISION, "1")
     return so
 
 
@@ -108,6 +143,19 @@ def _shared_cpu_arena() -> bool:
         return _arena[0]
 
 
+@functools.lru_cache(maxsize=None)
+def _preload_cuda_libraries() -> None:
+    """Load CUDA and cuDNN from the nvidia-* pip packages when that is how they are installed
+    (onnxruntime-gpu[cuda,cudnn], or beside PyTorch); a system-wide CUDA is found without it."""
+    import onnxruntime as ort
+
+    if hasattr(ort, "preload_dlls"):
+        try:
+            ort.preload_dlls()
+        except Exception:  # nothing to preload: the libraries come from the system's library path
+            pass
+
+
 def _release_freed_heap() -> None:
     """Hand the heap pages freed after a graph load back to the OS (glibc keeps them otherwise):
     ONNX Runtime reads a graph with inline weights whole and copies the weights out of it."""
@@ -117,17 +165,20 @@ def _release_freed_heap() -> None:
         pass
 
 
-def provider_list(provider: str, device_id: int = 0, cuda_graph: bool = False) -> list[Any]:
+def provider_list(provider: str, device_id: int = 0, cuda_graph: bool = False,
+                  options: dict[str, Any] | None = None) -> list[Any]:
+    """The providers of a session; `options` override sdrt's CUDA provider options."""
     if provider == "cuda":
-        options = {
+        cuda = {
             "device_id": device_id,
             "arena_extend_strategy": "kSameAsRequested",
             "cudnn_conv_algo_search": "EXHAUSTIVE",
             "do_copy_in_default_stream": True,
+            **(options or {}),
         }
         if cuda_graph:
-            options["enable_cuda_graph"] = True
-        return [("CUDAExecutionProvider", options), "CPUExecutionProvider"]
+            cuda["enable_cuda_graph"] = True
+        return [("CUDAExecutionProvider", cuda), "CPUExecutionProvider"]
     return ["CPUExecutionProvider"]
 
 
@@ -139,13 +190,15 @@ class Graph:
     (0: none). A session that cannot capture falls back to plain runs with a one-line log."""
 
     def __init__(self, name: str, path: Path, provider: str, threads: int | None = None, *, io_binding: bool = False,
-                 cuda_graphs: int = 0, log: Callable[[str], None] | None = None):
+                 cuda_graphs: int = 0, provider_options: dict[str, Any] | None = None,
+                 log: Callable[[str], None] | None = None):
         self.name = name
         self.path = path
         self.provider = provider
         self.threads = threads
         self.io_binding = io_binding
         self.cuda_graphs = cuda_graphs if io_binding and provider == "cuda" else 0
+        self.provider_options = provider_options
         self.log = log or _log
         self._session = None
         self._bound: BoundSession | None = None
@@ -168,9 +221,13 @@ class Graph:
     def _create(self):
         import onnxruntime as ort
 
+        if self.provider == "cuda":
+            _preload_cuda_libraries()
+
         def create(cuda_graph: bool):
             return ort.InferenceSession(str(self.path), session_options(self.provider, self.threads),
-                                        providers=provider_list(self.provider, cuda_graph=cuda_graph))
+                                        providers=provider_list(self.provider, cuda_graph=cuda_graph,
+                                                                options=self.provider_options))
 
         try:
             try:

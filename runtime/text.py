@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +44,9 @@ __all__ = [
     "prompt_chunks",
     "apply_emphasis",
     "encode_prompts",
+    "encode_schedules",
+    "pad_with_empty",
+    "common_length",
 ]
 
 BOS_TOKEN = "<|startoftext|>"
@@ -255,7 +259,8 @@ def _load_folder(folder: str, stamp: tuple) -> ClipTokenizer:
 
 # ------------------------------------------------------------------------- A1111 prompt syntax
 _BREAK_RE = re.compile(r"\s*\bBREAK\b\s*")
-_WEIGHT_RE = re.compile(r":([+-]?[.\d]+)\)")  # ":1.25)" closes a round bracket with weight 1.25
+# ":1.25)" or ": 1.25 )" closes a round bracket with weight 1.25 (A1111's `:\s*([+-]?[.\d]+)\s*\)`)
+_WEIGHT_RE = re.compile(r":\s*([+-]?[.\d]+)\s*\)")
 _TEXT_RE = re.compile(r"[^\\()\[\]:]+")
 _ESCAPABLE = "()[]\\"
 ROUND = 1.1
@@ -265,8 +270,8 @@ SQUARE = 1 / 1.1
 def parse_prompt_attention(text: str) -> list[tuple[str, float]]:
     """Split a prompt written in AUTOMATIC1111's emphasis syntax into (text, weight) pieces.
 
-    "(x)" multiplies x's weight by 1.1, "[x]" divides it by 1.1, "(x:w)" multiplies it by w;
-    nesting multiplies. "\\(" "\\)" "\\[" "\\]" "\\\\" are the literal characters; any other
+    "(x)" multiplies x's weight by 1.1, "[x]" divides it by 1.1, "(x:w)" multiplies it by w
+    (whitespace around w allowed: "(x: 1.2 )"); nesting multiplies. "\\(" "\\)" "\\[" "\\]" "\\\\" are the literal characters; any other
     backslash vanishes. A ")" or "]" with nothing open is literal text; brackets still open at
     the end are closed there. "BREAK" as a separate word gives the entry ("BREAK", -1.0) (it
     swallows the whitespace around it); a bracket around BREAK scales that entry too, which
@@ -478,9 +483,12 @@ def encode_prompts(
 
     Each prompt's chunks are encoded separately and joined along the sequence axis; with
     `emphasis` each chunk gets `apply_emphasis`. Prompts of one side (cond or uncond) shorter
-    than the longest there are extended by repeating their last vector (A1111's batch stacking);
-    then the shorter side is extended by whole chunks of the empty prompt's encoding (A1111's
-    pad_cond_uncond) so cond and uncond can run as one CFG batch.
+    than the longest there are extended by repeating their last vector (A1111's batch stacking).
+    When cond and uncond differ in length, both are tiled to the least common multiple of their
+    chunk counts, so they run as one CFG batch: cross-attention over a sequence repeated r times
+    equals cross-attention over the sequence (each key's softmax weight and value appear r
+    times), which is what A1111 computes by default (separate model calls for the two lengths,
+    pad_cond_uncond off) and what ComfyUI does (it repeats conds to a common length).
     """
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts:
@@ -507,11 +515,37 @@ def encode_prompts(
     uncond_chunks = [chunks_of(p) for p in negatives]
     k_cond = max(len(c) for c in cond_chunks)
     k_uncond = max(len(c) for c in uncond_chunks)
-    groups = cond_chunks + uncond_chunks
-    if k_cond != k_uncond:
-        groups.append(chunks_of(""))
+    rows, z = _encode_rows(cond_chunks + uncond_chunks, text_encoder, clip_skip)
 
-    # one encoder call on the distinct rows
+    def embed(c: PromptChunks) -> np.ndarray:
+        return _embed(c, rows, z, emphasis)
+
+    def stack(side: list[PromptChunks], k: int) -> np.ndarray:
+        length = k * z.shape[1]
+        out = []
+        for c in side:
+            e = embed(c)
+            if e.shape[0] < length:
+                e = np.concatenate([e, np.repeat(e[-1:], length - e.shape[0], axis=0)], axis=0)
+            out.append(e)
+        return np.stack(out)
+
+    return common_length(stack(cond_chunks, k_cond), stack(uncond_chunks, k_uncond))
+
+
+def common_length(cond: np.ndarray, uncond: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """cond and uncond (..., L, D) of different sequence lengths (whole chunks) repeated along the
+    sequence axis to the least common multiple of their lengths: one CFG batch whose
+    cross-attention equals separate calls at each one's own length (see encode_prompts)."""
+    n = math.lcm(cond.shape[-2], uncond.shape[-2])
+    reps = [1] * (cond.ndim - 2)
+    cond = np.tile(cond, (*reps, n // cond.shape[-2], 1))
+    uncond = np.tile(uncond, (*reps, n // uncond.shape[-2], 1))
+    return np.ascontiguousarray(cond, dtype=np.float32), np.ascontiguousarray(uncond, dtype=np.float32)
+
+
+def _encode_rows(groups: Sequence[PromptChunks], text_encoder: TextEncoder, clip_skip: int):
+    """One encoder call on the distinct chunk rows of `groups`: (row bytes -> index, z)."""
     rows: dict[bytes, int] = {}
     unique: list[np.ndarray] = []
     for c in groups:
@@ -524,31 +558,48 @@ def encode_prompts(
     z = np.asarray(text_encoder(ids, int(clip_skip)))
     if z.ndim != 3 or z.shape[:2] != ids.shape:
         raise ValueError(f"the text encoder returned shape {z.shape} for ids of shape {ids.shape}; expected {ids.shape + ('D',)}")
-    z = z.astype(np.float32, copy=False)
+    return rows, z.astype(np.float32, copy=False)
 
-    def embed(c: PromptChunks) -> np.ndarray:
-        parts = []
-        for row, w in zip(c.ids, c.weights):
-            zi = z[rows[row.tobytes()]]
-            parts.append(apply_emphasis(zi, w) if emphasis else zi)
-        return np.concatenate(parts, axis=0)
 
-    def stack(side: list[PromptChunks], k: int) -> np.ndarray:
-        length = k * ids.shape[1]
-        out = []
-        for c in side:
-            e = embed(c)
-            if e.shape[0] < length:
-                e = np.concatenate([e, np.repeat(e[-1:], length - e.shape[0], axis=0)], axis=0)
-            out.append(e)
-        return np.stack(out)
+def _embed(c: PromptChunks, rows: dict, z: np.ndarray, emphasis: bool) -> np.ndarray:
+    parts = []
+    for row, w in zip(c.ids, c.weights):
+        zi = z[rows[row.tobytes()]]
+        parts.append(apply_emphasis(zi, w) if emphasis else zi)
+    return np.concatenate(parts, axis=0)
 
-    cond = stack(cond_chunks, k_cond)
-    uncond = stack(uncond_chunks, k_uncond)
-    if k_cond != k_uncond:
-        empty = z[rows[chunks_of("").ids[0].tobytes()]]
-        short, extra = (cond, k_uncond - k_cond) if k_cond < k_uncond else (uncond, k_cond - k_uncond)
-        pad = np.broadcast_to(np.tile(empty, (extra, 1)), (short.shape[0], extra * empty.shape[0], empty.shape[1]))
-        short = np.concatenate([short, pad], axis=1)
-        cond, uncond = (short, uncond) if k_cond < k_uncond else (cond, short)
-    return np.ascontiguousarray(cond, dtype=np.float32), np.ascontiguousarray(uncond, dtype=np.float32)
+
+def encode_schedules(
+    schedules: Sequence[Sequence[str]],
+    tokenizer: ClipTokenizer,
+    text_encoder: TextEncoder,
+    *,
+    clip_skip: int = 1,
+    emphasis: bool = True,
+    comma_backtrack: int = COMMA_BACKTRACK,
+) -> list[list[np.ndarray]]:
+    """Embeddings (77*k, D) of every text of every schedule (the texts a prompt takes over the
+    steps with prompt editing), as A1111's get_learned_conditioning makes them: a schedule's
+    texts are encoded as one batch, so the shorter ones are extended by whole chunks of the
+    empty prompt to the longest. One encoder call on the distinct chunks of all texts."""
+    if isinstance(clip_skip, bool) or not isinstance(clip_skip, (int, np.integer)) or clip_skip < 1:
+        raise InputError(f"clip_skip must be an integer of at least 1, got {clip_skip!r}")
+    parsed: dict[str, PromptChunks] = {}
+    for text in ["", *(t for sched in schedules for t in sched)]:
+        if text not in parsed:
+            parsed[text] = prompt_chunks(text, tokenizer, emphasis=emphasis, comma_backtrack=comma_backtrack)
+    rows, z = _encode_rows(list(parsed.values()), text_encoder, clip_skip)
+    empty = _embed(parsed[""], rows, z, emphasis)
+    out = []
+    for sched in schedules:
+        k = max(len(parsed[t]) for t in sched)
+        out.append([pad_with_empty(_embed(parsed[t], rows, z, emphasis), k * empty.shape[0], empty) for t in sched])
+    return out
+
+
+def pad_with_empty(z: np.ndarray, length: int, empty: np.ndarray) -> np.ndarray:
+    """z (n, D) extended to `length` rows by whole chunks of the empty prompt's embedding `empty`."""
+    extra = (length - z.shape[0]) // empty.shape[0]
+    if extra <= 0:
+        return np.ascontiguousarray(z, dtype=np.float32)
+    return np.ascontiguousarray(np.concatenate([z, np.tile(empty, (extra, 1))]), dtype=np.float32)

@@ -16,8 +16,15 @@ Names decide semantics (`list_samplers` lists them all):
   Normal, DDIM, Beta), the legacy "DPM++ 2M Karras" form, k_* aliases. k-diffusion samplers on
   the discrete DDPM denoiser with fractional log-sigma timesteps, each sampler's "Automatic"
   schedule and discarded penultimate sigma; DDIM, PLMS and UniPC on A1111's own timestep grid.
+  "DPM fast" and "DPM adaptive" get sigma_min/sigma_max (and n) as A1111 passes them and stop
+  at sigma_min; "Restart" adds A1111's restart segments from 20 steps on. A1111's tables are
+  its float32 alpha-bar and sigmas.
 - ComfyUI: "dpmpp_2m" with "karras", "euler_ancestral", "uni_pc", "lcm", ... with integer
   (nearest) timesteps and ComfyUI's noise scaling.
+- A name two tools share: a sampler's own name wins over another's alias, and ComfyUI's names
+  over A1111's aliases: "ddim" is ComfyUI's ddim (Euler on ddim_uniform); "DDIM" and
+  "a1111:ddim" are A1111's DDIM. A prefix "a1111:", "comfyui:" or "diffusers:" always picks
+  that tool's sampler.
 - diffusers: scheduler classes, options in the name or as keywords:
   "DPMSolverMultistepScheduler(use_karras_sigmas=True)"; what ``Cls.from_config(config,
   **options)`` computes in StableDiffusionImg2ImgPipeline, float32 quirks included.
@@ -40,7 +47,7 @@ Known choices:
 """
 
 from .names import UnknownSamplerError, family_of, list_samplers, list_schedules
-from .plan import Plan, batch_noise_sampler, denoised_from_output, make_plan, sample
+from .plan import Plan, batch_noise_sampler, denoised_from_output, make_plan, sample, sampler_options
 from .samplers import SAMPLERS
 
 __all__ = [
@@ -54,4 +61,5 @@ __all__ = [
     "list_schedules",
     "make_plan",
     "sample",
+    "sampler_options",
 ]

@@ -324,13 +324,12 @@ def _k_schedule(cls, cfg, n, sig_table, log_sigmas):
         conv = _converted(cfg, sigmas, n, use_config=cls == "EulerDiscreteScheduler")
         if conv is not None:
             sigmas, ts = conv, t_from_sigmas(conv, log_sigmas)
-    elif cfg.get("use_karras_sigmas"):  # the others convert only for Karras (a diffusers quirk)
-        sigmas = _converted(cfg, sigmas, n, use_config=False)
-        ts = t_from_sigmas(sigmas, log_sigmas)
-        if cls in ("KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler"):
-            ts = ts.round()
-    elif cfg.get("use_exponential_sigmas") or cfg.get("use_beta_sigmas"):
-        ts = t_from_sigmas(sigmas, log_sigmas)
+    else:  # LMS, KDPM2, KDPM2Ancestral, DPMSolverSDE: from the ends of the interpolated sigmas
+        conv = _converted(cfg, sigmas, n, use_config=False)
+        if conv is not None:
+            sigmas, ts = conv, t_from_sigmas(conv, log_sigmas)
+            if cfg.get("use_karras_sigmas") and cls in ("KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler"):
+                ts = ts.round()  # KDPM2 rounds its Karras timesteps only
     last = 0.0
     if cfg.get("final_sigmas_type") == "sigma_min":
         last = float(sig_table[0])

@@ -52,11 +52,18 @@ A1111 = [
     _a("Heun", "heun", ["k_heun"]),
     _a("DPM2", "dpm_2", ["k_dpm_2"], "karras", discard_penultimate=True),
     _a("DPM2 a", "dpm_2_ancestral", ["k_dpm_2_a"], "karras", discard_penultimate=True),
-    _a("DDIM", "a1111_ddim", [], None),
+    _a("DPM fast", "dpm_fast", ["k_dpm_fast"]),
+    _a("DPM adaptive", "dpm_adaptive", ["k_dpm_ad"]),
+    _a("Restart", "restart", ["restart"], "karras"),
+    _a("DDIM", "a1111_ddim", ["ddim"], None),
     _a("PLMS", "a1111_plms", ["plms"], None),
     _a("UniPC", "a1111_unipc", ["unipc"], None),
     _a("LCM", "lcm", ["k_lcm"]),
 ]
+
+# A1111 samplers sdrt knows by name but does not run (its CFG++ variant needs the unconditional
+# prediction inside the sampler).
+NOT_SUPPORTED = {"ddim cfg++": "A1111's DDIM CFG++", "ddim_cfgpp": "A1111's DDIM CFG++"}
 
 # The combined "<sampler> <schedule>" names of A1111 before v1.9 (any such pair is accepted).
 A1111_LEGACY = {
@@ -132,7 +139,9 @@ _PREFIXES = {"a1111": "a1111", "comfyui": "comfyui", "comfy": "comfyui", "diffus
 
 def _table():
     out: dict[str, Spec] = {}
-    # ComfyUI first: its "ddim" (Euler) wins over A1111's lower-case alias of DDIM.
+    # The rule for a name two tools share: a sampler's own name wins over another's alias, and
+    # ComfyUI's names over A1111's aliases: "ddim" is ComfyUI's ddim (Euler on ddim_uniform),
+    # "DDIM" and "a1111:ddim" are A1111's DDIM.
     for spec in COMFY + A1111 + DIFFUSERS:
         for n in (spec.name, *spec.aliases):
             out.setdefault(n, spec)
@@ -226,6 +235,9 @@ def resolve(name: str, schedule: str | None = None) -> tuple[Spec, str | None, d
                         break
             if spec is not None:
                 break
+    if spec is None and text.lower() in NOT_SUPPORTED:
+        raise UnknownSamplerError(f"sampler {name!r} ({NOT_SUPPORTED[text.lower()]}) is not supported; "
+                                  f"valid names are {_valid_names()}")
     if spec is None:
         raise UnknownSamplerError(f"unknown sampler {name!r}; valid names are {_valid_names()}")
     if options and spec.family != "diffusers":

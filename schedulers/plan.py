@@ -10,12 +10,15 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from . import diffusers_compat, names, noise, schedules
+from . import samplers as samplers_mod
 from .samplers import SAMPLERS, sde_midpoint
 from .training import (alphas_cumprod, distilled_table, index_nearest, sigma_from_t_vp, sigmas_from_alphas_cumprod,
                        t_from_sigma)
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 _MULTI = "dpmpp_multistep"
+# Samplers with two model evaluations per step (A1111 marks them "second_order").
+SECOND_ORDER = ("heun", "dpm_2", "dpm_2_ancestral", "dpmpp_sde", "dpmpp_2s_ancestral", "restart")
 
 
 @dataclass(frozen=True, eq=False)
@@ -28,7 +31,7 @@ class Plan:
     steps: int                     # requested steps
     strength: float                # requested strength (denoise)
     sigmas: np.ndarray             # levels the run visits, descending, last = final level
-    unet_calls: int                # denoise calls the run makes
+    unet_calls: int | None         # denoise calls the run makes (None: decided while it runs)
     prediction_type: str
     rule: str                      # img2img rule used
     sampler: str                   # sdrt sampler function (key of samplers.SAMPLERS)
@@ -44,6 +47,14 @@ class Plan:
     _relabel: float = 1.0
     _finish_scale: float = 1.0
     _eps_from_v_at_int_t: np.ndarray | None = field(default=None, repr=False)  # A1111 UniPC, v models
+    mask_before_denoising: bool = False  # A1111's timestep samplers blend an inpainting mask into the model input
+
+    @property
+    def prompt_steps(self) -> int:
+        """The step count of A1111's prompt editing: the requested steps, twice that for samplers
+        that evaluate the model twice per step (A1111's "second order" samplers), whose
+        CFG denoiser counts every evaluation as a step."""
+        return self.steps * (2 if self.sampler in SECOND_ORDER else 1)
 
     def timestep(self, sigma) -> float:
         """The timestep the reference feeds its UNet at noise level `sigma`."""
@@ -92,14 +103,16 @@ def denoised_from_output(model_output, x, sigma, prediction_type: str = "epsilon
 
 # ----------------------------------------------------------------------------- img2img rules
 def tail(rule: str, steps: int, strength: float) -> tuple[int, int | None]:
-    """(steps of the full schedule, steps kept at its end) for an img2img rule; kept = 0 for
-    strength 0, None for the whole schedule (ComfyUI at denoise > 0.9999)."""
+    """(steps of the full schedule, steps kept at its end) for an img2img rule; kept = 0 where
+    nothing runs, None for the whole schedule (ComfyUI at denoise > 0.9999). A1111 runs
+    t_enc + 1 steps, one even at strength 0 (t_enc = 0); with fix-steps, strength 0 makes a
+    schedule of 0 steps, which A1111's k-diffusion samplers return unchanged."""
+    if rule == "a1111":
+        return steps, int(min(max(strength, 0.0), 0.999) * steps) + 1
     if strength <= 0:
-        return steps, 0
+        return (0 if rule == "a1111_fix_steps" else steps), 0
     if rule == "diffusers":
         return steps, min(int(steps * strength), steps)
-    if rule == "a1111":
-        return steps, int(min(strength, 0.999) * steps) + 1
     if rule == "a1111_fix_steps":
         return int(steps / min(strength, 0.999)), steps
     if rule == "comfyui":
@@ -132,6 +145,9 @@ _SAMPLER_OPTIONS = {
     "a1111_plms": (),
     "a1111_unipc": ("uni_pc_variant", "uni_pc_order"),
     "comfy_unipc": (),
+    "dpm_fast": ("eta", "s_noise"),
+    "dpm_adaptive": ("eta", "s_noise", "order", "rtol", "atol", "h_init", "pcoeff", "icoeff", "dcoeff", "accept_safety"),
+    "restart": ("s_noise",),
 }
 _SCHEDULE_OPTIONS = ("sigma_min", "sigma_max", "rho", "beta_alpha", "beta_beta")
 _COMMON_OPTIONS = ("discard_penultimate_sigma", "seed", "original_inference_steps")
@@ -172,6 +188,13 @@ def _prediction(config) -> str:
     return pred
 
 
+def sampler_options(sampler: str) -> tuple[str, ...]:
+    """The options a sampler name takes as keywords of make_plan (eta, s_churn, s_noise, ...),
+    less those its name fixes (A1111's DPM++ 2M runs with eta 0)."""
+    spec, _, _ = names.resolve(sampler)
+    return tuple(sorted(set(_SAMPLER_OPTIONS.get(spec.sampler, ())) - set(spec.options)))
+
+
 def _split_options(spec, options):
     own = set(_SAMPLER_OPTIONS.get(spec.sampler, ())) - set(spec.options)
     allowed = own | set(_SCHEDULE_OPTIONS) | set(_COMMON_OPTIONS)
@@ -183,18 +206,18 @@ def _split_options(spec, options):
     return sampler_opts, {k: v for k, v in options.items() if k not in sampler_opts}
 
 
-def _schedule_fn(family: str, key: str, table: np.ndarray, opts: dict):
+def _schedule_fn(family: str, key: str, table: np.ndarray, opts: dict, log_table: np.ndarray | None = None):
     smin = float(opts.get("sigma_min") or table[0])
     smax = float(opts.get("sigma_max") or table[-1])
     a, b = float(opts.get("beta_alpha", 0.6)), float(opts.get("beta_beta", 0.6))
     rho = opts.get("rho")
     fns = {
-        "uniform": lambda n: schedules.normal(n, table),
-        "normal": lambda n: schedules.normal(n, table),
+        "uniform": lambda n: schedules.normal(n, table, log_table),
+        "normal": lambda n: schedules.normal(n, table, log_table),
         "karras": lambda n: schedules.karras(n, smin, smax, float(rho or 7.0)),
         "exponential": lambda n: schedules.exponential(n, smin, smax),
         "polyexponential": lambda n: schedules.polyexponential(n, smin, smax, float(rho or 1.0)),
-        "sgm_uniform": lambda n: schedules.sgm_uniform(n, table),
+        "sgm_uniform": lambda n: schedules.sgm_uniform(n, table, log_table),
         "simple": lambda n: schedules.simple(n, table),
         "ddim": lambda n: schedules.ddim_uniform(n, table),
         "ddim_uniform": lambda n: schedules.ddim_uniform(n, table),
@@ -226,12 +249,13 @@ def _plan_kdiffusion(spec, steps, strength, sched_key, rule, config, options) ->
         # A1111's timestep samplers have their own grid and ignore the schedule choice.
         return _plan_a1111_timesteps(spec, steps, strength, rule, config, sampler_opts, other, pred)
 
-    ac = alphas_cumprod(config, "ldm")
-    table = sigmas_from_alphas_cumprod(ac)
+    precision = "a1111" if family == "a1111" else "ldm"  # A1111: float32 alpha-bar and sigmas
+    ac = alphas_cumprod(config, precision)
+    table = sigmas_from_alphas_cumprod(ac, precision)
     stride = 1
     if spec.sampler == "lcm":
         table, stride = distilled_table(table, int(other.get("original_inference_steps", 50)))
-    log_table = np.log(table)
+    log_table = np.log(table.astype(np.float32)).astype(np.float64) if family == "a1111" else np.log(table)
     if family == "a1111" and spec.sampler != "lcm":
         def to_t(s, _lt=log_table):
             return t_from_sigma(s, _lt)
@@ -241,7 +265,7 @@ def _plan_kdiffusion(spec, steps, strength, sched_key, rule, config, options) ->
 
     key = sched_key if sched_key not in (None, "automatic") else spec.schedule
     label = _schedule_label(spec, sched_key if family == "a1111" else key)
-    fn = _schedule_fn(family, key, table, other)
+    fn = _schedule_fn(family, key, table, other, log_table)
     discard = spec.discard_penultimate or bool(other.get("discard_penultimate_sigma", False))
 
     def full_schedule(n):
@@ -275,7 +299,29 @@ def _plan_kdiffusion(spec, steps, strength, sched_key, rule, config, options) ->
         noise_kind = "randn"
         kw["vp"] = False
     calls = len(run) - 1
-    if sampler == "comfy_unipc":
+    if sampler in ("dpm_fast", "dpm_adaptive"):
+        # A1111 hands these sigma_max, sigma_min and n instead of the schedule: the model's own
+        # range and the steps in txt2img, the ends of the kept schedule (its last nonzero sigma)
+        # and its length in img2img. They stop at sigma_min; eta defaults to A1111's 1.
+        if strength >= 1.0:
+            smax, smin, nfe = float(table[-1]), float(table[0]), steps
+        else:
+            smax, smin, nfe = float(run[0]), float(run[-2]), len(run) - 1
+        kw.setdefault("eta", 1.0)
+        noise_kind = "randn" if kw["eta"] else "none"
+        if sampler == "dpm_fast":
+            kw["orders"] = samplers_mod.dpm_fast_orders(nfe)
+            calls = nfe
+            run = np.exp(-np.linspace(-math.log(smax), -math.log(smin), len(kw["orders"]) + 1))
+        else:
+            calls = None  # decided while it runs
+            run = np.array([smax, smin])
+    elif sampler == "restart":
+        kw["pairs"] = samplers_mod.restart_pairs(run, schedules.karras)
+        calls = sum(2 if b > 0 else 1 for _, b in kw["pairs"])
+        restarts = any(p1[1] < p2[0] for p1, p2 in zip(kw["pairs"], kw["pairs"][1:]))
+        noise_kind = "randn" if restarts else "none"
+    elif sampler == "comfy_unipc":
         sampler = "unipc"
         run = run.copy()
         if run[-1] == 0:
@@ -301,7 +347,7 @@ def _plan_kdiffusion(spec, steps, strength, sched_key, rule, config, options) ->
 
 def _plan_a1111_timesteps(spec, steps, strength, rule, config, sampler_opts, other, pred) -> Plan:
     """A1111's DDIM, PLMS and UniPC: the VP-space samplers on its timestep grid 1, 1 + k, ..."""
-    ac = alphas_cumprod(config, "ldm")
+    ac = alphas_cumprod(config, "a1111")
     T = len(ac)
     label = "Automatic"
 
@@ -311,9 +357,12 @@ def _plan_a1111_timesteps(spec, steps, strength, rule, config, sampler_opts, oth
     n_total, keep = steps, None
     if strength < 1.0:
         n_total, keep = tail(rule, steps, strength)
-        if keep == 0:
-            return _empty(spec, label, steps, strength, rule, pred)
     m = n_total + (1 if other.get("discard_penultimate_sigma") else 0)
+    if not 1 <= m <= T:  # A1111 divides T by it (its fix-steps total int(steps / strength))
+        raise ValueError(f"{spec.name} with img2img rule {rule!r} needs int(steps / strength) from 1 to {T}, "
+                         f"got {m} (steps {steps}, strength {strength}); raise strength or lower steps")
+    if keep == 0:
+        return _empty(spec, label, steps, strength, rule, pred)
     grid = np.clip(np.arange(0, T, T // m) + 1, 0, T - 1)
     if keep is None:
         sched, noise_t = grid, None
@@ -356,13 +405,13 @@ def _plan_a1111_timesteps(spec, steps, strength, rule, config, sampler_opts, oth
         img_scale, relabel = s_noise, math.sqrt((1.0 + first * first) / (1.0 + s_noise * s_noise))
     noise_kind = "randn" if sampler == "ddim" and kw.get("eta") else "none"
 
-    def to_t(s, _lt=np.log(sigmas_from_alphas_cumprod(ac))):
+    def to_t(s, _lt=np.log(sigmas_from_alphas_cumprod(ac, "a1111").astype(np.float32)).astype(np.float64)):
         return t_from_sigma(s, _lt)
 
     quirk = ac if sampler == "unipc" and pred == "v_prediction" else None
     return Plan(spec.name, label, "a1111", steps, strength, sig, calls, pred, rule, sampler, kw, noise_kind, None, None,
                 None, tmap, to_t, math.sqrt(1.0 + first * first), img_scale, relabel,
-                1.0 / math.sqrt(1.0 + final * final), quirk)
+                1.0 / math.sqrt(1.0 + final * final), quirk, mask_before_denoising=True)
 
 
 def _plan_diffusers(spec, steps, strength, rule, config, options, sched_key) -> Plan:
@@ -455,7 +504,7 @@ _TWO_STAGE = ("heun", "dpm_2", "dpm_2_ancestral", "dpmpp_sde")
 
 
 def sample(plan: Plan, denoise, x, *, rng: np.random.Generator | None = None, noise_sampler=None, callback=None,
-           substep_callback=None):
+           substep_callback=None, model_input=None):
     """Run `plan` from the start latent x (see Plan.start); returns the final k-space latent
     (pass it to Plan.finish for what the reference decodes).
 
@@ -463,7 +512,11 @@ def sample(plan: Plan, denoise, x, *, rng: np.random.Generator | None = None, no
     `callback(i, x, sigma, sigma_next, denoised)` runs after each step of plan.sigmas; an array
     it returns replaces x. `substep_callback`, same contract, runs on the intermediate latent of
     two-stage samplers (Heun, DPM2, DPM2 a, DPM++ SDE) before its evaluation, where diffusers'
-    4-channel inpainting blends too (sigma_next is the step's target)."""
+    4-channel inpainting blends too (sigma_next is the step's target).
+
+    `model_input(x, sigma)`, if given, is the latent the model is evaluated at instead of x
+    (A1111's mask_before_denoising); the sampler still steps its own x with the model's
+    prediction, i.e. the x0 estimate it gets is moved by x - model_input(x, sigma)."""
     x = np.asarray(x)
     if plan.unet_calls == 0:
         return x.copy()
@@ -487,5 +540,14 @@ def sample(plan: Plan, denoise, x, *, rng: np.random.Generator | None = None, no
 
     if plan._eps_from_v_at_int_t is not None:
         denoise = _eps_from_v_at_int_t(denoise, plan.timestep, plan._eps_from_v_at_int_t)
+    if model_input is not None:
+        at_x = denoise
+
+        def denoise(x_, s_):
+            x_in = model_input(x_, s_)
+            den = at_x(x_in, s_)
+            den += x_
+            den -= x_in
+            return den
 
     return SAMPLERS[plan.sampler](denoise, x, plan.sigmas, callback=callback, **kwargs)

@@ -544,6 +544,185 @@ def sample_plms(denoise, x, sigmas, *, callback=None, weights=None, bases=None, 
     return x
 
 
+# --------------------------------------------------------------- DPM-Solver (fast, adaptive)
+def _dpm_solver_step(denoise, x, t, t_next, order, eps0, r1=None, r2=2 / 3, cache=None):
+    """One DPM-Solver-1/2/3 step in t = -log(sigma) (Lu et al. 2022; k-diffusion's DPMSolver),
+    from x at t with its eps `eps0`. Returns the new latent. `cache` keeps the first stage's eps
+    for a second step from the same point (k-diffusion's eps_cache: the adaptive solver's two
+    orders share it)."""
+    cache = {} if cache is None else cache
+
+    def sig(tt):
+        return math.exp(-tt)
+
+    def eps(u, tt, key):
+        if key not in cache:
+            den = denoise(u, sig(tt))
+            out = u - den
+            out *= 1.0 / sig(tt)
+            cache[key] = out
+        return cache[key]
+
+    h = t_next - t
+    out = x - eps0 * (sig(t_next) * math.expm1(h))
+    if order == 1:
+        return out
+    if order == 2:
+        r1 = 0.5 if r1 is None else r1
+        s1 = t + r1 * h
+        u1 = x - eps0 * (sig(s1) * math.expm1(r1 * h))
+        out -= (eps(u1, s1, "r1") - eps0) * (sig(t_next) / (2 * r1) * math.expm1(h))
+        return out
+    r1 = 1 / 3 if r1 is None else r1
+    s1, s2 = t + r1 * h, t + r2 * h
+    u1 = x - eps0 * (sig(s1) * math.expm1(r1 * h))
+    e1 = eps(u1, s1, "r1")
+    u2 = x - eps0 * (sig(s2) * math.expm1(r2 * h))
+    u2 -= (e1 - eps0) * (sig(s2) * (r2 / r1) * (math.expm1(r2 * h) / (r2 * h) - 1))
+    out -= (eps(u2, s2, "r2") - eps0) * (sig(t_next) / r2 * (math.expm1(h) / h - 1))
+    return out
+
+
+def _dpm_ancestral(t, t_next, t_end, eta):
+    """(t actually stepped to, noise level to add) of an ancestral DPM-Solver step."""
+    if not eta:
+        return t_next, 0.0
+    sd, _ = ancestral_step(math.exp(-t), math.exp(-t_next), eta)
+    t_ = min(t_end, -math.log(sd))
+    return t_, math.sqrt(max(math.exp(-t_next) ** 2 - math.exp(-t_) ** 2, 0.0))
+
+
+def dpm_fast_orders(nfe: int) -> list[int]:
+    """DPM-Solver-Fast's orders for `nfe` model evaluations: third order, then 2, 1 or what is left."""
+    m = nfe // 3 + 1
+    return [3] * (m - 2) + [2, 1] if nfe % 3 == 0 else [3] * (m - 1) + [nfe % 3]
+
+
+def sample_dpm_fast(denoise, x, sigmas, *, callback=None, noise_sampler=None, orders=None, eta=0.0, s_noise=1.0):
+    """DPM-Solver-Fast (fixed steps uniform in log-sigma, orders 3, ..., 3, then 2 and 1 or
+    the rest). `sigmas`: the step boundaries, exp(-linspace(-log sigma_max, -log sigma_min,
+    len(orders) + 1)); the run ends at sigma_min, not 0."""
+    x = np.array(x, copy=True)
+    ts = [-math.log(float(v)) for v in sigmas]
+    orders = dpm_fast_orders(3 * (len(ts) - 1) - 2) if orders is None else orders
+    t_end = ts[-1]
+    for i, order in enumerate(orders):
+        t, t_next = ts[i], ts[i + 1]
+        t_, su = _dpm_ancestral(t, t_next, t_end, eta)
+        s = math.exp(-t)
+        den = _own(denoise(x, s), x)
+        eps0 = (x - den) * (1.0 / s)
+        x = _dpm_solver_step(denoise, x, t, t_, order, eps0)
+        if su > 0:
+            x += noise_sampler(s, math.exp(-t_next)) * (su * s_noise)
+        x = _done(callback, i, x, s, math.exp(-t_next), den)
+    return x
+
+
+def sample_dpm_adaptive(denoise, x, sigmas, *, callback=None, noise_sampler=None, order=3, rtol=0.05, atol=0.0078,
+                        h_init=0.05, pcoeff=0.0, icoeff=1.0, dcoeff=0.0, accept_safety=0.81, eta=0.0, s_noise=1.0):
+    """DPM-Solver-12 / 23 with adaptive step size (a PID controller on the difference of the
+    two orders' results) from sigmas[0] down to sigmas[-1] (not 0). Every attempt, accepted or
+    not, costs `order` model evaluations; callback runs after each attempt."""
+    if order not in (2, 3):
+        raise ValueError("order should be 2 or 3")
+    x = np.array(x, copy=True)
+    s, t_end = -math.log(float(sigmas[0])), -math.log(float(sigmas[-1]))
+    b1 = (pcoeff + icoeff + dcoeff) / (1.5 if eta else order)
+    b2 = -(pcoeff + 2 * dcoeff) / (1.5 if eta else order)
+    b3 = dcoeff / (1.5 if eta else order)
+    h, errs = abs(h_init), []
+    x_prev = x
+    i = 0
+    while s < t_end - 1e-5:
+        t = min(t_end, s + h)
+        t_, su = _dpm_ancestral(s, t, t_end, eta)
+        sig = math.exp(-s)
+        den = _own(denoise(x, sig), x)
+        eps0 = (x - den) * (1.0 / sig)
+        cache: dict = {}
+        if order == 2:
+            low = _dpm_solver_step(denoise, x, s, t_, 1, eps0, cache=cache)
+            high = _dpm_solver_step(denoise, x, s, t_, 2, eps0, cache=cache)
+        else:
+            low = _dpm_solver_step(denoise, x, s, t_, 2, eps0, r1=1 / 3, cache=cache)
+            high = _dpm_solver_step(denoise, x, s, t_, 3, eps0, cache=cache)
+        delta = np.maximum(atol, rtol * np.maximum(np.abs(low), np.abs(x_prev)))
+        error = float(np.linalg.norm(((low - high) / delta).ravel()) / math.sqrt(x.size))
+        inv = 1.0 / (error + 1e-8)
+        if not errs:
+            errs = [inv, inv, inv]
+        errs[0] = inv
+        factor = 1 + math.atan(errs[0] ** b1 * errs[1] ** b2 * errs[2] ** b3 - 1)
+        accept = factor >= accept_safety
+        if accept:
+            errs[2], errs[1] = errs[1], errs[0]
+        h *= factor
+        if accept:
+            x_prev = low
+            x = high
+            if su > 0:
+                x += noise_sampler(sig, math.exp(-t)) * (su * s_noise)
+            s = t
+        x = _done(callback, i, x, sig, math.exp(-s), den)
+        i += 1
+    return x
+
+
+# --------------------------------------------------------------------------------- Restart
+def restart_pairs(sigmas, karras):
+    """A1111's Restart sampler's steps (Xu et al. 2023) for a schedule `sigmas` (ending at 0):
+    (sigma, sigma_next) pairs, where a pair starting above the previous one's end is a restart
+    (noise is added up to its level). With 20 or more steps the schedule is remade as Karras
+    with room for restarts: 9 restart steps once (steps // 4 twice from 36 steps) from sigma 2
+    down to sigma 0.1, inserted where the schedule reaches 0.1. `karras(n, smin, smax)` makes a
+    Karras schedule with a final 0."""
+    sig = np.asarray(sigmas, np.float64)
+    steps = len(sig) - 1
+    restart = None
+    if steps >= 20:
+        r_steps, r_times = (steps // 4, 2) if steps >= 36 else (9, 1)
+        sig = karras(steps - r_steps * r_times, float(sig[-2]), float(sig[0]))
+        restart = (int(np.argmin(np.abs(sig - 0.1))), r_steps + 1, r_times, int(np.argmin(np.abs(sig - 2.0))))
+    pairs = []
+    for i in range(len(sig) - 1):
+        pairs.append((float(sig[i]), float(sig[i + 1])))
+        if restart is not None and i + 1 == restart[0] and restart[3] < restart[0]:
+            seg = karras(restart[1], float(sig[restart[0]]), float(sig[restart[3]]))[:-1]
+            for _ in range(restart[2]):
+                pairs.extend((float(a), float(b)) for a, b in zip(seg[:-1], seg[1:]))
+    return pairs
+
+
+def sample_restart(denoise, x, sigmas, *, callback=None, noise_sampler=None, pairs=None, s_noise=1.0, substep=None):
+    """Restart sampling: Heun steps (Euler to 0) over `pairs` (see restart_pairs); before a pair
+    that starts above where the last one ended, fresh noise lifts x to its level."""
+    x = np.array(x, copy=True)
+    buf = np.empty_like(x)
+    pairs = [(float(a), float(b)) for a, b in zip(sigmas[:-1], sigmas[1:])] if pairs is None else pairs
+    last = None
+    for i, (s, sn) in enumerate(pairs):
+        if last is not None and last < s:
+            x += noise_sampler(last, s) * (s_noise * math.sqrt(s * s - last * last))
+        den = _own(denoise(x, s), x)
+        dt = sn - s
+        if sn == 0:
+            _toward(x, den, dt / s, buf)
+        else:
+            d = x - den
+            d *= 1.0 / s
+            x2 = _done(substep, i, x + d * dt, s, sn, den)
+            den2 = denoise(x2, sn)
+            np.subtract(x2, den2, out=x2)
+            x2 *= 1.0 / sn
+            d += x2
+            d *= dt / 2
+            x += d
+        last = sn
+        x = _done(callback, i, x, s, sn, den)
+    return x
+
+
 SAMPLERS = {
     "euler": sample_euler,
     "euler_ancestral": sample_euler_ancestral,
@@ -558,4 +737,7 @@ SAMPLERS = {
     "plms": sample_plms,
     "unipc": sample_unipc,
     "lcm": sample_lcm,
+    "dpm_fast": sample_dpm_fast,
+    "dpm_adaptive": sample_dpm_adaptive,
+    "restart": sample_restart,
 }

@@ -18,18 +18,19 @@ def _append_zero(s) -> np.ndarray:
     return np.concatenate([np.asarray(s, np.float64), [0.0]])
 
 
-def normal(n: int, table: np.ndarray) -> np.ndarray:
+def normal(n: int, table: np.ndarray, log_table: np.ndarray | None = None) -> np.ndarray:
     """Uniform in (fractional) timestep from the last entry to the first: k-diffusion's
-    get_sigmas(n), A1111 "Uniform"/"Normal", ComfyUI "normal"."""
+    get_sigmas(n), A1111 "Uniform"/"Normal", ComfyUI "normal". `log_table`: the log-sigmas to
+    interpolate (default log(table))."""
     t = np.linspace(len(table) - 1, 0, n)
-    return _append_zero(sigma_from_t(t, np.log(table)))
+    return _append_zero(sigma_from_t(t, np.log(table) if log_table is None else log_table))
 
 
-def sgm_uniform(n: int, table: np.ndarray) -> np.ndarray:
+def sgm_uniform(n: int, table: np.ndarray, log_table: np.ndarray | None = None) -> np.ndarray:
     """n + 1 uniform timesteps without the last (SGM's discretisation): A1111 "SGM Uniform",
     ComfyUI "sgm_uniform"."""
     t = np.linspace(len(table) - 1, 0, n + 1)[:-1]
-    return _append_zero(sigma_from_t(t, np.log(table)))
+    return _append_zero(sigma_from_t(t, np.log(table) if log_table is None else log_table))
 
 
 def simple(n: int, table: np.ndarray) -> np.ndarray:

@@ -4,6 +4,9 @@ Two precisions, because the tools differ and the difference is visible (about 1e
 
 - ``"ldm"``: betas, cumulative products and sigmas in float64, as ldm, AUTOMATIC1111 and ComfyUI
   compute them (k-diffusion's DiscreteSchedule then interpolates log-sigma).
+- ``"a1111"``: ldm's float64 alpha-bar rounded to float32 (ldm registers it as a float32 buffer),
+  and sigmas computed from it in float32, as AUTOMATIC1111's k-diffusion wrappers and timestep
+  samplers use them.
 - ``"diffusers"``: diffusers' arithmetic: betas from a float32 ``torch.linspace``, ``cumprod`` with
   a float64 accumulator rounded to float32 at every element, sigmas in float32.
 
@@ -105,12 +108,14 @@ def alphas_cumprod(config: dict, precision: str = "ldm") -> np.ndarray:
     if zsnr:
         ac = _rescale_zero_snr(ac, np.float64)
         ac[-1] = ZSNR_LAST_ALPHA_BAR
+    if precision == "a1111":
+        ac = ac.astype(np.float32).astype(np.float64)
     return ac
 
 
 def sigmas_from_alphas_cumprod(ac: np.ndarray, precision: str = "ldm") -> np.ndarray:
     """k-diffusion sigma of each training timestep: sqrt((1 - ac) / ac), ascending in t."""
-    if precision == "diffusers":
+    if precision in ("diffusers", "a1111"):
         a = ac.astype(np.float32)
         return np.sqrt((np.float32(1) - a) / a).astype(np.float64)
     return np.sqrt((1.0 - ac) / ac)

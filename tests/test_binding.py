@@ -166,3 +166,30 @@ def test_cuda_graphs_need_io_binding(models):
     for bad in (-1, 65, 1.5, "4"):
         with pytest.raises(InputError, match="cuda_graphs must be"):
             load(models.exported("tiny-sd1"), provider="cpu", io_binding=True, cuda_graphs=bad)
+
+
+
+def test_kept_input_crosses_once_even_when_converted(models):
+    """A kept input that needs a type conversion (as fp32 embeddings going into an fp16 graph
+    do) is recognised by the caller's own array: copied once, not at every step."""
+    g = load(models.exported("tiny-sd1"), provider="cpu").graphs["unet"].load()
+    b = BoundSession(g.session, "cpu")
+    f = _unet_feeds(2, 8, 8)
+    emb64 = f["encoder_hidden_states"].astype(np.float64)  # the graph takes float32: converted on the way
+    for step in range(4):
+        f["sample"] = f["sample"] * 0.9
+        got = b.run(dict(f, encoder_hidden_states=emb64), ["out_sample"], keep=("encoder_hidden_states",))[0]
+        assert np.array_equal(got, g.session.run(["out_sample"], f)[0])
+    assert b.copied["encoder_hidden_states"] == 1 and b.copied["sample"] == 4
+
+
+def test_provider_options_reach_every_session(models):
+    from sdrt.runtime.sessions import provider_list
+
+    (name, opts), cpu = provider_list("cuda", cuda_graph=True, options={"cudnn_conv_use_max_workspace": "0",
+                                                                         "arena_extend_strategy": "kNextPowerOfTwo"})
+    assert name == "CUDAExecutionProvider" and cpu == "CPUExecutionProvider"
+    assert opts["cudnn_conv_use_max_workspace"] == "0" and opts["arena_extend_strategy"] == "kNextPowerOfTwo"
+    assert opts["enable_cuda_graph"] is True and opts["cudnn_conv_algo_search"] == "EXHAUSTIVE"
+    pipe = load(models.exported("tiny-sd1"), provider="cpu", provider_options={"x": "1"})
+    assert {g.provider_options["x"] for g in pipe.graphs.values()} == {"1"}

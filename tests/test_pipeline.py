@@ -505,6 +505,61 @@ def test_only_masked(models, kind, overlay):
     assert "Inpaint area: Only masked" in r.infotext and "Masked area padding: 2" in r.infotext
 
 
+@pytest.mark.parametrize("kind", ["tiny-sd1", "tiny-inpaint"])
+def test_only_masked_with_a_blank_mask_is_img2img(models, kind):
+    """A1111 (processing.py): a blank mask gives no crop region; it drops the mask and runs
+    img2img on the whole image (no fill, no overlay)."""
+    pipe = load(models.exported(kind), provider="cpu")
+    big = _image(5, size=(48, 40))
+    blank = Image.new("L", big.size, 0)
+    opts = dict(strength=0.8, steps=4, seed=6, sampler="Euler a", width=SIZE, height=SIZE, sample_posterior=False)
+    r = pipe.inpaint(big, blank, PROMPT, mask_blur=4, only_masked=True, padding=2, fill="fill", **opts)
+    want = pipe.img2img(big, PROMPT, **opts)
+    assert r.images[0].size == (SIZE, SIZE)
+    np.testing.assert_array_equal(_px(r), _px(want))
+    assert _maxdiff(r.images[0], big.resize((SIZE, SIZE), Image.Resampling.LANCZOS)) > 10
+    assert "Inpaint area" not in r.infotext and "Masked content" not in r.infotext
+
+
+def test_a1111_repaint_weight_is_the_latent_mask(sd1):
+    """A1111: latmask = the mask resized to latent size (PIL's default filter) / 255; nmask =
+    latmask (repainted), mask = 1 - latmask (kept). Without mask_round the soft values stay,
+    and 1 - (1 - latmask) is not latmask in float32."""
+    cv2 = pytest.importorskip("cv2")
+    from sdrt.runtime import prepare
+
+    mask = _mask()
+    blurred = Image.fromarray(cv2.GaussianBlur(np.asarray(mask), (21, 1), 4))  # A1111: k = 2 * int(2.5 * 4 + 0.5) + 1
+    job = prepare.inpaint_job(sd1.info, IMG, mask, width=None, height=None, resize_mode="just_resize", batch_size=1,
+                              mask_blur_x=4, mask_blur_y=0, invert_mask=False, mask_round=False, fill="original",
+                              only_masked=False, padding=0, overlay=True, family="a1111")
+    latmask = np.asarray(blurred.convert("RGB").resize((LAT, LAT)), dtype=np.float32)[..., 0] / 255
+    assert np.any((1 - (1 - latmask)) != latmask)  # the test can tell the two apart
+    np.testing.assert_array_equal(job.latent_repaint[0, 0], latmask)
+    np.testing.assert_array_equal(job.latent_keep[0, 0], (1.0 - latmask).astype(np.float32))
+    blender = prepare.latent_blender(job, schedulers.make_plan("Euler", 4, 0.5, config=sd1.info.scheduler_config),
+                                     np.zeros((1, 4, LAT, LAT), np.float32), np.zeros((1, 4, LAT, LAT), np.float32))
+    np.testing.assert_array_equal(blender.repaint[0, 0], latmask)
+
+
+@pytest.mark.parametrize("sampler,family", [("Euler a", "a1111"), ("euler", "comfyui"),
+                                            ("EulerDiscreteScheduler", "diffusers")])
+def test_pixels_round_or_truncate_by_family(sd1, sampler, family):
+    """8-bit output: A1111 and ComfyUI truncate 255 * clamp((x + 1) / 2) (astype(uint8));
+    diffusers' image processor rounds ((x / 2 + 0.5).clamp(0, 1) * 255).round()."""
+    import torch
+    from diffusers.image_processor import VaeImageProcessor
+
+    opts = dict(strength=0.6, steps=3, seed=2, sampler=sampler, sample_posterior=False)
+    r = sd1.img2img(IMG, PROMPT, **opts)
+    x = torch.from_numpy(sd1.decode_latents(sd1.img2img(IMG, PROMPT, output="latent", **opts).arrays))
+    if family == "diffusers":
+        want = np.asarray(VaeImageProcessor().postprocess(x, output_type="pil")[0])
+    else:
+        want = (255.0 * torch.clamp((x + 1.0) / 2.0, 0.0, 1.0)).numpy()[0].transpose(1, 2, 0).astype(np.uint8)
+    np.testing.assert_array_equal(np.asarray(r.images[0]), want)
+
+
 # ------------------------------------------------------------------- 8. prompt features
 @pytest.fixture(scope="module")
 def diffusers_text(models):
@@ -564,12 +619,105 @@ def test_long_prompt_and_break(sd1, diffusers_text):
     assert spy.calls and all(c["encoder_hidden_states"].shape == (2, 154, 32) for c in spy.calls)
 
 
+def test_cond_uncond_of_different_lengths_run_as_separate_calls_would(sd1):
+    """A long prompt beside a short negative prompt: the shorter side is repeated to the longer
+    one's length, and the UNet's output is what a separate call on its own length gives (A1111
+    runs the two lengths as separate model calls by default): cross-attention over a repeated
+    sequence equals cross-attention over the sequence."""
+    long = " ".join(f"red{i % 7} circle" for i in range(50))
+    cond, uncond = sd1.encode_prompt(long, NEGATIVE)
+    assert cond.shape == uncond.shape == (1, 154, 32)
+    short, _ = sd1.encode_prompt(NEGATIVE, "")  # the negative prompt's own encoding, one chunk
+    np.testing.assert_array_equal(uncond[0, :77], short[0])
+    np.testing.assert_array_equal(uncond[0, 77:], short[0])
+    unet = sd1.graphs["unet"].load()
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, 4, LAT, LAT)).astype(np.float32)
+    t = np.array(500.0, np.float32)
+    alone = unet.run({"sample": x, "timestep": t, "encoder_hidden_states": short}, ["out_sample"])[0]
+    tiled = unet.run({"sample": x, "timestep": t, "encoder_hidden_states": uncond}, ["out_sample"])[0]
+    np.testing.assert_allclose(tiled, alone, rtol=1e-4, atol=1e-5)
+    padded = np.concatenate([short, sd1.encode_prompt("", "")[0]], axis=1)  # padding with the empty prompt instead
+    assert np.abs(unet.run({"sample": x, "timestep": t, "encoder_hidden_states": padded}, ["out_sample"])[0] - alone).max() > 1e-3
+
+
 def test_emphasis_reaches_the_encoding(sd1):
     plain, _ = sd1.encode_prompt("a red circle", "")
     weighted, _ = sd1.encode_prompt("a (red:1.5) circle", "")
     assert weighted.shape == plain.shape and np.abs(weighted - plain).max() > 1e-3
     same, _ = sd1.encode_prompt("a (red:1.5) circle", "", emphasis=False)
     assert not np.array_equal(same, weighted)
+
+
+def _texts_seen(pipe, spy, cands):
+    """For every UNet call, which (cond, uncond) text pair of `cands` its embeddings are."""
+    enc = {pair: pipe.encode_prompt(*pair) for pair in cands}
+    out = []
+    for call in spy.calls:
+        emb = call["encoder_hidden_states"]
+        hit = [pair for pair, (c, u) in enc.items()
+               if emb.shape[1] == c.shape[1] and np.array_equal(emb[1], c[0]) and np.array_equal(emb[0], u[0])]
+        assert len(hit) == 1, "each call's embeddings are those of one text pair"
+        out.append(hit[0])
+    return out
+
+
+@pytest.mark.parametrize("sampler,strength,steps,calls_red", [
+    # [red:blue:0.5] over 10 steps ends "red" after step 5; A1111's denoiser counts model calls from 0,
+    # in img2img too: t_enc + 1 = 6 calls (0..5) at strength 0.5 are all "red"
+    ("Euler", 1.0, 10, 6), ("Euler", 0.5, 10, 6), ("Euler", 0.8, 10, 6),
+    # second-order samplers count both evaluations: 20 schedule steps, end at 10 -> calls 0..10
+    ("Heun", 1.0, 10, 11), ("DPM++ 2M", 0.3, 10, 4),
+])
+def test_prompt_editing_switches_per_model_call(sd1, sampler, strength, steps, calls_red):
+    red, blue = ("a red circle", "blurry"), ("a blue circle", "blurry")
+    with UnetSpy(sd1) as spy:
+        if strength == 1.0:
+            sd1.txt2img("a [red:blue:0.5] circle", "blurry", steps=steps, sampler=sampler, seed=1, width=SIZE, height=SIZE)
+        else:
+            sd1.img2img(IMG, "a [red:blue:0.5] circle", "blurry", strength=strength, steps=steps, sampler=sampler, seed=1)
+    seen = _texts_seen(sd1, spy, [red, blue])
+    n = len(seen)
+    assert seen == [red] * min(calls_red, n) + [blue] * max(0, n - calls_red)
+
+
+def test_prompt_alternation_and_negative_schedule(sd1):
+    with UnetSpy(sd1) as spy:
+        sd1.txt2img("a [red|blue] circle", "[blurry:ugly:2]", steps=5, sampler="Euler", seed=1, width=SIZE, height=SIZE)
+    seen = _texts_seen(sd1, spy, [(f"a {c} circle", n) for c in ("red", "blue") for n in ("blurry", "ugly")])
+    # alternation: step t (= call index here, calls 0 and 1 both take step 1's entry) -> options[(t - 1) % 2]
+    colours = ["red", "red", "blue", "red", "blue"]
+    negatives = ["blurry", "blurry", "blurry", "ugly", "ugly"]
+    assert seen == [(f"a {c} circle", n) for c, n in zip(colours, negatives)]
+
+
+def test_prompt_schedule_texts_are_encoded_once(models):
+    pipe = load(models.exported("tiny-sd1"), provider="cpu")
+    te = pipe.graphs["text_encoder"]
+    real = te.run
+    seen = []
+    te.run = lambda feeds, outputs=None: seen.append(np.array(feeds["input_ids"])) or real(feeds, outputs)
+    pipe.txt2img("a [red|green|blue] circle", "[x:y:3]", steps=6, sampler="Euler", seed=1, width=SIZE, height=SIZE)
+    rows = np.concatenate(seen)
+    assert len({r.tobytes() for r in rows}) == len(rows)  # no chunk encoded twice
+    assert len(rows) == 3 + 2 + 1  # three cond texts, two negatives, the empty prompt
+
+
+@pytest.mark.parametrize("prompt", ["a cat AND a dog", "a red circle:1.3"])
+def test_composable_prompts_are_refused(sd1, prompt):
+    with pytest.raises(InputError, match="composable"):
+        sd1.img2img(IMG, prompt, steps=2, seed=0)
+
+
+def test_infotext_version_is_sdrts(sd1):
+    """A1111 ends its infotext with "Version: v1.10.1"; sdrt writes its own, from pyproject.toml."""
+    import tomllib
+    from pathlib import Path
+
+    version = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["version"]
+    for r in (sd1.img2img(IMG, PROMPT, steps=2, seed=0, dry_run=True),
+              sd1.inpaint(IMG, _mask(), PROMPT, steps=2, seed=0, dry_run=True)):
+        assert r.infotext.endswith(f", Version: sdrt {version}"), r.infotext
 
 
 # ---------------------------------------------------------------------------- 9. outputs

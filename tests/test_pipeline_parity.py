@@ -198,7 +198,9 @@ def test_strength_zero_is_the_vae_round_trip(sd1):
     from diffusers import AutoencoderKL
     from diffusers.image_processor import VaeImageProcessor
 
-    r = pipe.img2img(_image(), PROMPT, strength=0.0, steps=10, seed=0, sample_posterior=False)
+    # diffusers' rule: int(10 * 0) = 0 steps (A1111 names run one step at strength 0)
+    r = pipe.img2img(_image(), PROMPT, strength=0.0, steps=10, seed=0, sample_posterior=False,
+                     sampler="EulerDiscreteScheduler")
     vae = AutoencoderKL.from_pretrained(src, subfolder="vae").eval()
     proc = VaeImageProcessor(vae_scale_factor=2)
     with torch.no_grad():
@@ -207,3 +209,82 @@ def test_strength_zero_is_the_vae_round_trip(sd1):
     theirs = proc.postprocess(rec, output_type="pil")[0]
     assert r.timings["unet_calls"] == 0
     assert _compare("strength 0 round trip", r.images[0], theirs) <= 2
+
+
+# Every diffusers class sdrt accepts, at full strength (where img2img starts from pure noise at
+# the first timestep) on the 12-step schedule.
+ALL_CLASSES = ["EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler",
+               "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler", "LMSDiscreteScheduler",
+               "DPMSolverMultistepScheduler", "DDIMScheduler", "PNDMScheduler", "UniPCMultistepScheduler",
+               "LCMScheduler"]
+# DPMSolverSDEScheduler draws its noise from torchsde's Brownian tree, which cannot be handed to
+# sdrt here: its strength-1.0 run is compared with injected noise in test_schedulers_diffusers.py.
+
+
+@pytest.mark.parametrize("cls", ALL_CLASSES)
+def test_img2img_strength_one_every_class(sd1, cls):
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    SAMPLERS.setdefault(cls, (cls, {}))
+    pipe, src = sd1
+    steps, seed = 12, 4321
+    noise = np.random.default_rng(8).standard_normal((1, 4, SIZE // 2, SIZE // 2)).astype(np.float32)
+    ours = pipe.img2img(_image(2), PROMPT, NEGATIVE, strength=1.0, steps=steps, guidance=7.5, sampler=cls, seed=seed,
+                        noise=noise, sample_posterior=False).images[0]
+    dp = _diffusers_pipe(StableDiffusionImg2ImgPipeline, src, cls)
+    mods = ["diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img"] + _scheduler_modules(cls)
+    with _diffusers_noise(mods, noise, _step_noise_source(seed)):
+        theirs = dp(PROMPT, image=_image(2), negative_prompt=NEGATIVE, strength=1.0, num_inference_steps=steps,
+                    guidance_scale=7.5).images[0]
+    assert _compare(f"img2img {cls} strength 1.0", ours, theirs) <= 2
+
+
+V_SAMPLERS = ["EulerDiscreteScheduler", "DPMSolverMultistepScheduler(use_karras_sigmas=True)", "DDIMScheduler"]
+
+
+@pytest.mark.parametrize("strength", [0.6, 1.0])
+@pytest.mark.parametrize("sampler", V_SAMPLERS)
+def test_img2img_v_prediction_matches_diffusers(models, sampler, strength):
+    """An SD 2.x-style model (v-prediction, "!" padding, linear transformer projections)."""
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    pipe = load(models.exported("tiny-sd2-v"), provider="cpu")
+    assert pipe.info.prediction_type == "v_prediction"
+    steps, seed = 10, 77
+    noise = np.random.default_rng(9).standard_normal((1, 4, SIZE // 2, SIZE // 2)).astype(np.float32)
+    ours = pipe.img2img(_image(3), PROMPT, NEGATIVE, strength=strength, steps=steps, guidance=7.5, sampler=sampler,
+                        seed=seed, noise=noise, sample_posterior=False).images[0]
+    dp = _diffusers_pipe(StableDiffusionImg2ImgPipeline, models.source("tiny-sd2-v"), sampler)
+    assert dp.scheduler.config.prediction_type == "v_prediction"
+    mods = ["diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img"] + _scheduler_modules(SAMPLERS[sampler][0])
+    with _diffusers_noise(mods, noise, _step_noise_source(seed)):
+        theirs = dp(PROMPT, image=_image(3), negative_prompt=NEGATIVE, strength=strength, num_inference_steps=steps,
+                    guidance_scale=7.5).images[0]
+    assert _compare(f"v-prediction img2img {sampler} strength {strength}", ours, theirs) <= 2
+
+
+@pytest.mark.parametrize("kind", ["tiny-sd1", "tiny-inpaint"])
+@pytest.mark.parametrize("blur", [2, 4])
+def test_inpaint_mask_blur_matches_diffusers(models, kind, blur):
+    """mask_blur with a diffusers sampler is diffusers' own mask blur: the mask the pipeline gets
+    is mask_processor.blur(mask, blur_factor)."""
+    from diffusers import StableDiffusionInpaintPipeline
+
+    pipe = load(models.exported(kind), provider="cpu")
+    sampler, steps, seed = "EulerDiscreteScheduler", 8, 21
+    noise = np.random.default_rng(12).standard_normal((1, 4, SIZE // 2, SIZE // 2)).astype(np.float32)
+    mask = Image.fromarray(np.pad(np.full((9, 13), 255, np.uint8), ((8, 15), (11, 8))))  # edges off the 2x2 grid
+    ours = pipe.inpaint(_image(4), mask, PROMPT, NEGATIVE, strength=0.75, steps=steps, guidance=7.5, sampler=sampler,
+                        seed=seed, noise=noise, sample_posterior=False, mask_blur=blur, overlay=False,
+                        fill="original").images[0]
+    unblurred = pipe.inpaint(_image(4), mask, PROMPT, NEGATIVE, strength=0.75, steps=steps, guidance=7.5,
+                             sampler=sampler, seed=seed, noise=noise, sample_posterior=False, overlay=False,
+                             fill="original").images[0]
+    dp = _diffusers_pipe(StableDiffusionInpaintPipeline, models.source(kind), sampler)
+    mods = ["diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_inpaint"] + _scheduler_modules(sampler)
+    with _diffusers_noise(mods, noise, _step_noise_source(seed)):
+        theirs = dp(PROMPT, image=_image(4), mask_image=dp.mask_processor.blur(mask, blur_factor=blur),
+                    negative_prompt=NEGATIVE, strength=0.75, num_inference_steps=steps, guidance_scale=7.5,
+                    height=SIZE, width=SIZE).images[0]
+    assert _compare(f"inpaint {kind} mask_blur {blur}", ours, theirs) <= 2
+    assert _compare("blurred vs unblurred mask", ours, unblurred) > 2  # the blur changes the result

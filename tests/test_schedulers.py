@@ -188,8 +188,12 @@ def test_every_listed_name_resolves(name):
     entry = next(s for s in list_samplers() if s.name == name)
     plan = make_plan(name, 10, 0.7, config=SD)
     assert plan.family == entry.family == family_of(name)
-    assert plan.unet_calls > 0 and np.all(np.diff(plan.sigmas) <= 0) and plan.sigmas[0] > plan.sigmas[-1]
+    assert (plan.unet_calls is None or plan.unet_calls > 0)  # None: DPM adaptive decides while it runs
+    assert np.all(np.diff(plan.sigmas) <= 0) and plan.sigmas[0] > plan.sigmas[-1]
     for alias in entry.aliases:
+        if family_of(alias) != entry.family:  # another tool's own name ("ddim"): the prefix selects
+            assert any(o.name == alias for o in list_samplers()), alias
+            alias = f"{entry.family}:{alias}"
         other = make_plan(alias, 10, 0.7, config=SD)
         np.testing.assert_array_equal(other.sigmas, plan.sigmas)
         assert other.name == plan.name and other.schedule_label == plan.schedule_label
@@ -258,8 +262,37 @@ def test_family_prefix_and_case():
 
 
 # -------------------------------------------------------------------------- img2img rules
-@pytest.mark.parametrize("name", ["Euler", "euler", "EulerDiscreteScheduler", "DDIM", "PLMS", "UniPC",
-                                  "PNDMScheduler", "uni_pc", "LCMScheduler"])
+def _a1111_alpha_bar():
+    """ldm's alpha-bar (float64 linspace of sqrt(beta), squared, cumprod) as the float32 buffer A1111 holds."""
+    betas = np.linspace(0.00085**0.5, 0.012**0.5, 1000) ** 2
+    return np.cumprod(1 - betas).astype(np.float32).astype(np.float64)
+
+
+@pytest.mark.parametrize("name", ["Euler", "Euler a", "DPM++ 2M Karras", "LMS"])
+def test_a1111_strength_zero_runs_one_step(name):
+    """A1111: t_enc = int(0 * steps) = 0, so sigmas[steps - 1:] = [sigma_min, 0]: one step."""
+    ac = _a1111_alpha_bar()
+    sigma_min = float(np.sqrt((np.float32(1) - np.float32(ac[0])) / np.float32(ac[0])))
+    plan = make_plan(name, 20, 0.0, config=SD)
+    assert plan.unet_calls == 1
+    np.testing.assert_allclose(plan.sigmas, [sigma_min, 0.0], rtol=2.4e-7)  # exp(float32 log): 2 float32 ulps
+    assert plan.sigmas[0] == pytest.approx(0.0292, abs=1e-4)
+
+
+@pytest.mark.parametrize("name", ["DDIM", "PLMS", "UniPC"])
+def test_a1111_timestep_samplers_at_strength_zero_noise_to_t1(name):
+    """A1111's timestep samplers: timesteps[:t_enc] is empty, the latent is noised to
+    timesteps[0] = 1 and returned."""
+    a = _a1111_alpha_bar()[1]
+    plan = make_plan(name, 20, 0.0, config=SD)
+    assert plan.unet_calls == 0
+    x0 = np.ones((1, 4, 2, 2))
+    noise = np.full_like(x0, 0.5)
+    out = plan.finish(sample(plan, lambda x_, s_: 1 / 0, plan.start(x0, noise)))
+    np.testing.assert_allclose(out, np.sqrt(a) * x0 + np.sqrt(1 - a) * noise, rtol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["euler", "EulerDiscreteScheduler", "PNDMScheduler", "uni_pc", "LCMScheduler"])
 def test_strength_zero_has_no_steps(name):
     plan = make_plan(name, 4 if name == "LCMScheduler" else 20, 0.0, config=SD)
     assert plan.unet_calls == 0 and len(plan.sigmas) == 1
@@ -331,10 +364,11 @@ def test_samplers_keep_float32_and_leave_input_alone(name):
         return _denoiser(x_, s_)
 
     out = sample(plan, den, x, rng=np.random.default_rng(4), callback=cb)
-    assert len(calls) == plan.unet_calls
+    assert len(calls) == plan.unet_calls or plan.unet_calls is None and len(calls) >= 3
     assert out.dtype == np.float32 and np.isfinite(out).all()
     np.testing.assert_array_equal(x, before)
-    assert seen == list(range(len(plan.sigmas) - 1))
+    # one callback per step (per attempt for DPM adaptive, whose steps are decided while it runs)
+    assert seen == list(range(len(plan.sigmas) - 1 if plan.unet_calls is not None else len(seen)))
     assert plan.finish(out).dtype == np.float32
 
 
@@ -430,3 +464,24 @@ def test_brownian_tree_with_query_points():
     z2 = (a(4.2) - a(3.3)) / math.sqrt(0.9)
     assert abs(np.corrcoef(z1, z2)[0, 1]) < 0.015
 
+
+
+@pytest.mark.parametrize("name,family,sampler", [
+    ("ddim", "comfyui", "euler"),          # ComfyUI's own name wins over A1111's alias of DDIM
+    ("a1111:ddim", "a1111", "ddim"),       # the prefix picks A1111's DDIM
+    ("DDIM", "a1111", "ddim"),
+    ("comfyui:ddim", "comfyui", "euler"),
+    ("DPM fast", "a1111", "dpm_fast"), ("k_dpm_fast", "a1111", "dpm_fast"),
+    ("DPM adaptive", "a1111", "dpm_adaptive"), ("k_dpm_ad", "a1111", "dpm_adaptive"),
+    ("Restart", "a1111", "restart"), ("restart", "a1111", "restart"),
+])
+def test_shared_names_and_new_a1111_samplers(name, family, sampler):
+    plan = make_plan(name, 12, 0.6, config=SD)
+    assert (plan.family, plan.sampler) == (family, sampler)
+
+
+@pytest.mark.parametrize("name", ["DDIM CFG++", "ddim_cfgpp"])
+def test_ddim_cfgpp_is_refused_by_name(name):
+    with pytest.raises(UnknownSamplerError, match="DDIM CFG\\+\\+.*not supported") as e:
+        make_plan(name, 10, config=SD)
+    assert "\n" not in str(e.value)

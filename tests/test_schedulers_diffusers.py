@@ -265,3 +265,126 @@ def test_diffusers_inpaint_blending(cls, pred, monkeypatch):
     out = sample(plan, sdrt_denoiser(plan, pred), x, noise_sampler=seq.reset().numpy, callback=blend(True),
                  substep_callback=blend(False))
     assert rel_err(plan.finish(out), ref) <= TOL
+
+
+# ------------------------------------------------------------- every accepted option, generated
+# Values to try for each option a diffusers class accepts (keys of sdrt's DEFAULTS, i.e. what
+# from_config takes). A class option without an entry here fails test_every_option_has_values:
+# a new option cannot go untested.
+OPTION_VALUES = {
+    "num_train_timesteps": [500],
+    "beta_start": [0.0001],
+    "beta_end": [0.02],
+    "beta_schedule": ["linear", "scaled_linear", "squaredcos_cap_v2"],
+    "trained_betas": [np.linspace(0.0002, 0.015, 1000).tolist()],
+    "prediction_type": ["v_prediction", "sample"],
+    "timestep_spacing": ["linspace", "leading", "trailing"],
+    "steps_offset": [0, 3],
+    "use_karras_sigmas": [True],
+    "use_exponential_sigmas": [True],
+    "use_beta_sigmas": [True],
+    "interpolation_type": ["log_linear"],
+    "sigma_min": [0.1],
+    "sigma_max": [10.0],
+    "timestep_type": ["continuous"],
+    "rescale_betas_zero_snr": [True],
+    "final_sigmas_type": ["sigma_min", "zero"],
+    "clip_sample": [True],
+    "clip_sample_range": [0.5],
+    "thresholding": [True],
+    "dynamic_thresholding_ratio": [0.9],
+    "sample_max_value": [2.0],
+    "solver_order": [1, 3],
+    "algorithm_type": ["dpmsolver++", "sde-dpmsolver++", "dpmsolver", "sde-dpmsolver"],
+    "solver_type": ["midpoint", "heun", "bh1", "bh2"],
+    "lower_order_final": [False],
+    "euler_at_final": [True],
+    "use_lu_lambdas": [True],
+    "use_flow_sigmas": [True],
+    "flow_shift": [2.0],
+    "lambda_min_clipped": [-5.1],
+    "variance_type": ["learned"],
+    "use_dynamic_shifting": [True],
+    "time_shift_type": ["linear"],
+    "noise_sampler_seed": [7],
+    "set_alpha_to_one": [True],
+    "skip_prk_steps": [False],
+    "predict_x0": [False],
+    "disable_corrector": [[1, 2]],
+    "solver_p": ["UniPCMultistepScheduler"],
+    "shift_terminal": [0.5],
+    "original_inference_steps": [30],
+    "timestep_scaling": [5.0],
+}
+
+# (class, option, value) where diffusers' result is not finite (NaN or inf on its step to
+# sigma 0) and sdrt returns the denoised latent there, as on every other step to 0.
+NOT_FINITE_IN_DIFFUSERS = {
+    ("UniPCMultistepScheduler", "solver_type", "bh1"),  # -inf * 0 in its bh1 coefficient
+    ("UniPCMultistepScheduler", "lower_order_final", False),  # a 2nd-order step to lambda = inf
+}
+
+
+def _option_cases():
+    from sdrt.schedulers.diffusers_compat import DEFAULTS
+
+    out = []
+    for cls, defaults in DEFAULTS.items():
+        for key in defaults:
+            for value in OPTION_VALUES.get(key, []):
+                # img2img at full strength and at 0.6, alternately (the variants above cover both)
+                out.append((cls, key, value, *((10, 1.0) if len(out) % 2 == 0 else (13, 0.6))))
+    return out
+
+
+OPTION_CASES = _option_cases()
+
+
+def test_every_option_has_values():
+    from sdrt.schedulers.diffusers_compat import DEFAULTS
+
+    missing = sorted({k for d in DEFAULTS.values() for k in d} - set(OPTION_VALUES))
+    assert not missing, f"options accepted but not tested against diffusers: {missing}"
+
+
+def _diffusers_accepts(cls_name, options):
+    cls = getattr(diffusers, cls_name)
+    try:
+        sch = cls.from_config(SD15, **options)
+        sch.set_timesteps(10)
+    except (ValueError, NotImplementedError, TypeError, AttributeError):
+        return False
+    return True
+
+
+@pytest.mark.parametrize("cls,key,value,steps,strength", OPTION_CASES,
+                         ids=[f"{c.replace('Scheduler', '')}-{k}={v if not isinstance(v, list) else 'list'}-{st}"
+                              for c, k, v, _, st in OPTION_CASES])
+def test_every_option_matches_diffusers_or_is_refused(cls, key, value, steps, strength, monkeypatch):
+    """Each accepted option of each accepted class: sdrt reproduces diffusers' img2img run with it,
+    or refuses it with an error naming it."""
+    options = {key: value}
+    if key == "rescale_betas_zero_snr":
+        options["timestep_spacing"] = "trailing"
+        if cls in ("DDIMScheduler", "LCMScheduler") and strength == 1.0:
+            pytest.skip("zero terminal SNR: an eps model cannot denoise from pure noise (diffusers divides by 0)")
+    if cls == "LCMScheduler":
+        steps = {10: 4, 13: 6}[steps]
+    try:
+        make_plan(cls, steps, strength, config=SD15, **options)
+    except ValueError as e:
+        assert key in str(e), f"the refusal names the option: {e}"
+        return
+    if not _diffusers_accepts(cls, options):
+        pytest.fail(f"sdrt accepts {cls}({key}={value!r}), which diffusers refuses")
+    x0, noise = inputs(3)
+    seq = SequenceNoise(SHAPE, seed=31)
+    pred = options.pop("prediction_type", "epsilon")
+    ref, ref_calls = diffusers_run(cls, options, steps, strength, pred, x0, noise, seq, monkeypatch)
+    plan, out, den = sdrt_run(cls, options, steps, strength, pred, x0, noise, seq)
+    assert np.isfinite(out).all()
+    if not isinstance(value, list) and (cls, key, value) in NOT_FINITE_IN_DIFFUSERS:
+        assert not np.isfinite(ref).all()
+        return
+    assert rel_err(out, ref) <= TOL
+    assert [t for _, t in den.calls] == pytest.approx(ref_calls, abs=2e-4)

@@ -52,6 +52,12 @@ def ref_alphas_cumprod():
     return torch.cumprod(1.0 - betas, dim=0)
 
 
+def a1111_alphas_cumprod():
+    """What A1111's samplers see: ldm registers alphas_cumprod as a float32 buffer, and
+    k-diffusion's wrappers compute the sigma table from it in float32."""
+    return ref_alphas_cumprod().float()
+
+
 def wrapper(pred, quantize, ac=None):
     ac = ref_alphas_cumprod() if ac is None else ac
     cls = external.DiscreteVDDPMDenoiser if pred == "v_prediction" else external.DiscreteEpsDDPMDenoiser
@@ -131,7 +137,7 @@ def a1111_reference(name, steps, strength, schedule, pred, x0, noise, seq, fix_s
     """A1111's KDiffusionSampler.sample_img2img: setup_img2img_steps, get_sigmas (with the
     sampler's "Automatic" schedule and discard_next_to_last_sigma), sigma_sched, xi."""
     func, auto, discard, kw, noisy = A1111[name]
-    mw = wrapper(pred, quantize=False)
+    mw = wrapper(pred, quantize=False, ac=a1111_alphas_cumprod())
     if fix_steps:
         total, t_enc = int(steps / min(strength, 0.999)), steps - 1
     else:
@@ -148,13 +154,15 @@ def a1111_reference(name, steps, strength, schedule, pred, x0, noise, seq, fix_s
     return out.numpy(), sched.numpy()
 
 
-CASES = [(12, 1.0), (15, 0.55), (9, 0.3)]
+CASES = [(12, 1.0), (15, 0.55), (9, 0.3), (10, 0.0)]  # strength 0: A1111 still runs t_enc + 1 = 1 step
 
 
 @pytest.mark.parametrize("pred", ["epsilon", "v_prediction"])
 @pytest.mark.parametrize("steps,strength", CASES)
 @pytest.mark.parametrize("name", list(A1111))
 def test_a1111_samplers(name, steps, strength, pred):
+    if strength == 0 and name in ("DPM++ 2M SDE", "DPM++ 2M SDE Heun", "DPM++ 3M SDE"):
+        pytest.skip("k-diffusion fails on these (test_a1111_strength_zero_single_step_to_zero)")
     x0, noise = inputs()
     seq = SequenceNoise(SHAPE, seed=7)
     ref, ref_sig = a1111_reference(name, steps, strength, None, pred, x0, noise, seq)
@@ -162,6 +170,127 @@ def test_a1111_samplers(name, steps, strength, pred):
     np.testing.assert_allclose(plan.sigmas, ref_sig, rtol=1e-6, atol=1e-12)
     assert rel_err(out, ref) <= TOL
     assert plan.unet_calls == len(den.calls)
+
+
+def a1111_no_schedule_reference(func, steps, strength, pred, x0, noise, seq, **kw):
+    """A1111's DPM fast / DPM adaptive call: these take sigma_min, sigma_max (and n) instead of
+    a schedule: in txt2img the model's range and the steps, in img2img the kept tail of the
+    "Automatic" (uniform) schedule: sigma_max = its first sigma, sigma_min = its last nonzero one,
+    n = its length. eta is A1111's eta_ancestral, 1."""
+    mw = wrapper(pred, quantize=False, ac=a1111_alphas_cumprod())
+    with f64():
+        sig = mw.get_sigmas(steps).to(torch.float64)
+        if x0 is None:
+            x = torch.from_numpy(noise) * sig[0]
+            lo, hi, n = mw.sigmas[0].item(), mw.sigmas[-1].item(), steps
+        else:
+            t_enc = int(min(strength, 0.999) * steps)
+            sched = sig[steps - t_enc - 1:]
+            x = torch.from_numpy(x0) + torch.from_numpy(noise) * sched[0]
+            lo, hi, n = sched[-2].item(), sched[0].item(), len(sched) - 1
+        if func == "sample_dpm_fast":
+            kw["n"] = n
+        calls = []
+
+        def model(x_, s_, **k):
+            calls.append(float(s_[0]))
+            return mw(x_, s_, **k)
+
+        out = getattr(sampling, func)(model, x, lo, hi, disable=True, eta=1.0, noise_sampler=seq.reset().torch, **kw)
+    return out.numpy(), calls
+
+
+@pytest.mark.parametrize("pred", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("steps,strength", [(12, 1.0), (15, 0.55), (9, 0.3)])
+@pytest.mark.parametrize("name,func", [("DPM fast", "sample_dpm_fast"), ("DPM adaptive", "sample_dpm_adaptive")])
+def test_a1111_dpm_fast_and_adaptive(name, func, steps, strength, pred):
+    x0, noise = inputs(14)
+    x0 = None if strength == 1.0 else x0
+    seq = SequenceNoise(SHAPE, seed=17)
+    ref, ref_calls = a1111_no_schedule_reference(func, steps, strength, pred, x0, noise, seq)
+    plan, out, den = run_sdrt(name, steps, strength, pred=pred, x0=x0, noise=noise, seq=seq)
+    assert rel_err(out, ref) <= TOL
+    # the same evaluations (the adaptive controller's accepts and rejects included), at levels
+    # equal but for k-diffusion's float32 schedule arithmetic (t_to_sigma works in float32)
+    assert [s for s, _ in den.calls] == pytest.approx(ref_calls, rel=TOL)
+    if name == "DPM fast":
+        assert plan.unet_calls == len(ref_calls) == (steps if x0 is None else int(strength * steps) + 1)
+
+
+def restart_reference(steps, strength, pred, x0, noise, seq):
+    """A1111's Restart sampler (Xu et al. 2023, "Restart Sampling for Improving Generative
+    Processes"), re-derived: its "Automatic" schedule is Karras; with 20 or more steps the
+    schedule is remade as Karras over steps - k * K steps (k = 9 restart steps once, steps // 4
+    twice from 36 steps) and a Karras segment of k + 1 levels from the schedule's sigma nearest
+    2 down to its sigma nearest 0.1 is run K times after reaching 0.1, each time after adding
+    noise back up to the segment's top; every step is Heun (Euler to 0)."""
+    mw = wrapper(pred, quantize=False, ac=a1111_alphas_cumprod())
+    with f64():
+        smin, smax = mw.sigmas[0].item(), mw.sigmas[-1].item()
+        sig = sampling.get_sigmas_karras(steps, smin, smax).to(torch.float64)
+        if x0 is None:
+            x = torch.from_numpy(noise) * sig[0]
+        else:
+            t_enc = int(min(strength, 0.999) * steps)
+            sig = sig[steps - t_enc - 1:]
+            x = torch.from_numpy(x0) + torch.from_numpy(noise) * sig[0]
+        n = len(sig) - 1
+        segments = {}
+        if n >= 20:
+            k, times = (n // 4, 2) if n >= 36 else (9, 1)
+            sig = sampling.get_sigmas_karras(n - k * times, sig[-2].item(), sig[0].item()).to(torch.float64)
+            at, top = int(torch.argmin((sig - 0.1).abs())), int(torch.argmin((sig - 2.0).abs()))
+            if top < at:
+                seg = sampling.get_sigmas_karras(k + 1, sig[at].item(), sig[top].item()).to(torch.float64)[:-1]
+                segments[at] = [(seg[j], seg[j + 1]) for j in range(len(seg) - 1)] * times
+        steps_list = []
+        for i in range(len(sig) - 1):
+            steps_list.append((sig[i], sig[i + 1]))
+            steps_list += segments.get(i + 1, [])
+        seq.reset()
+        level = steps_list[0][0]
+        for s, sn in steps_list:
+            if s > level:
+                x = x + seq.torch() * (s**2 - level**2) ** 0.5
+            d = sampling.to_d(x, s, mw(x, s.reshape(1)))
+            if sn == 0:
+                x = x + d * (sn - s)
+            else:
+                x2 = x + d * (sn - s)
+                x = x + (d + sampling.to_d(x2, sn, mw(x2, sn.reshape(1)))) / 2 * (sn - s)
+            level = sn
+    return x.numpy(), len(steps_list)
+
+
+@pytest.mark.parametrize("pred", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("steps,strength", [(12, 1.0), (24, 1.0), (40, 1.0), (40, 0.6), (30, 0.5)])
+def test_a1111_restart(steps, strength, pred):
+    x0, noise = inputs(15)
+    x0 = None if strength == 1.0 else x0
+    seq = SequenceNoise(SHAPE, seed=18)
+    ref, n_steps = restart_reference(steps, strength, pred, x0, noise, seq)
+    plan, out, den = run_sdrt("Restart", steps, strength, pred=pred, x0=x0, noise=noise, seq=seq)
+    assert len(plan.options["pairs"]) == n_steps
+    assert rel_err(out, ref) <= TOL
+    assert plan.unet_calls == len(den.calls)
+
+
+@pytest.mark.parametrize("name", ["DPM++ 2M SDE", "DPM++ 2M SDE Heun", "DPM++ 3M SDE"])
+def test_a1111_strength_zero_single_step_to_zero(name):
+    """At strength 0 A1111 runs one step, from the last nonzero sigma to 0. k-diffusion's
+    2M/3M SDE samplers fail on a run whose first step ends at 0 (UnboundLocalError: `h`), so
+    A1111 fails there; sdrt returns the step's denoised latent, which is what those samplers
+    return on every step to 0."""
+    x0, noise = inputs(12)
+    with pytest.raises(UnboundLocalError):
+        a1111_reference(name, 10, 0.0, None, "epsilon", x0, noise, SequenceNoise(SHAPE))
+    plan, out, den = run_sdrt(name, 10, 0.0, x0=x0, noise=noise, seq=SequenceNoise(SHAPE))
+    assert plan.unet_calls == 1 and plan.sigmas[-1] == 0
+    mw = wrapper("epsilon", False, a1111_alphas_cumprod())
+    with f64():
+        s = torch.tensor([plan.sigmas[0]])
+        want = mw(torch.from_numpy(x0) + torch.from_numpy(noise) * s, s).numpy()
+    assert rel_err(out, want) <= TOL
 
 
 SCHEDULES = ["uniform", "karras", "exponential", "polyexponential", "sgm_uniform", "kl_optimal", "align_your_steps",
@@ -198,7 +327,7 @@ def test_a1111_fix_steps_rule(name):
 def test_a1111_txt2img_start():
     """A1111 txt2img: x = noise * sigmas[0], the whole schedule."""
     _, noise = inputs(3)
-    mw = wrapper("epsilon", False)
+    mw = wrapper("epsilon", False, a1111_alphas_cumprod())
     with f64():
         sig = sampling.get_sigmas_karras(10, mw.sigmas[0].item(), mw.sigmas[-1].item())
         ref = sampling.sample_dpmpp_2m(mw, torch.from_numpy(noise) * sig[0], sig, disable=True).numpy()
@@ -210,9 +339,10 @@ def test_a1111_unet_sees_fractional_timesteps():
     plan = make_plan("Euler", 12, 1.0, config=SD_CONFIG)
     ts = [plan.timestep(s) for s in plan.sigmas[:-1]]
     assert ts[0] == pytest.approx(999.0) and abs(ts[3] - round(ts[3])) > 1e-3
-    mw = wrapper("epsilon", False)
+    mw = wrapper("epsilon", False, a1111_alphas_cumprod())
     for s, t in zip(plan.sigmas[:-1], ts):
-        assert t == pytest.approx(mw.sigma_to_t(torch.tensor(s)).item(), abs=1e-9)
+        # k-diffusion's float32 tables give t in float32: equal within its spacing near 1000 (2**-14)
+        assert t == pytest.approx(mw.sigma_to_t(torch.tensor(s)).item(), abs=2**-14)
 
 
 # ------------------------------------------------------------------ A1111 LCM (own denoiser)
@@ -223,11 +353,11 @@ def lcm_table(ac):
     return ac[idx]
 
 
-def lcm_reference(steps, strength, schedule, pred, x0, noise, seq, keep=None):
+def lcm_reference(steps, strength, schedule, pred, x0, noise, seq, keep=None, ac=None):
     """A1111's LCM sampler path (its LCM denoiser and sample_lcm), re-derived from the code:
     c_out(t) * x0 + c_skip(t) * x with t the argmin timestep, then x = denoised (+ sigma_next *
-    noise)."""
-    ac50 = lcm_table(ref_alphas_cumprod())
+    noise). A1111 takes the table from its float32 alphas_cumprod."""
+    ac50 = lcm_table(a1111_alphas_cumprod() if ac is None else ac)
     mw = wrapper(pred, quantize=True, ac=ac50)
 
     def t_of(sig):
@@ -283,13 +413,21 @@ def vp_eps(out, z, a, pred):
     return a.sqrt() * out + (1 - a).sqrt() * z if pred == "v_prediction" else out
 
 
-def a1111_timestep_reference(kind, steps, strength, pred, x0, noise, seq, eta=0.0):
+def a1111_timestep_reference(kind, steps, strength, pred, x0, noise, seq, eta=0.0, nmask=None):
     """A1111's timestep samplers (sd_samplers_timesteps*), in VP space on its grid
     1, 1 + 1000 // steps, ...: img2img noises at grid[t_enc] and samples grid[:t_enc], the loop
     stops one entry short (final alpha-bar at grid[0]); DDIM and PLMS are written out from their
     formulas, UniPC is diffusers' UniPCMultistepScheduler (order 3, bh1) on A1111's time-uniform
-    continuous grid."""
-    ac = ref_alphas_cumprod()
+    continuous grid. With `nmask` (1 = repaint), inpainting as A1111's CFGDenoiserTimesteps does
+    it (mask_before_denoising): every model input is z * nmask + x0 * (1 - nmask), the sampler
+    steps its own z with the model's eps, and the result gets the same blend at the end."""
+    ac = a1111_alphas_cumprod().double()  # A1111's float32 alpha-bar
+    blend = (lambda z: z) if nmask is None else (lambda z: z * nmask + torch.from_numpy(x0) * (1 - nmask))
+    out = _a1111_timestep_loop(kind, steps, strength, pred, x0, noise, seq, eta, ac, blend)
+    return out if nmask is None else out * nmask.numpy() + x0 * (1 - nmask.numpy())
+
+
+def _a1111_timestep_loop(kind, steps, strength, pred, x0, noise, seq, eta, ac, blend):
     grid = a1111_grid(steps)
     nt = torch.from_numpy(noise)
     if strength >= 1.0:
@@ -301,6 +439,7 @@ def a1111_timestep_reference(kind, steps, strength, pred, x0, noise, seq, eta=0.
         z = a.sqrt() * torch.from_numpy(x0) + (1 - a).sqrt() * nt
 
     def eps(z, t):
+        z = blend(z)
         return vp_eps(model_torch(z, t), z, ac[t], pred)
 
     def ddim(z, e, t, tp, sig=0.0, n=None):
@@ -338,6 +477,8 @@ def a1111_timestep_reference(kind, steps, strength, pred, x0, noise, seq, eta=0.
     from diffusers import UniPCMultistepScheduler
 
     n = len(sched)
+    if n == 0:  # strength 0: noised to grid[0], nothing to sample
+        return z.numpy()
     tau0 = 999.0 if strength >= 1.0 else float(sched[-1])
     taus = np.linspace(tau0, 0.0, n + 1)
     log_alpha = 0.5 * torch.log(ac)
@@ -357,16 +498,17 @@ def a1111_timestep_reference(kind, steps, strength, pred, x0, noise, seq, eta=0.
     # A1111 hands UniPC eps; for v models it converts with the alpha-bar of int(t).
     sch.register_to_config(prediction_type="epsilon")
     for i in range(n):
-        out = model_torch(z, taus[i])
+        z_in = blend(z)
+        out = model_torch(z_in, taus[i])
         if pred == "v_prediction":
             a = ac[int(taus[i])]
-            out = a.sqrt() * out + (1 - a).sqrt() * z
+            out = a.sqrt() * out + (1 - a).sqrt() * z_in
         z = sch.step(out, sch.timesteps[i], z).prev_sample
     return z.numpy()
 
 
 @pytest.mark.parametrize("pred", ["epsilon", "v_prediction"])
-@pytest.mark.parametrize("steps,strength", [(10, 1.0), (12, 0.6), (7, 0.75)])
+@pytest.mark.parametrize("steps,strength", [(10, 1.0), (12, 0.6), (7, 0.75), (10, 0.0)])
 @pytest.mark.parametrize("kind", ["DDIM", "PLMS", "UniPC"])
 def test_a1111_timestep_samplers(kind, steps, strength, pred):
     x0, noise = inputs(5)
@@ -375,6 +517,55 @@ def test_a1111_timestep_samplers(kind, steps, strength, pred):
     plan, out, den = run_sdrt(kind, steps, strength, pred=pred, x0=x0 if strength < 1 else None, noise=noise, seq=seq)
     assert rel_err(out, ref) <= TOL
     assert plan.unet_calls == len(den.calls)
+
+
+def _fix_steps_total(steps, strength):
+    if strength >= 1.0:  # make_plan's strength 1.0 is A1111's txt2img path (its img2img clamps to 0.999)
+        return steps
+    return int(steps / min(strength, 0.999)) if strength > 0 else 0
+
+
+@pytest.mark.parametrize("kind", ["DDIM", "PLMS", "UniPC"])
+def test_a1111_timestep_samplers_fix_steps_input_errors(kind):
+    """A1111 divides 1000 by its fix-steps total int(steps / strength): 0 (strength 0) or a total
+    above 1000 is an input error naming the limit, every other request plans."""
+    rng = np.random.default_rng(3)
+    table = [(int(rng.integers(1, 200)), float(s)) for s in rng.choice([0.0, 0.001, 0.01, 0.05, 0.2, 0.5, 1.0], 60)]
+    table += [(1, 0.0), (10, 0.01), (1000, 1.0), (999, 0.9995), (10, 0.0099), (10, 0.01001)]
+    for steps, strength in table:
+        total = _fix_steps_total(steps, strength)
+        if 1 <= total <= 1000:
+            make_plan(kind, steps, strength, config=SD_CONFIG, rule="a1111_fix_steps")
+        else:
+            with pytest.raises(ValueError, match="from 1 to 1000") as e:
+                make_plan(kind, steps, strength, config=SD_CONFIG, rule="a1111_fix_steps")
+            assert "\n" not in str(e.value) and str(total) in str(e.value)
+
+
+@pytest.mark.parametrize("pred", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("kind", ["DDIM", "PLMS", "UniPC"])
+def test_a1111_timestep_samplers_inpaint_blend_the_model_input(kind, pred):
+    """sdrt's A1111 inpainting blender (runtime.prepare.LatentBlender) with a timestep sampler
+    blends the model's input, not its output: A1111's mask_before_denoising."""
+    from sdrt.runtime.prepare import LatentBlender
+
+    x0, noise = inputs(13)
+    nmask = (np.arange(SHAPE[-1]) < 3).astype(np.float64) * np.ones(SHAPE)
+    nmask[..., 0, :] = 0.5  # a soft row
+    steps, strength = 10, 0.7
+    ref = a1111_timestep_reference(kind, steps, strength, pred, x0, noise, SequenceNoise(SHAPE),
+                                   nmask=torch.from_numpy(nmask))
+    plan = make_plan(kind, steps, strength, config={**SD_CONFIG, "prediction_type": pred})
+    assert plan.mask_before_denoising
+    blender = LatentBlender("a1111", 1.0 - nmask, x0, noise, plan, len(plan.sigmas) - 1, nmask)
+    den = blender.wrap(sdrt_denoiser(plan, pred))
+    out = sample(plan, den, plan.start(x0, noise), model_input=blender.model_input)
+    got = blender.finish(plan.finish(out))
+    assert rel_err(got, ref) <= TOL
+    # blending the model's output instead (the k-diffusion samplers' way) is a different result
+    plain = LatentBlender("a1111", 1.0 - nmask, x0, noise, make_plan("Euler", 10, 0.7, config=SD_CONFIG), 10, nmask)
+    out2 = sample(plan, plain.wrap(sdrt_denoiser(plan, pred)), plan.start(x0, noise))
+    assert rel_err(blender.finish(plan.finish(out2)), ref) > 100 * TOL
 
 
 def test_a1111_ddim_eta():
@@ -544,11 +735,11 @@ def test_comfy_lcm(pred, denoise):
     seq = SequenceNoise(SHAPE, seed=15)
     plan, out, _ = run_sdrt("lcm", 6, denoise, pred=pred, x0=x0, noise=noise, seq=seq)
     total = 6 if denoise == 1.0 else int(6 / denoise)
-    _, full = lcm_reference(total, 1.0, None, pred, x0, noise, seq)
+    _, full = lcm_reference(total, 1.0, None, pred, x0, noise, seq, ac=ref_alphas_cumprod())
     s0 = full[-7]
     scale = math.sqrt(1 + s0 * s0) if denoise == 1.0 else s0
     # lcm_reference adds noise * sched[0]: hand it the start latent directly (zero noise).
     ref, ref_sig = lcm_reference(total, 1.0, None, pred, x0 + noise * scale, np.zeros_like(noise), seq,
-                                 keep=6)
+                                 keep=6, ac=ref_alphas_cumprod())
     np.testing.assert_allclose(plan.sigmas, ref_sig, rtol=1e-6, atol=1e-12)
     assert rel_err(out, ref) <= TOL

@@ -9,10 +9,10 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import statistics
+import random
+import re
 import subprocess
 import sys
-import time
 import types
 import unicodedata
 from pathlib import Path
@@ -27,6 +27,7 @@ from sdrt.runtime.text import (
     ClipTokenizer,
     apply_emphasis,
     encode_prompts,
+    encode_schedules,
     parse_prompt_attention,
     prompt_chunks,
 )
@@ -272,15 +273,35 @@ def test_from_folder_errors(tmp_path):
         ClipTokenizer.from_folder(bad_json)
 
 
-def test_tokenize_is_fast(toks):
+def test_prompt_is_tokenized_in_one_backend_call(toks):
+    """A prompt with emphasis is split into pieces, and all of them go to the Rust tokenizer in one
+    batch call (not one call per piece, nor a Python BPE); benchmarks/startup.py times it."""
     prompt = "masterpiece, best quality, (a photograph:1.2) of an astronaut riding a [horse] on the moon, highly detailed, 8k"
     t = toks["sd1"]
-    times = []
-    for _ in range(200):
-        t0 = time.perf_counter()
-        prompt_chunks(prompt, t)
-        times.append(time.perf_counter() - t0)
-    assert statistics.median(times) < 1e-3
+    expected = prompt_chunks(prompt, t)
+    calls = []
+
+    class Counting:
+        def __init__(self, backend):
+            self._backend = backend
+
+        def __getattr__(self, name):
+            attr = getattr(self._backend, name)
+            if name.startswith("encode"):
+                def counted(*a, **kw):
+                    calls.append(name)
+                    return attr(*a, **kw)
+                return counted
+            return attr
+
+    backend = t.backend
+    t.backend = Counting(backend)
+    try:
+        got = prompt_chunks(prompt, t)
+    finally:
+        t.backend = backend
+    assert len(parse_prompt_attention(prompt)) > 1 and calls == ["encode_batch"]
+    assert np.array_equal(got.ids, expected.ids) and np.array_equal(got.weights, expected.weights)
 
 
 def test_text_module_imports_no_torch():
@@ -326,12 +347,113 @@ def test_parse_rules():
     assert _p("a \\\\ b") == [["a \\ b", 1.0]]
     assert _p("a\\b \\:") == [["ab :", 1.0]]  # a backslash that escapes nothing vanishes
     assert _p("a) b] c:d :1.2) e") == [["a) b] c:d :1.2) e", 1.0]]  # nothing open: literal
-    assert _p("(x:1.2 )") == [["x:1.2 ", 1.1]]  # not a weight: literal, bracket closes with 1.1
+    assert _p("(x:1.2 )") == [["x", 1.2]]  # whitespace around the weight is allowed
+    assert _p("(x:1.2 y)") == [["x:1.2 y", 1.1]]  # not a weight: literal, bracket closes with 1.1
     assert _p("(a:1.5)(b:1.5)") == [["ab", 1.5]]
     with pytest.raises(InputError, match="1.2.3"):
         parse_prompt_attention("(x:1.2.3)")
     with pytest.raises(InputError):
         parse_prompt_attention(None)
+
+
+# AUTOMATIC1111's emphasis syntax, re-derived from its documented token grammar (the regex
+# alternatives of modules/prompt_parser.py, tried in this order at every position):
+_A1111_TOKENS = re.compile(r"""
+\\\(|\\\)|\\\[|\\]|\\\\|\\|   # escapes; a lone backslash
+\(|\[|                           # open
+:\s*([+-]?[.\d]+)\s*\)|            # weight, closing a round bracket
+\)|]|                             # close
+[^\\()\[\]:]+|                     # text
+:
+""", re.X)
+
+
+def _reference_attention(text):
+    """Weights by the rules of A1111's docstring: an opening bracket starts a group, its close
+    multiplies everything since it opened (1.1, 1/1.1, or the weight); a close with nothing open
+    is text; groups still open at the end close there, round ones first; equal neighbours merge."""
+    pieces, opened = [], {"(": [], "[": []}
+
+    def close(kind, factor):
+        start = opened[kind].pop()
+        for p in pieces[start:]:
+            p[1] *= factor
+
+    for m in _A1111_TOKENS.finditer(text):
+        tok = m.group(0)
+        if tok[0] == "\\":
+            pieces.append([tok[1:], 1.0])
+        elif tok in ("(", "["):
+            opened[tok].append(len(pieces))
+        elif m.group(1) is not None and opened["("]:
+            close("(", float(m.group(1)))
+        elif tok == ")" and opened["("]:
+            close("(", 1.1)
+        elif tok == "]" and opened["["]:
+            close("[", 1 / 1.1)
+        else:
+            for k, part in enumerate(re.split(r"\s*\bBREAK\b\s*", tok)):
+                if k:
+                    pieces.append(["BREAK", -1.0])
+                pieces.append([part, 1.0])
+    for kind, factor in (("(", 1.1), ("[", 1 / 1.1)):
+        for start in opened[kind]:
+            for p in pieces[start:]:
+                p[1] *= factor
+    merged = []
+    for p in pieces or [["", 1.0]]:
+        if merged and merged[-1][1] == p[1]:
+            merged[-1][0] += p[0]
+        else:
+            merged.append(list(p))
+    return merged
+
+
+def test_parse_weight_whitespace_hand_checked():
+    # A1111's weight pattern is :\s*([+-]?[.\d]+)\s*\) (checked by hand against A1111 v1.10.1)
+    assert _p("a (cat: 1.2) dog") == [["a ", 1.0], ["cat", 1.2], [" dog", 1.0]]
+    assert _p("(cat:1.2 )") == [["cat", 1.2]]
+    assert _p("(cat : 1.2)") == [["cat ", 1.2]]  # whitespace before the colon stays in the text
+    assert _p("(a:\t1.2)") == [["a", 1.2]]
+    assert _p("(a:\n 0.5\n)") == [["a", 0.5]]
+    assert _p("(a: +2 ) b") == [["a", 2.0], [" b", 1.0]]
+    assert _p("(a: 1.2 b)") == [["a: 1.2 b", 1.1]]  # text after the number: not a weight
+    assert _p("a: 1.2) b") == [["a: 1.2) b", 1.0]]  # a weight with nothing open is text
+    assert _p("((a: 2 ))") == [["a", 2.2]]
+
+
+def _random_prompts(n, seed):
+    rng = random.Random(seed)
+    atoms = ["a", "cat", " ", "  ", "\t", "(", ")", "[", "]", ":", "1.2", "0.5", "-1", "+2", ".", "\\(", "\\",
+             "\\]", "BREAK", " BREAK ", ",", "\n"]
+    return ["".join(rng.choice(atoms) for _ in range(rng.randint(0, 14))) for _ in range(n)]
+
+
+def test_parse_matches_a1111_grammar_on_generated_prompts():
+    checked = 0
+    for text in _random_prompts(3000, seed=13):
+        try:
+            want = _reference_attention(text)
+        except ValueError:  # a weight like "1.2.": A1111 fails on float(); sdrt says which weight
+            with pytest.raises(InputError):
+                parse_prompt_attention(text)
+            continue
+        assert _p(text) == want, text
+        checked += 1
+    assert checked > 2500
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_parse_weight_whitespace_property(seed):
+    """Whitespace between the colon, the weight and the bracket never changes the result."""
+    rng = random.Random(seed)
+    ws = [" ", "  ", "\t", "\n", "\u3000", ""]
+    for _ in range(200):
+        inner = rng.choice(["cat", "a (b) c", "[x] y", "BREAK z", ""])
+        w = rng.choice(["1.2", "0.5", "-1", "+2", "3", ".7"])
+        plain = f"p ({inner}:{w}) q"
+        spaced = f"p ({inner}:{rng.choice(ws)}{w}{rng.choice(ws)}) q"
+        assert _p(spaced) == _p(plain), spaced
 
 
 def test_parse_break():
@@ -511,16 +633,38 @@ def test_encode_multichunk_and_cond_uncond_padding(toks):
     cond, uncond = encode_prompts([long], ["cat"], t, enc)
     assert cond.shape == uncond.shape == (1, 3 * 77, D)
     (ids, _), = enc.calls
-    # every distinct chunk once: the three of the prompt, the negative, the empty prompt
-    assert sorted(map(tuple, ids.tolist())) == sorted(map(tuple, rows + [_row([CAT]), _row([])]))
+    # every distinct chunk once: the three of the prompt and the negative
+    assert sorted(map(tuple, ids.tolist())) == sorted(map(tuple, rows + [_row([CAT])]))
     want = np.concatenate([emphasised(enc.f(np.array([r]))[0], wt) for r, wt in zip(rows, weights)])
     np.testing.assert_allclose(cond[0], want, rtol=1e-5, atol=1e-6)
-    empty = enc.f(np.array([_row([])]))[0]
-    np.testing.assert_allclose(uncond[0], np.concatenate([enc.f(np.array([_row([CAT])]))[0], empty, empty]), rtol=1e-6)
-    # the negative prompt is the longer one: cond is padded
+    cat = enc.f(np.array([_row([CAT])]))[0]
+    # the shorter side is repeated to the common length (3 = lcm(3, 1) chunks)
+    np.testing.assert_allclose(uncond[0], np.concatenate([cat, cat, cat]), rtol=1e-6)
+    # the negative prompt is the longer one: cond is repeated
     cond2, uncond2 = encode_prompts(["cat"], [long], t, enc)
     np.testing.assert_allclose(uncond2[0], want, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(cond2[0], np.concatenate([enc.f(np.array([_row([CAT])]))[0], empty, empty]), rtol=1e-6)
+    np.testing.assert_allclose(cond2[0], np.concatenate([cat, cat, cat]), rtol=1e-6)
+    # 2 and 3 chunks: both tiled to 6
+    two = "a " * 80  # 2 chunks
+    cond3, uncond3 = encode_prompts([two], [long], t, enc)
+    assert cond3.shape == uncond3.shape == (1, 6 * 77, D)
+    np.testing.assert_array_equal(cond3[0], np.tile(cond3[0, : 2 * 77], (3, 1)))
+    np.testing.assert_array_equal(uncond3[0], np.tile(uncond3[0, : 3 * 77], (2, 1)))
+
+
+def test_encode_schedules_pads_a_schedule_to_its_longest_text(toks):
+    """A1111 encodes a prompt's schedule texts as one batch: shorter ones get empty-prompt chunks."""
+    t = toks["sd1"]
+    enc = fake_encoder()
+    long = "a " * 60 + ", " + "cat " * 20
+    (short_z, long_z), (neg,) = encode_schedules([["cat", long], ["dog"]], t, enc)
+    (ids, _), = enc.calls
+    assert len({tuple(r) for r in ids.tolist()}) == len(ids)  # each distinct chunk once
+    empty = enc.f(np.array([_row([])]))[0]
+    np.testing.assert_allclose(short_z, np.concatenate([enc.f(np.array([_row([CAT])]))[0], empty]), rtol=1e-6)
+    np.testing.assert_allclose(long_z, np.concatenate([enc.f(np.array([_row([A] * 60 + [COMMA])]))[0],
+                                                       enc.f(np.array([_row([CAT] * 20)]))[0]]), rtol=1e-6)
+    np.testing.assert_allclose(neg, enc.f(np.array([_row([DOG])]))[0], rtol=1e-6)  # its own schedule: no padding
 
 
 def test_encode_batch(toks):
@@ -530,7 +674,7 @@ def test_encode_batch(toks):
     cond, uncond = encode_prompts(["dog", long, "dog"], "a", t, enc)
     assert cond.shape == uncond.shape == (3, 154, D)
     ids = enc.calls[0][0]
-    assert ids.shape[0] == 5  # dog, cat x75, cat x5, a, empty
+    assert ids.shape[0] == 4  # dog, cat x75, cat x5, a
     dog = enc.f(np.array([_row([DOG], pad=0)]))[0]
     np.testing.assert_allclose(cond[0, :77], dog, rtol=1e-6)
     # a side's shorter prompts repeat their last vector (A1111's batch stacking)
@@ -538,11 +682,10 @@ def test_encode_batch(toks):
     np.testing.assert_array_equal(cond[0], cond[2])
     want_long = enc.f(np.array([_row([CAT] * 75, pad=0), _row([CAT] * 5, pad=0)])).reshape(154, D)
     np.testing.assert_allclose(cond[1], want_long, rtol=1e-6)
-    # cond and uncond sides differ in length: uncond gets whole empty chunks
-    empty = enc.f(np.array([_row([], pad=0)]))[0]
+    # cond and uncond sides differ in length: uncond is repeated to cond's length
     a = enc.f(np.array([_row([A], pad=0)]))[0]
     for i in range(3):
-        np.testing.assert_allclose(uncond[i], np.concatenate([a, empty]), rtol=1e-6)
+        np.testing.assert_allclose(uncond[i], np.concatenate([a, a]), rtol=1e-6)
 
 
 def test_encode_input_errors(toks):
@@ -607,10 +750,8 @@ def test_real_clip_text_model(clip_model, toks):
     with torch.no_grad():
         blurry = clip_model(input_ids=torch.from_numpy(t.encode_padded("blurry"))).last_hidden_state.numpy()[0]
     np.testing.assert_allclose(uncond[0, :77], blurry, atol=1e-5)
-    # the cond/uncond padding is the empty prompt's encoding
-    with torch.no_grad():
-        empty = clip_model(input_ids=torch.from_numpy(t.encode_padded(""))).last_hidden_state.numpy()[0]
-    np.testing.assert_allclose(uncond[0, 77:], empty, atol=1e-5)
+    # the shorter side is repeated to the longer one's length
+    np.testing.assert_array_equal(uncond[0, 77:], uncond[0, :77])
 
 
 @pytest.mark.parametrize("pad", PADS)
