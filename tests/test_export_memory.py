@@ -129,7 +129,9 @@ def test_export_peak_memory(models, tmp_path):
 #   python -m sdrt.export.testmodels SD15 --kind sd15
 #   python benchmarks/export.py SD15 WORK --only fp32,int8-folder,fp16,int8
 # keyed by (precision, whether the export traced PyTorch modules: False for int8 from an fp32 folder).
-SD15_PEAK_MIB = {("fp32", True): 4431, ("fp16", True): 4260, ("int8", True): 5023, ("int8", False): 4545}
+# (fp16 and int8 from the diffusers folder: measured before int8 weights were limited to [-64, 64],
+# which changes the weights' values only.)
+SD15_PEAK_MIB = {("fp32", True): 4396, ("fp16", True): 4260, ("int8", True): 5023, ("int8", False): 4542}
 
 
 def _sd15_fp32_weight_bytes() -> dict[str, int]:
