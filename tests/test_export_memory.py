@@ -26,8 +26,8 @@ CASES = [("tiny-sd1", t, p) for t, p in export_goldens.CONFIGS] + [
 @pytest.mark.parametrize("kind,target,precision", CASES)
 def test_export_writes_the_graphs_of_the_in_memory_export(models, kind, target, precision):
     """Keeping the weights on disk (traced into external data, fused, converted and quantized
-    tensor by tensor) changed no graph: every graph of every target and precision has the
-    operator counts, nodes and weights that the in-memory export wrote (main at eeb6f45, before
+    tensor by tensor) changed no graph: every graph of each case has the operator counts, nodes
+    and weights that the in-memory export wrote (main at eeb6f45, before
     the restructuring: tests/data/export-goldens.npz, written by tests/export_goldens.py, which
     says how to rewrite it), and the graphs the CPU provider runs give that export's outputs on
     the same inputs within 1e-6 (relative to the output's largest magnitude where it exceeds 1).
