@@ -172,8 +172,9 @@ BAD_INPUTS = {
                     r"^noise must have shape \(1, 4, 16, 16\) for this request, got \(1, 4, 8, 8\)"),
     "noise batch": (lambda p, d: p.txt2img(PROMPT, width=32, height=32, batch_size=2, noise=np.zeros((1, 4, 16, 16))),
                     r"^noise must have shape \(2, 4, 16, 16\)"),
-    "too large for memory": (lambda p, d: p.img2img(IMG, PROMPT, width=1024, height=1024), r"1024x1024 .*GiB of memory"),
-    "txt2img too large": (lambda p, d: p.txt2img(PROMPT, width=8192, height=8192), r"8192x8192 .*GiB of memory"),
+    "too large for memory": (lambda p, d: p.img2img(IMG, PROMPT, width=8192, height=8192, batch_size=16),
+                             r"8192x8192 request with batch_size 16 needs about .* GiB of memory"),
+    "txt2img too large": (lambda p, d: p.txt2img(PROMPT, width=8192, height=8192, batch_size=8), r"8192x8192 .*GiB of memory"),
     "output kind": (lambda p, d: p.img2img(IMG, PROMPT, output="jpeg"), r"^output must be one of pil, np, latent, got 'jpeg'"),
     "clip_skip beyond the encoder": (lambda p, d: p.img2img(IMG, PROMPT, clip_skip=5), r"^clip_skip must be from 1 to 3"),
     "seed": (lambda p, d: p.img2img(IMG, PROMPT, seed=-5), r"^seed must be"),
@@ -194,13 +195,16 @@ def test_bad_input_is_refused_before_any_model_runs(sd1, bad_files, no_model_run
 
 
 def test_memory_refusal_is_real(sd1):
-    """The 1024x1024 request above is refused because it would need more than this machine has."""
+    """The 8192x8192 requests above are refused because they would need more than this machine has:
+    the UNet's top-level activations alone, (2B, channels, h, w) float32, are larger."""
     from sdrt.runtime import prepare
 
-    job = prepare.img2img_job(sd1.info, IMG, width=1024, height=1024, resize_mode="just_resize", batch_size=1)
-    # the UNet's highest-resolution self-attention scores alone: (2B, heads>=1, tokens, tokens) float32
-    tokens = (1024 // 2) ** 2
-    assert prepare.estimate_memory(sd1.info, job, cfg=True) >= 2 * tokens * tokens * 4 > prepare.available_memory("cpu")
+    unet = sd1.info.configs["unet"]
+    f = sd1.info.vae_scale_factor
+    one_activation = 2 * 16 * unet["block_out_channels"][0] * (8192 // f) ** 2 * 4
+    e = prepare.estimate_memory(sd1.info, 8192, 8192, 16, cfg=True)
+    assert e.stages["unet"] >= one_activation > prepare.available_memory("cpu")
+    assert e.total > e.stages["unet"] + e.weights
 
 
 def test_mask_of_the_same_aspect_ratio_is_resized(sd1):
