@@ -419,7 +419,9 @@ def _generate(mode: str, images: Optional[List[Path]], mask: Optional[Path], opt
         if not text:
             fail(f"--from-png: {from_png} holds no generation parameters (no PNG 'parameters' text from sdrt or A1111)")
         kwargs.update(arguments_from_infotext(text, mode))
+    from_png_keys = set(kwargs)
     kwargs.update({k: v for k, v in options.items() if v is not None})
+    from_png_keys -= {k for k, v in options.items() if v is not None}
     if kwargs.get("prompt") is None:
         fail("missing option --prompt/-p (or --from-png FILE to take it from a PNG)", 2)
 
@@ -440,7 +442,7 @@ def _generate(mode: str, images: Optional[List[Path]], mask: Optional[Path], opt
             return run(*args, **kwargs, **kw)
         except InputError as e:
             # Name the input when the message does not and there are several (a mask's aspect ratio, ...).
-            msg = str(e)
+            msg = _cli_names(str(e), from_png if from_png_keys else None, from_png_keys)
             if len(pairs) > 1 and img is not None and msg.startswith(("image", "mask")) \
                     and not any(str(p) in msg for p in (img, m) if p is not None):
                 raise InputError(f"{img}{f' (mask {m})' if m is not None else ''}: {msg}") from e
@@ -506,6 +508,25 @@ def _generate(mode: str, images: Optional[List[Path]], mask: Optional[Path], opt
             "timings": {"load": t_load, "total": time.perf_counter() - t_start},
         }
         typer.echo(json.dumps(doc, indent=2, ensure_ascii=False, default=_jsonable))
+
+
+# The Python API's keyword -> this command line's option, to name what the user typed.
+_OPTION_OF = {"guidance": "--cfg", "negative_prompt": "--negative", "batch_size": "--batch-size", "clip_skip": "--clip-skip",
+              "mask_blur_x": "--mask-blur", "mask_blur_y": "--mask-blur", "resize_mode": "--resize-mode", "width": "--width",
+              "height": "--height", "steps": "--steps", "seed": "--seed", "strength": "--strength", "prompt": "--prompt",
+              "padding": "--padding", "fill": "--fill", "sampler": "--sampler", "schedule": "--schedule"}
+
+
+def _cli_names(message: str, from_png: Optional[Path], from_png_keys: set) -> str:
+    """An API error message as the command line says it: "guidance (--cfg) must be ...", and where
+    the value came from when --from-png gave it."""
+    key = message.split(" ", 1)[0].rstrip(":")
+    option = _OPTION_OF.get(key)
+    if option is None:
+        return message
+    arg = {"mask_blur_x": "mask_blur", "mask_blur_y": "mask_blur"}.get(key, key)
+    where = f"{option}, read from --from-png {from_png}" if from_png is not None and arg in from_png_keys else option
+    return f"{key} ({where}){message[len(key):]}"
 
 
 def _common(prompt, negative, steps, cfg, sampler, schedule, seed, batch_size, width, height, clip_skip) -> dict:
@@ -683,6 +704,8 @@ def bench(
         from sdrt.runtime.sessions import check_threads
 
         check_threads(threads)
+        if mode not in ("img2img", "inpaint", "txt2img"):
+            fail(f"--mode must be img2img, inpaint or txt2img, got {mode!r}")
         w = Workload(mode=mode, size=size, steps=steps, strength=strength, guidance=cfg, sampler=sampler, batch_size=batch_size)
         path = model
         if path is None:

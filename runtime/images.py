@@ -201,6 +201,8 @@ def _from_ndarray(a: np.ndarray, name: str, allow_bool: bool) -> Image.Image:
         raise InputError(f"{name}: unsupported array shape {a.shape}; accepted: {accepted}")
     if a.shape[0] == 0 or a.shape[1] == 0:
         raise InputError(f"{name} is empty (array shape {a.shape}); it needs at least 1x1 pixel")
+    if a.shape[0] * a.shape[1] > MAX_INPUT_PIXELS:
+        raise _too_large(name, "the array", a.shape[1], a.shape[0])
     mode = "L" if a.ndim == 2 else ("RGB" if a.shape[2] == 3 else "RGBA")
     return Image.fromarray(np.ascontiguousarray(a), mode=mode)
 
@@ -617,19 +619,26 @@ def _grow_span(lo: int, hi: int, grow: int, limit: int) -> tuple[int, int]:
     return lo, min(hi, limit)
 
 
-def match_mask(mask: Image.Image, image, name: str = "mask", resampler: str = "a1111") -> Image.Image:
-    """The mask at the image's size. A mask of the same proportions (within one pixel) is
-    resized with Lanczos, as A1111 does; one of other proportions is an InputError."""
-    iw, ih = image.size if isinstance(image, Image.Image) else (int(v) for v in image)
-    mw, mh = mask.size
-    if (mw, mh) == (iw, ih):
-        return mask
+def check_mask_size(mask_size, image_size, name: str = "mask") -> None:
+    """A mask must have the image's proportions (within one pixel): A1111 resizes it to the image
+    with Lanczos; other proportions are an InputError. Sizes only: this runs before decoding."""
+    mw, mh = (int(v) for v in mask_size)
+    iw, ih = (int(v) for v in image_size)
     # |mh/mw - ih/iw| within one pixel at the larger of the two resolutions
-    if abs(mh * iw - ih * mw) > max(mw, mh, iw, ih):
+    if (mw, mh) != (iw, ih) and abs(mh * iw - ih * mw) > max(mw, mh, iw, ih):
         raise InputError(
             f"{name} is {mw}x{mh} but the image is {iw}x{ih}: their aspect ratios differ; "
             f"give a mask of the image's size ({iw}x{ih}) or of the same proportions"
         )
+
+
+def match_mask(mask: Image.Image, image, name: str = "mask", resampler: str = "a1111") -> Image.Image:
+    """The mask at the image's size. A mask of the same proportions (within one pixel) is
+    resized with Lanczos, as A1111 does; one of other proportions is an InputError."""
+    iw, ih = image.size if isinstance(image, Image.Image) else (int(v) for v in image)
+    check_mask_size(mask.size, (iw, ih), name)
+    if mask.size == (iw, ih):
+        return mask
     return _resize(mask, (iw, ih), resampler=resampler)
 
 

@@ -133,7 +133,11 @@ class Pipeline:
         }
         from .text import ClipTokenizer
 
-        self.tokenizer = ClipTokenizer.from_folder(info.path / "tokenizer")
+        try:
+            self.tokenizer = ClipTokenizer.from_folder(info.path / "tokenizer")
+        except ModelFolderError:
+            info.wait_verified()  # a damaged file is the cause to report, when it is one
+            raise
         self._embeddings = _EmbeddingCache()
         self.fp32_decodes = 0  # images decoded again by the fp32 VAE decoder (fp16 overflow)
 
@@ -784,10 +788,12 @@ _TRAINING_KEYS = ("num_train_timesteps", "trained_betas", "beta_start", "beta_en
 
 def _check_finite_options(sampler, options: dict, config: dict) -> None:
     for key, value in options.items():
-        values = value if isinstance(value, (list, tuple)) else np.ravel(value).tolist() if isinstance(value, np.ndarray) else [value]
+        many = isinstance(value, (list, tuple, np.ndarray))
+        values = np.ravel(value).tolist() if isinstance(value, np.ndarray) else list(value) if many else [value]
         for v in values:
             if isinstance(v, (float, np.floating)) and not math.isfinite(v):
-                raise InputError(f"sampler {sampler!r}: option {key} must be finite, got {value!r}")
+                got = f"{v!r} among its {len(values)} values" if many else repr(v)
+                raise InputError(f"sampler {sampler!r}: option {key} must be finite, got {got}")
     try:  # options written into a diffusers class name: "DDIMScheduler(num_train_timesteps=0)"
         named = schedulers.names.resolve(sampler)[2]
     except Exception:  # an unknown or malformed name: make_plan says what is wrong with it

@@ -162,6 +162,7 @@ def inpaint_job(
     opened_mask = im.open_image(mask, "mask", allow_bool=True)
     size, mask_size = im.oriented_size(opened), im.oriented_size(opened_mask)
     work = _work_size(size, width, height, f, "the image")
+    im.check_mask_size(mask_size, size)
     if admit is not None:
         admit(*work, batch_size, input_pixels=size[0] * size[1] + mask_size[0] * mask_size[1])
     img = im.load_image(opened, "image")
@@ -391,6 +392,7 @@ BASE_BYTES = 100 << 20
 UNET_TOP = 14  # UNet working memory in units of one top-level activation (batch x channels x h x w fp32)
 VAE_DECODER_TOP = 9  # VAE decoder, in units of one full-resolution activation (channels[0] x H x W fp32)
 VAE_ENCODER_TOP = 6
+VAE_ATTENTION_COPIES = 1.25  # a materialised (tokens x tokens) score matrix and part of its softmax
 TEXT_TOKENS = 77
 SD_UNET = {"block_out_channels": [320, 640, 1280, 1280], "attention_head_dim": 8,
            "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"]}
@@ -462,7 +464,8 @@ def _vae_bytes(info: ModelInfo, graph: str, width: int, height: int, per_top: in
     blocks = _int_list(cfg.get("block_out_channels"), SD_VAE["block_out_channels"])
     top = blocks[0] * width * height * 4
     tokens = (width // info.vae_scale_factor) * (height // info.vae_scale_factor)
-    attention = tokens * tokens * 4 if cfg.get("mid_block_add_attention", True) and _materialises_attention(info, graph) else 0
+    materialised = cfg.get("mid_block_add_attention", True) and _materialises_attention(info, graph)
+    attention = int(VAE_ATTENTION_COPIES * tokens * tokens * 4) if materialised else 0
     return per_top * top + attention
 
 

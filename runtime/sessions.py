@@ -252,6 +252,8 @@ class Graph:
                 self.cuda_graphs = 0
                 sess = create(False)
         except Exception as e:  # ORT raises its own exception types; say which file failed
+            if self._gate is not None:
+                self._gate()  # a damaged file is the cause to report, when it is one
             raise ProviderError(f"cannot load the {self.name} graph {self.path}: {str(e).splitlines()[0]}") from None
         if self.provider == "cpu":
             _release_freed_heap()
