@@ -110,6 +110,8 @@ def _message(e: BaseException) -> tuple[str, int]:
         return "out of memory (MemoryError); use a smaller size or batch", 1
     if isinstance(e, OSError) and e.filename is not None and str(e.filename) not in str(e):
         return f"{e.filename}: {e.strerror or e}", 1
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror, 1
     if isinstance(e, (ValueError, RuntimeError, OSError)):
         return str(e) or e.__class__.__name__, 1
     return f"internal error: {e.__class__.__name__}: {e} (run `sdrt --debug ...` for the traceback and report it)", 1

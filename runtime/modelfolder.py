@@ -121,14 +121,62 @@ def _read_json(path: Path, what: str) -> dict[str, Any]:
     return data
 
 
+def _cache_dir() -> Path:
+    base = os.environ.get("SDRT_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "sdrt"
+    )
+    return Path(base)
+
+
+def _verified_cache_path() -> Path:
+    return _cache_dir() / "verified-files.json"
+
+
+_cache_lock = threading.Lock()
+
+
+def _load_verified() -> dict[str, Any]:
+    try:
+        with open(_verified_cache_path(), encoding="utf-8") as f:
+            data = json.load(f)
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _save_verified(new: dict[str, Any]) -> None:
+    path = _verified_cache_path()
+    with _cache_lock:
+        entries = {**_load_verified(), **new}
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+            tmp.write_text(json.dumps(entries), encoding="utf-8")
+            os.replace(tmp, path)
+        except OSError:
+            pass  # a read-only home only costs a re-hash next time
+
+
+def _stamp(st: os.stat_result, digest: str) -> list:
+    """What a verified file looked like. Any write to a file changes its ctime, which no program
+    can set back (touch and utime set mtime and atime only), and a replaced file has another
+    inode: a file whose stamp is unchanged still has the content that was hashed."""
+    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, digest]
+
+
 class Verification:
     """The sha256 check of a folder's files, run in a background thread (load() starts it, so the
     hashing overlaps the creation of the ONNX Runtime sessions) or at once. wait() returns when
-    every file matched and raises ModelFolderError naming the first one that did not."""
+    every file matched and raises ModelFolderError naming the first one that did not.
 
-    def __init__(self, root: Path, files: dict[str, dict[str, Any]], background: bool = True):
+    use_cache: a file verified before on this machine whose stamp (inode, size, mtime, ctime) is
+    unchanged is not hashed again; every hashed file is recorded."""
+
+    def __init__(self, root: Path, files: dict[str, dict[str, Any]], background: bool = True, use_cache: bool = True):
         self.root = root
         self.files = files
+        self.use_cache = use_cache
+        self.hashed: list[str] = []  # files hashed (not found unchanged in the cache)
         self._error: str | None = None
         self._done = threading.Event()
         if background:
@@ -137,21 +185,31 @@ class Verification:
             self._run()
 
     def _run(self) -> None:
+        recorded: dict[str, Any] = {}
         try:
+            cache = _load_verified() if self.use_cache else {}
             for rel, entry in sorted(self.files.items()):
                 p = self.root / rel
                 try:
+                    key = str(p.resolve())
+                    st = p.stat()
+                    if cache.get(key) == _stamp(st, entry["sha256"]):
+                        continue
                     digest = sha256_file(p)
                 except OSError as e:
                     self._error = f"model folder {self.root} is damaged: cannot read {rel} ({e.strerror or e})"
                     return
+                self.hashed.append(rel)
                 if digest != entry["sha256"]:
                     self._error = (f"model folder {self.root} is damaged: {rel} does not match its sha256 in {MANIFEST}"
                                    " (corrupted or modified file; export the model again)")
                     return
+                recorded[key] = _stamp(st, digest)
         except Exception as e:  # never leave a waiter hanging
             self._error = f"model folder {self.root}: the file check failed ({e})"
         finally:
+            if recorded:
+                _save_verified(recorded)
             self._done.set()
 
     @property
@@ -168,11 +226,12 @@ def verify_files(root: Path, files: dict[str, dict[str, Any]], mode: str = "auto
                  background: bool = False) -> Verification | None:
     """Check every file the manifest lists: present, same size and (unless mode="size") same sha256.
 
-    Sizes are compared at once. "auto" and "full" hash every file, every time: a file whose
-    content changed is found whatever its size and time stamps say. With background=True the
-    hashing runs in a thread and the returned Verification's wait() reports its result (load()
-    waits for it before the first graph runs); otherwise it is done before returning.
-    "size" only compares sizes; "none" skips the check.
+    Sizes are compared at once. "full" hashes every file. "auto" hashes every file except those
+    verified before on this machine and unchanged since: same inode, size, mtime and ctime (any
+    write changes the ctime, and nothing can set it back, so a file rewritten with its old size and
+    mtime is hashed again). With background=True the hashing runs in a thread and the returned
+    Verification's wait() reports its result (load() waits for it before the first graph runs);
+    otherwise it is done before returning. "size" only compares sizes; "none" skips the check.
     """
     if mode not in VERIFY_MODES:
         raise ValueError(f"verify must be one of {', '.join(VERIFY_MODES)}; got {mode!r}")
@@ -193,7 +252,7 @@ def verify_files(root: Path, files: dict[str, dict[str, Any]], mode: str = "auto
             )
     if mode == "size":
         return None
-    v = Verification(root, files, background=background)
+    v = Verification(root, files, background=background, use_cache=mode == "auto")
     if not background:
         v.wait()
     return v
