@@ -859,6 +859,11 @@ def load(path: str | Path | None = None, provider: str = "auto", *, verify: str 
          provider_options: dict[str, Any] | None = None) -> Pipeline:
     """Load a model folder (sdrt export or optimum export). path=None loads the embedded default model.
 
+    verify: "auto" hashes the files listed in sdrt.json that were not verified on this machine
+    since they last changed (inode, size, mtime and ctime: any write is noticed), in a background
+    thread while the sessions are created; no graph runs before it passed. "full" hashes every
+    file, "size" compares sizes only, "none" skips the check. threads: ONNX Runtime's intra-op
+    threads, 1 to the logical cores (default: one per physical core).
     io_binding: run the graphs on buffers that stay put between calls (on the device with CUDA);
     default: on for CUDA, off for the CPU. cuda_graphs: how many UNet input shapes (batch, size)
     may hold a captured CUDA graph (default 4 with CUDA and IO binding, 0 otherwise).

@@ -350,6 +350,7 @@ API_SAMPLER_FAULTS = [
 PROMPTS = [
     ("a\ud800b", r"prompt is not valid text: '\\ud800' at position 1"),
     ("(a:1000)", r"prompt: 'a' has weight 1e\+03 .* from -100 to 100"),
+    ("(a:1" + "0" * 44 + ")", r"prompt: 'a' has weight 1e\+44"),
     ("(a:-101)", r"weight -101"),
     ("(" * 1000 + "a", r"prompt: 'a' has weight 2\.47e\+41"),
     ("(" * 60 + "a" + ")" * 60, r"weight 30[0-9]"),

@@ -207,6 +207,19 @@ def test_memory_refusal_is_real(sd1):
     assert e.total > e.stages["unet"] + e.weights
 
 
+def test_thread_counts_up_to_the_logical_cores(models):
+    """threads=1 and threads=<logical cores> load and run; the session uses the count given."""
+    from sdrt.runtime import load
+    from sdrt.runtime.sessions import logical_cores, session_options
+
+    for n in sorted({1, logical_cores()}):
+        p = load(models.exported("tiny-sd1"), provider="cpu", threads=n)
+        assert p.txt2img(PROMPT, width=32, height=32, steps=1, seed=1).images[0].size == (32, 32)
+        assert session_options("cpu", p.graphs["unet"].threads).intra_op_num_threads == n
+    with pytest.raises(InputError, match=rf"threads must be a whole number from 1 to {logical_cores()}"):
+        load(models.exported("tiny-sd1"), provider="cpu", threads=logical_cores() + 1)
+
+
 def test_mask_of_the_same_aspect_ratio_is_resized(sd1):
     small = _mask().resize((16, 16), Image.Resampling.NEAREST)  # blocky: exact at half size
     opts = dict(strength=0.7, steps=4, seed=5, mask_blur=0)
