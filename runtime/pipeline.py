@@ -264,8 +264,15 @@ class Pipeline:
             raise RuntimeError(f"the denoising loop produced NaN/Inf latents for image {bad}: check the sampler "
                                "options, the noise and the prompt weights")
         out = []
+        f = self.info.vae_scale_factor
+        want = (1, 3, z.shape[2] * f, z.shape[3] * f)
         for i in range(z.shape[0]):
             x = self.graphs["vae_decoder"].run({"latent_sample": z[i : i + 1]}, ["sample"])[0]
+            if x.shape != want:
+                raise ModelFolderError(
+                    f"the VAE decoder of {self.info.path} returned {x.shape} for latents of {z[i : i + 1].shape}; the "
+                    f"folder says a scale factor of {f}, which gives {want}: the manifest or config does not describe "
+                    "these graphs; export the model again")
             if not np.isfinite(x).all():
                 fallback = self.graphs.get(FP32_VAE_DECODER)
                 if fallback is None:

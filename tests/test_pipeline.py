@@ -801,3 +801,51 @@ def test_unet_overflow_names_the_image(models, monkeypatch, bad_row):
     monkeypatch.setattr(pipe.graphs["unet"], "run", run)
     with pytest.raises(RuntimeError, match=f"NaN/Inf for image {bad_row % 2} of the batch"):
         pipe.img2img(IMG, PROMPT, NEGATIVE, strength=0.6, steps=3, seed=4, batch_size=2)
+
+
+def _rewrite(folder: Path, rel: str, **changes) -> None:
+    """Change a JSON file of a model folder and record its new size and sha256 in the manifest."""
+    import hashlib
+    import json
+
+    p = folder / rel
+    data = json.loads(p.read_text())
+    data.update(changes)
+    p.write_text(json.dumps(data))
+    if rel != "sdrt.json":
+        m = json.loads((folder / "sdrt.json").read_text())
+        raw = p.read_bytes()
+        m["files"][rel] = {"sha256": hashlib.sha256(raw).hexdigest(), "size": len(raw)}
+        (folder / "sdrt.json").write_text(json.dumps(m))
+
+
+def test_a_folder_that_describes_other_graphs_is_refused_by_the_graphs(models, copy_folder):
+    """Manifest and configs agree with each other but not with the graphs: 8 latent channels for
+    graphs of 4, or a scale factor of 4 for a VAE of 2. The graphs' declared inputs and returned
+    shapes refuse it in one line, before any shape error of ONNX Runtime or NumPy."""
+    from sdrt.runtime import load
+    from sdrt.runtime.modelfolder import ModelFolderError
+
+    folder = copy_folder(models.exported("tiny-sd1"))
+    folder = folder.rename(folder.with_name("first"))
+    _rewrite(folder, "sdrt.json", latent_channels=8, unet_in_channels=8)
+    _rewrite(folder, "unet/config.json", in_channels=8, out_channels=8)
+    for d in ("vae_encoder", "vae_decoder"):
+        _rewrite(folder, f"{d}/config.json", latent_channels=8)
+    pipe = load(folder, provider="cpu")
+    with pytest.raises(ModelFolderError, match=r"the unet graph .* has 4 in dimension 1 of 'sample', but the folder's "
+                                               r"description says 8"):
+        pipe.txt2img(PROMPT, width=32, height=32, steps=1)
+
+    folder = copy_folder(models.exported("tiny-sd1"))
+    _rewrite(folder, "sdrt.json", vae_scale_factor=4)
+    for d in ("vae_encoder", "vae_decoder"):
+        _rewrite(folder, f"{d}/config.json", block_out_channels=[32, 64, 64])
+    pipe = load(folder, provider="cpu")
+    with pytest.raises(ModelFolderError, match=r"VAE encoder .* returned \(1, 8, 16, 16\) for images of \(1, 3, 32, 32\); "
+                                               r"the folder says 4 latent channels and a scale factor of 4, which give "
+                                               r"\(1, 8, 8, 8\)"):
+        pipe.img2img(IMG, PROMPT, steps=1)
+    with pytest.raises(ModelFolderError, match=r"VAE decoder .* returned \(1, 3, 16, 16\) for latents of "
+                                               r"\(1, 4, 8, 8\); the folder says a scale factor of 4"):
+        pipe.txt2img(PROMPT, width=32, height=32, steps=1)
