@@ -57,7 +57,7 @@ app = typer.Typer(
     cls=_OneLineErrors,
     name="sdrt",
     help="Fast Stable Diffusion img2img and inpainting on ONNX Runtime.",
-    epilog="Run `sdrt COMMAND --help` for a command's options. Exit status: 0 ok, 1 failure, 2 usage error.",
+    epilog="Run `sdrt COMMAND --help` for a command's options. Exit status: 0 ok, 1 failure, 2 usage error, 130 interrupted, 143 terminated (SIGTERM).",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -173,7 +173,7 @@ def export(
 @app.command()
 def info(
     model: Path = typer.Argument(..., help="A model folder."),
-    verify: str = typer.Option("auto", "--verify", help="File check: auto and full (hash every file), size, none."),
+    verify: str = typer.Option("auto", "--verify", help="File check: auto (hash the files new or changed since their last check), full (hash every file), size, none."),
 ) -> None:
     """Describe a model folder: family, channels, precision, target, sizes, and the providers available here.
     Exits 1 on a folder img2img would refuse (damaged file, inconsistent manifest, unreadable tokenizer, no

@@ -308,7 +308,7 @@ NUMBER_OPTIONS = [
     ("--clip-skip", "clip_skip", ("img2img", "inpaint", "txt2img"), "clip_skip",
      ["0", "-3", "25", "99", "abc"], [0, -3, 25, 99, 1.5, "1", None]),
     ("--mask-blur", "mask_blur", ("inpaint",), "mask_blur",
-     ["-1", "513", "100000", "abc"], [-1, 513, float("nan"), float("inf"), "4", None]),
+     ["-1", "513", "100000", "abc"], [-1, 513, float("nan"), float("inf"), "4", 1e9]),
     ("--padding", "padding", ("inpaint",), "padding",
      ["-1", "513", "2147483648", "abc"], [-1, 513, float("inf"), "32", None]),
 ]
