@@ -340,7 +340,10 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    return f"{cpu or platform.processor()}, {physical_cores()} physical cores, {os.cpu_count()} logical, Python {platform.python_version()}"
+    from sdrt.runtime.cpu import cpu_features
+
+    return (f"{cpu or platform.processor()} ({cpu_features().describe()}), {physical_cores()} physical cores, "
+            f"{os.cpu_count()} logical, Python {platform.python_version()}")
 
 
 def table(recs: list[dict]) -> str:

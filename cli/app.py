@@ -175,13 +175,14 @@ def info(
     model: Path = typer.Argument(..., help="A model folder."),
     verify: str = typer.Option("auto", "--verify", help="File check: auto (hash the files new or changed since their last check), full (hash every file), size, none."),
 ) -> None:
-    """Describe a model folder: family, channels, precision, target, sizes, and the providers available here.
-    Exits 1 on a folder img2img would refuse (damaged file, inconsistent manifest, unreadable tokenizer, no
-    provider here that runs it)."""
+    """Describe a model folder: family, channels, precision, target, sizes, the providers and CPU features
+    available here, and how its int8 graphs run on this CPU. Exits 1 on a folder img2img would refuse (damaged
+    file, inconsistent manifest, unreadable tokenizer, no provider here that runs it)."""
 
     def go():
         import onnxruntime as ort
 
+        from sdrt.runtime.cpu import cpu_features, int8_status, int8_weight_max
         from sdrt.runtime.modelfolder import read_model_folder
         from sdrt.runtime.sessions import onnxruntime_distributions, resolve_provider
         from sdrt.runtime.text import ClipTokenizer
@@ -189,6 +190,7 @@ def info(
         i = read_model_folder(model, verify=verify)
         ClipTokenizer.from_folder(i.path / "tokenizer")
         provider = resolve_provider("auto", i)
+        cpu = cpu_features()
         size = sum(p.stat().st_size for p in i.path.rglob("*") if p.is_file())
         rows = [
             ("model", str(i.path)),
@@ -202,7 +204,11 @@ def info(
             ("files", f"{size / 2**20:.1f} MiB" + ("" if i.manifest else " (no sdrt.json: not checked)")),
             ("providers here", f"{', '.join(ort.get_available_providers())} (runs on {provider})"),
             ("onnxruntime", " + ".join(onnxruntime_distributions()) or f"{ort.__version__} (no distribution metadata)"),
+            ("CPU here", cpu.describe()),
         ]
+        weight_max = int8_weight_max(i.manifest)
+        if weight_max is not None:
+            rows.append(("int8 here", int8_status(weight_max, cpu)[1]))
         w = max(len(k) for k, _ in rows)
         for k, v in rows:
             typer.echo(f"{k:<{w}}  {v}")

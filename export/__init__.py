@@ -178,6 +178,7 @@ def export_model(
     fp32_ops: tuple[str, ...] | None = None,
     fp32_vae_decoder: bool = False,
     check: bool = True,
+    int8_weight_max: int = 64,
     log: Callable[[str], None] = _log,
 ) -> Path:
     """Export the diffusers folder `src` into the sdrt model folder `out`; returns `out`.
@@ -193,6 +194,9 @@ def export_model(
     (DEFAULT_FP32_OPS: MultiHeadAttention in SD 2.x UNets), () none.
     fp32_vae_decoder: with fp16, also write an fp32 VAE decoder, which the pipeline uses for an
     image whose fp16 decoding overflows (NaN/Inf).
+    int8_weight_max: with int8, the weights' range [-w, w]: 64 (the default) is exact on every CPU;
+    127 is exact only where ONNX Runtime's int8 products accumulate in 32 bits (VNNI, AMX, ARM), and
+    may saturate on other x86-64 CPUs (see export/quantize.py). 127 is there to measure the cost.
     """
     src, out = Path(src).expanduser(), Path(out).expanduser()
     if precision not in PRECISIONS:
@@ -203,6 +207,8 @@ def export_model(
         raise ExportError("fp16 graphs run on the CUDA provider only: use --target cuda with --precision fp16")
     if precision == "int8" and target != "cpu":
         raise ExportError("int8 graphs are for the CPU provider: use --target cpu with --precision int8")
+    if int8_weight_max not in (64, 127):
+        raise ExportError(f"int8_weight_max {int8_weight_max} is not supported; accepted: 64 (exact on every CPU), 127")
     if fp32_vae_decoder and precision != "fp16":
         raise ExportError("--fp32-vae-decoder goes with --precision fp16 (the VAE decoder is fp32 otherwise)")
     if not 14 <= opset <= 20:
@@ -225,9 +231,10 @@ def export_model(
     (tmp / INCOMPLETE_MARKER).write_text("export in progress\n")
     try:
         if from_folder:
-            manifest = _quantize_into(src, tmp, log)
+            manifest = _quantize_into(src, tmp, int8_weight_max, log)
         else:
-            manifest = _export_into(src, tmp, index, precision, target, opset, fp32_ops, fp32_vae_decoder, check, log)
+            manifest = _export_into(src, tmp, index, precision, target, opset, fp32_ops, fp32_vae_decoder, check,
+                                    int8_weight_max, log)
         _fsync_tree(tmp)
         (tmp / INCOMPLETE_MARKER).unlink()
         if out.exists():
@@ -249,7 +256,8 @@ def export_model(
     return out
 
 
-def _export_into(src, tmp, index, precision, target, opset, fp32_ops, fp32_vae_decoder, check, log) -> dict:
+def _export_into(src, tmp, index, precision, target, opset, fp32_ops, fp32_vae_decoder, check, int8_weight_max,
+                 log) -> dict:
     import torch
 
     from .graphs import check_graph, export_graph, graph_specs
@@ -336,7 +344,9 @@ def _export_into(src, tmp, index, precision, target, opset, fp32_ops, fp32_vae_d
         del pipe  # the PyTorch copy is not needed any more; calibration runs the fp32 graphs
         gc.collect()
         (tmp / MANIFEST).write_text(json.dumps({**manifest, "precision": {k: "fp32" for k in precisions}, "files": {}}))
-        fused["unet"].update(quantize_unet(tmp, log=log))
+        q = quantize_unet(tmp, log=log, weight_max=int8_weight_max)
+        fused["unet"].update(q["fused_operators"])
+        manifest["int8_weight_max"] = q["int8_weight_max"]
     return _write_manifest(tmp, manifest, t0)
 
 
@@ -353,7 +363,7 @@ def _write_manifest(tmp: Path, manifest: dict, t0: float) -> dict:
     return manifest
 
 
-def _quantize_into(src: Path, tmp: Path, log) -> dict:
+def _quantize_into(src: Path, tmp: Path, int8_weight_max: int, log) -> dict:
     """int8 from an sdrt fp32 cpu-target folder (no PyTorch needed): copy it, quantize the UNet."""
     from sdrt.runtime.modelfolder import ModelFolderError, read_model_folder
 
@@ -373,9 +383,11 @@ def _quantize_into(src: Path, tmp: Path, log) -> dict:
             (shutil.copytree if p.is_dir() else shutil.copy2)(p, tmp / p.name)
     manifest = json.loads((src / MANIFEST).read_text(encoding="utf-8"))
     (tmp / MANIFEST).write_text(json.dumps({**manifest, "files": {}}))
-    counts = quantize_unet(tmp, log=log)
+    q = quantize_unet(tmp, log=log, weight_max=int8_weight_max)
     manifest["precision"] = {**manifest["precision"], "unet": "int8"}
-    manifest["fused_operators"] = {**manifest["fused_operators"], "unet": {**manifest["fused_operators"]["unet"], **counts}}
+    manifest["fused_operators"] = {**manifest["fused_operators"],
+                                   "unet": {**manifest["fused_operators"]["unet"], **q["fused_operators"]}}
+    manifest["int8_weight_max"] = q["int8_weight_max"]
     manifest["source"] = f"{manifest.get('source', '?')} (sdrt folder {src.name})"
     manifest["versions"] = _versions()
     return _write_manifest(tmp, manifest, t0)

@@ -10,6 +10,14 @@ Two kinds of quantization, each where ONNX Runtime's CPU kernels gain from it:
 - Matrix products (projections, feed-forward): dynamic int8 (MatMulInteger with a scale computed
   per call), which needs no calibration.
 
+Weights of both kinds use 7 bits of the int8 range, [-64, 64] (WEIGHT_MAX), so that the products
+are exact on every CPU. ONNX Runtime multiplies uint8 activations by int8 weights; x86-64 CPUs
+without VNNI (AVX2, and AVX-512 before VNNI) do it with vpmaddubsw, which adds two neighbouring
+products a1*w1 + a2*w2 into a signed 16-bit value and saturates it there. With a <= 255 and two
+weights of one sign, that sum reaches 255 * 2 * |w|: 64770 for full-range weights (|w| <= 127),
+past 32767, and 32640 for |w| <= 64, within it. VNNI, AMX and ARM's dot products accumulate in
+32 bits and are exact with either range.
+
 Convolutions that stay fp32: the first and last of the graph (fed by a graph input or producing a
 graph output: cheap and the most sensitive), and those whose input or output would keep less than
 MIN_SQNR_DB of signal-to-noise in uint8 (measured in calibration: range against root mean square).
@@ -40,6 +48,11 @@ CALIBRATION_SEED = 1234
 
 # Convolutions whose activations would be quantized below this signal-to-noise ratio stay fp32.
 MIN_SQNR_DB = 36.0
+
+# Largest int8 weight magnitude: 2 * 255 * WEIGHT_MAX <= 32767, so no pair of uint8 x int8 products
+# can leave int16 (see the module docstring). 64 is ONNX Runtime's own reduced range for int8
+# (quantize_dynamic(reduce_range=True) writes [-64, 64]); 127 is the full range.
+WEIGHT_MAX = 64
 
 # Op types that get dynamic int8 (MatMulInteger): constant-weight matrix products.
 DYNAMIC_OP_TYPES = ("MatMul",)
@@ -175,19 +188,24 @@ def _uint8_params(lo: float, hi: float, *_) -> tuple[np.float32, np.uint8]:
     return np.float32(scale), np.uint8(zero)
 
 
-def quantize_convs(model, ranges: dict[str, tuple[float, float, float]], min_sqnr_db: float = MIN_SQNR_DB) -> int:
+def quantize_convs(model, ranges: dict[str, tuple[float, float, float]], min_sqnr_db: float = MIN_SQNR_DB,
+                   weight_max: int = WEIGHT_MAX) -> int:
     """Rewrite the graph's quantizable convolutions in QDQ form, in place; returns the count.
 
     ranges: {tensor: (min, max, rms)} from calibration. A convolution whose input or output would
     be quantized below `min_sqnr_db` stays fp32 (in SD UNets: the skip-connection and resampling
     convolutions on the residual stream, whose few large values make one uint8 scale coarse).
 
-    Weight: int8, symmetric, one scale per output channel. Bias: int32 at scale x_scale * w_scale.
+    Weight: int8 in [-weight_max, weight_max], symmetric, one scale per output channel (64, the
+    default, keeps every CPU's arithmetic exact; 127 only where products accumulate in 32 bits).
+    Bias: int32 at scale x_scale * w_scale.
     Each activation tensor (a conv's input or output) gets one QuantizeLinear -> DequantizeLinear
     pair after its producer. A conv's output is read by every consumer through that pair (ONNX
     Runtime fuses DQ -> Conv -> Q only when Q is the conv's sole consumer); a conv input made by
     another node keeps its fp32 value for its other consumers.
     """
+    if not 0 < weight_max <= 127:
+        raise ValueError(f"weight_max must be in 1..127, got {weight_max}")
     g = model.graph
 
     def fits(t: str) -> bool:
@@ -226,8 +244,8 @@ def quantize_convs(model, ranges: dict[str, tuple[float, float, float]], min_sqn
         w_init = inits[n.input[1]]
         w = numpy_helper.to_array(w_init).astype(np.float32)
         amax = np.abs(w.reshape(w.shape[0], -1)).max(axis=1)
-        w_scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
-        wq = np.clip(np.round(w / w_scale[:, None, None, None]), -127, 127).astype(np.int8)
+        w_scale = np.where(amax > 0, amax / weight_max, 1.0).astype(np.float32)
+        wq = np.clip(np.round(w / w_scale[:, None, None, None]), -weight_max, weight_max).astype(np.int8)
         base = n.name or y
         wn = f"{base}/w"
         new_inits += [numpy_helper.from_array(wq, f"{wn}_int8"), numpy_helper.from_array(w_scale, f"{wn}_scale"),
@@ -267,10 +285,14 @@ def quantize_convs(model, ranges: dict[str, tuple[float, float, float]], min_sqn
     return len(convs)
 
 
-def quantize_dynamic_matmuls(src: Path, dst: Path) -> int:
-    """Dynamic int8 quantization of the constant-weight MatMuls of `src` into `dst`; returns the count."""
+def quantize_dynamic_matmuls(src: Path, dst: Path, weight_max: int = WEIGHT_MAX) -> int:
+    """Dynamic int8 quantization of the constant-weight MatMuls of `src` into `dst`; returns the count.
+
+    Weights symmetric per tensor, in [-64, 64] (ONNX Runtime's reduced range) or [-127, 127]."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    if weight_max not in (64, 127):
+        raise ValueError(f"dynamic int8 weights span [-64, 64] or [-127, 127]; got weight_max {weight_max}")
     size = sum(p.stat().st_size for p in src.parent.glob(src.name + "*"))
     quantize_dynamic(
         str(src),
@@ -278,6 +300,7 @@ def quantize_dynamic_matmuls(src: Path, dst: Path) -> int:
         weight_type=QuantType.QInt8,
         op_types_to_quantize=list(DYNAMIC_OP_TYPES),
         per_channel=False,
+        reduce_range=weight_max == 64,
         extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT},
         use_external_data_format=size >= EXTERNAL_DATA_FROM,
     )
@@ -285,17 +308,30 @@ def quantize_dynamic_matmuls(src: Path, dst: Path) -> int:
     return sum(n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul") for n in model.graph.node)
 
 
+def largest_int8_weight(model) -> int:
+    """The largest magnitude among the graph's int8 initializers (0 when it has none)."""
+    m = 0
+    for init in model.graph.initializer:
+        if init.data_type == onnx.TensorProto.INT8:
+            a = numpy_helper.to_array(init)
+            if a.size:
+                m = max(m, int(np.abs(a.astype(np.int16)).max()))
+    return m
+
+
 def _remove_graph(path: Path) -> None:
     for p in path.parent.glob(path.name + "*"):
         p.unlink()
 
 
-def quantize_unet(folder: Path, log: Callable[[str], None] = print) -> dict:
+def quantize_unet(folder: Path, log: Callable[[str], None] = print, weight_max: int = WEIGHT_MAX) -> dict:
     """Replace the fused fp32 UNet of the (complete, fp32) model folder `folder` by its int8 graph.
 
     Calibrates the convolutions' activations with the folder's own graphs, rewrites the
-    convolutions in QDQ form, then quantizes the matrix products dynamically. Returns the counts
-    of quantized operators ({"QLinearConv": n, "MatMulInteger": m}).
+    convolutions in QDQ form, then quantizes the matrix products dynamically, all with int8
+    weights in [-weight_max, weight_max] (64 or 127). Returns the counts of quantized operators
+    and the largest int8 weight the written graph holds:
+    {"fused_operators": {"QLinearConv": n, "MatMulInteger": m}, "int8_weight_max": w}.
     """
     import gc
     import time
@@ -312,7 +348,7 @@ def quantize_unet(folder: Path, log: Callable[[str], None] = print) -> dict:
     finally:
         probe.unlink(missing_ok=True)
     model = onnx.load(str(unet))
-    convs = quantize_convs(model, ranges)
+    convs = quantize_convs(model, ranges, weight_max=weight_max)
     staged = unet.with_name("static.onnx")
     save_onnx(model, staged)
     del model
@@ -320,10 +356,14 @@ def quantize_unet(folder: Path, log: Callable[[str], None] = print) -> dict:
     _remove_graph(unet)
     try:
         with quiet_logs():
-            matmuls = quantize_dynamic_matmuls(staged, unet)
+            matmuls = quantize_dynamic_matmuls(staged, unet, weight_max=weight_max)
     finally:
         _remove_graph(staged)
+    # What the written graph holds, read back: the manifest records it and `sdrt info` reads it.
+    largest = largest_int8_weight(onnx.load(str(unet)))
+    if largest > weight_max:
+        raise RuntimeError(f"the int8 UNet holds weights up to {largest}, past the {weight_max} it was quantized to")
     counts = {"QLinearConv": convs, "MatMulInteger": matmuls}
     log(f"  unet: int8/cpu graph written in {time.time() - t:.1f}s (quantized: "
-        + ", ".join(f"{k} {v}" for k, v in counts.items()) + ")")
-    return counts
+        + ", ".join(f"{k} {v}" for k, v in counts.items()) + f"; int8 weights within +-{largest})")
+    return {"fused_operators": counts, "int8_weight_max": largest}

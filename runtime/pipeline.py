@@ -669,11 +669,11 @@ class Pipeline:
         """call index -> (key, cond, uncond) for prompts with A1111's prompt editing: each text
         encoded once (a schedule's texts padded to its longest, as A1111 batches them), the
         entry chosen per model call as A1111's CFG denoiser does, cond and uncond of a call
-        brought to one length with empty-prompt chunks (as encode_prompt does)."""
-        from .text import encode_schedules, pad_with_empty
+        brought to one length as encode_prompt does (text.common_length)."""
+        from .text import common_length, encode_schedules
 
-        conds, unconds, (empty,) = encode_schedules(
-            [[t for _, t in cond_schedule], [t for _, t in uncond_schedule], [""]], self.tokenizer, self._text_encoder,
+        conds, unconds = encode_schedules(
+            [[t for _, t in cond_schedule], [t for _, t in uncond_schedule]], self.tokenizer, self._text_encoder,
             clip_skip=clip_skip)
         pairs: dict = {}
 
@@ -681,8 +681,7 @@ class Pipeline:
             i = prompts.entry_at_call(cond_schedule, call)
             j = prompts.entry_at_call(uncond_schedule, call)
             if (i, j) not in pairs:
-                n = max(conds[i].shape[0], unconds[j].shape[0])
-                pairs[i, j] = (pad_with_empty(conds[i], n, empty)[None], pad_with_empty(unconds[j], n, empty)[None])
+                pairs[i, j] = common_length(conds[i][None], unconds[j][None])
                 _check_encoding(*pairs[i, j])
             return ((i, j), *pairs[i, j])
 

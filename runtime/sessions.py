@@ -110,6 +110,10 @@ def gpu_install_hint() -> str:
     return "install sdrt with the CUDA build of ONNX Runtime (SDRT_ONNXRUNTIME=gpu pip install sdrt, see the README)"
 
 
+# ONNX Runtime's session option for exact int8 products on x86-64 CPUs without VNNI.
+X64_QUANT_PRECISION = "session.x64quantprecision"
+
+
 def session_options(provider: str, threads: int | None = None):
     import onnxruntime as ort
 
@@ -129,6 +133,15 @@ def session_options(provider: str, threads: int | None = None):
         if _shared_cpu_arena():
             so.add_session_config_entry("session.use_env_allocators", "1")
         so.add_session_config_entry("session.use_device_allocator_for_initializers", "1")
+        # int8 weights beyond +-64 (sdrt int8 folders written before they were kept within it) would
+        # saturate ONNX Runtime's uint8 x int8 kernels on x86-64 CPUs without VNNI: there it is told to
+        # convert such weights to uint8 and use its exact, slower uint8 x uint8 kernels. Only there:
+        # ONNX Runtime applies the option on every x86-64 CPU with AVX2, VNNI or not (3x slower
+        # convolutions with full-range weights, measured). Weights within +-64 are never converted.
+        from .cpu import cpu_features
+
+        if cpu_features().int8_products_saturate() is not False:
+            so.add_session_config_entry(X64_QUANT_PRECISION, "1")
     return so
 
 

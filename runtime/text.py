@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +46,7 @@ __all__ = [
     "encode_prompts",
     "encode_schedules",
     "pad_with_empty",
+    "common_length",
 ]
 
 BOS_TOKEN = "<|startoftext|>"
@@ -481,9 +483,12 @@ def encode_prompts(
 
     Each prompt's chunks are encoded separately and joined along the sequence axis; with
     `emphasis` each chunk gets `apply_emphasis`. Prompts of one side (cond or uncond) shorter
-    than the longest there are extended by repeating their last vector (A1111's batch stacking);
-    then the shorter side is extended by whole chunks of the empty prompt's encoding (A1111's
-    pad_cond_uncond) so cond and uncond can run as one CFG batch.
+    than the longest there are extended by repeating their last vector (A1111's batch stacking).
+    When cond and uncond differ in length, both are tiled to the least common multiple of their
+    chunk counts, so they run as one CFG batch: cross-attention over a sequence repeated r times
+    equals cross-attention over the sequence (each key's softmax weight and value appear r
+    times), which is what A1111 computes by default (separate model calls for the two lengths,
+    pad_cond_uncond off) and what ComfyUI does (it repeats conds to a common length).
     """
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts:
@@ -510,11 +515,7 @@ def encode_prompts(
     uncond_chunks = [chunks_of(p) for p in negatives]
     k_cond = max(len(c) for c in cond_chunks)
     k_uncond = max(len(c) for c in uncond_chunks)
-    groups = cond_chunks + uncond_chunks
-    if k_cond != k_uncond:
-        groups.append(chunks_of(""))
-
-    rows, z = _encode_rows(groups, text_encoder, clip_skip)
+    rows, z = _encode_rows(cond_chunks + uncond_chunks, text_encoder, clip_skip)
 
     def embed(c: PromptChunks) -> np.ndarray:
         return _embed(c, rows, z, emphasis)
@@ -529,14 +530,17 @@ def encode_prompts(
             out.append(e)
         return np.stack(out)
 
-    cond = stack(cond_chunks, k_cond)
-    uncond = stack(uncond_chunks, k_uncond)
-    if k_cond != k_uncond:
-        empty = z[rows[chunks_of("").ids[0].tobytes()]]
-        short, extra = (cond, k_uncond - k_cond) if k_cond < k_uncond else (uncond, k_cond - k_uncond)
-        pad = np.broadcast_to(np.tile(empty, (extra, 1)), (short.shape[0], extra * empty.shape[0], empty.shape[1]))
-        short = np.concatenate([short, pad], axis=1)
-        cond, uncond = (short, uncond) if k_cond < k_uncond else (cond, short)
+    return common_length(stack(cond_chunks, k_cond), stack(uncond_chunks, k_uncond))
+
+
+def common_length(cond: np.ndarray, uncond: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """cond and uncond (..., L, D) of different sequence lengths (whole chunks) repeated along the
+    sequence axis to the least common multiple of their lengths: one CFG batch whose
+    cross-attention equals separate calls at each one's own length (see encode_prompts)."""
+    n = math.lcm(cond.shape[-2], uncond.shape[-2])
+    reps = [1] * (cond.ndim - 2)
+    cond = np.tile(cond, (*reps, n // cond.shape[-2], 1))
+    uncond = np.tile(uncond, (*reps, n // uncond.shape[-2], 1))
     return np.ascontiguousarray(cond, dtype=np.float32), np.ascontiguousarray(uncond, dtype=np.float32)
 
 

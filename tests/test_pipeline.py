@@ -636,6 +636,28 @@ def test_long_prompt_and_break(sd1, diffusers_text):
     assert spy.calls and all(c["encoder_hidden_states"].shape == (2, 154, 32) for c in spy.calls)
 
 
+def test_cond_uncond_of_different_lengths_run_as_separate_calls_would(sd1):
+    """A long prompt beside a short negative prompt: the shorter side is repeated to the longer
+    one's length, and the UNet's output is what a separate call on its own length gives (A1111
+    runs the two lengths as separate model calls by default): cross-attention over a repeated
+    sequence equals cross-attention over the sequence."""
+    long = " ".join(f"red{i % 7} circle" for i in range(50))
+    cond, uncond = sd1.encode_prompt(long, NEGATIVE)
+    assert cond.shape == uncond.shape == (1, 154, 32)
+    short, _ = sd1.encode_prompt(NEGATIVE, "")  # the negative prompt's own encoding, one chunk
+    np.testing.assert_array_equal(uncond[0, :77], short[0])
+    np.testing.assert_array_equal(uncond[0, 77:], short[0])
+    unet = sd1.graphs["unet"].load()
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, 4, LAT, LAT)).astype(np.float32)
+    t = np.array(500.0, np.float32)
+    alone = unet.run({"sample": x, "timestep": t, "encoder_hidden_states": short}, ["out_sample"])[0]
+    tiled = unet.run({"sample": x, "timestep": t, "encoder_hidden_states": uncond}, ["out_sample"])[0]
+    np.testing.assert_allclose(tiled, alone, rtol=1e-4, atol=1e-5)
+    padded = np.concatenate([short, sd1.encode_prompt("", "")[0]], axis=1)  # padding with the empty prompt instead
+    assert np.abs(unet.run({"sample": x, "timestep": t, "encoder_hidden_states": padded}, ["out_sample"])[0] - alone).max() > 1e-3
+
+
 def test_emphasis_reaches_the_encoding(sd1):
     plain, _ = sd1.encode_prompt("a red circle", "")
     weighted, _ = sd1.encode_prompt("a (red:1.5) circle", "")

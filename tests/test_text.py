@@ -9,12 +9,10 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import statistics
 import random
 import re
 import subprocess
 import sys
-import time
 import types
 import unicodedata
 from pathlib import Path
@@ -275,15 +273,35 @@ def test_from_folder_errors(tmp_path):
         ClipTokenizer.from_folder(bad_json)
 
 
-def test_tokenize_is_fast(toks):
+def test_prompt_is_tokenized_in_one_backend_call(toks):
+    """A prompt with emphasis is split into pieces, and all of them go to the Rust tokenizer in one
+    batch call (not one call per piece, nor a Python BPE); benchmarks/startup.py times it."""
     prompt = "masterpiece, best quality, (a photograph:1.2) of an astronaut riding a [horse] on the moon, highly detailed, 8k"
     t = toks["sd1"]
-    times = []
-    for _ in range(200):
-        t0 = time.perf_counter()
-        prompt_chunks(prompt, t)
-        times.append(time.perf_counter() - t0)
-    assert statistics.median(times) < 1e-3
+    expected = prompt_chunks(prompt, t)
+    calls = []
+
+    class Counting:
+        def __init__(self, backend):
+            self._backend = backend
+
+        def __getattr__(self, name):
+            attr = getattr(self._backend, name)
+            if name.startswith("encode"):
+                def counted(*a, **kw):
+                    calls.append(name)
+                    return attr(*a, **kw)
+                return counted
+            return attr
+
+    backend = t.backend
+    t.backend = Counting(backend)
+    try:
+        got = prompt_chunks(prompt, t)
+    finally:
+        t.backend = backend
+    assert len(parse_prompt_attention(prompt)) > 1 and calls == ["encode_batch"]
+    assert np.array_equal(got.ids, expected.ids) and np.array_equal(got.weights, expected.weights)
 
 
 def test_text_module_imports_no_torch():
@@ -615,16 +633,23 @@ def test_encode_multichunk_and_cond_uncond_padding(toks):
     cond, uncond = encode_prompts([long], ["cat"], t, enc)
     assert cond.shape == uncond.shape == (1, 3 * 77, D)
     (ids, _), = enc.calls
-    # every distinct chunk once: the three of the prompt, the negative, the empty prompt
-    assert sorted(map(tuple, ids.tolist())) == sorted(map(tuple, rows + [_row([CAT]), _row([])]))
+    # every distinct chunk once: the three of the prompt and the negative
+    assert sorted(map(tuple, ids.tolist())) == sorted(map(tuple, rows + [_row([CAT])]))
     want = np.concatenate([emphasised(enc.f(np.array([r]))[0], wt) for r, wt in zip(rows, weights)])
     np.testing.assert_allclose(cond[0], want, rtol=1e-5, atol=1e-6)
-    empty = enc.f(np.array([_row([])]))[0]
-    np.testing.assert_allclose(uncond[0], np.concatenate([enc.f(np.array([_row([CAT])]))[0], empty, empty]), rtol=1e-6)
-    # the negative prompt is the longer one: cond is padded
+    cat = enc.f(np.array([_row([CAT])]))[0]
+    # the shorter side is repeated to the common length (3 = lcm(3, 1) chunks)
+    np.testing.assert_allclose(uncond[0], np.concatenate([cat, cat, cat]), rtol=1e-6)
+    # the negative prompt is the longer one: cond is repeated
     cond2, uncond2 = encode_prompts(["cat"], [long], t, enc)
     np.testing.assert_allclose(uncond2[0], want, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(cond2[0], np.concatenate([enc.f(np.array([_row([CAT])]))[0], empty, empty]), rtol=1e-6)
+    np.testing.assert_allclose(cond2[0], np.concatenate([cat, cat, cat]), rtol=1e-6)
+    # 2 and 3 chunks: both tiled to 6
+    two = "a " * 80  # 2 chunks
+    cond3, uncond3 = encode_prompts([two], [long], t, enc)
+    assert cond3.shape == uncond3.shape == (1, 6 * 77, D)
+    np.testing.assert_array_equal(cond3[0], np.tile(cond3[0, : 2 * 77], (3, 1)))
+    np.testing.assert_array_equal(uncond3[0], np.tile(uncond3[0, : 3 * 77], (2, 1)))
 
 
 def test_encode_schedules_pads_a_schedule_to_its_longest_text(toks):
@@ -649,7 +674,7 @@ def test_encode_batch(toks):
     cond, uncond = encode_prompts(["dog", long, "dog"], "a", t, enc)
     assert cond.shape == uncond.shape == (3, 154, D)
     ids = enc.calls[0][0]
-    assert ids.shape[0] == 5  # dog, cat x75, cat x5, a, empty
+    assert ids.shape[0] == 4  # dog, cat x75, cat x5, a
     dog = enc.f(np.array([_row([DOG], pad=0)]))[0]
     np.testing.assert_allclose(cond[0, :77], dog, rtol=1e-6)
     # a side's shorter prompts repeat their last vector (A1111's batch stacking)
@@ -657,11 +682,10 @@ def test_encode_batch(toks):
     np.testing.assert_array_equal(cond[0], cond[2])
     want_long = enc.f(np.array([_row([CAT] * 75, pad=0), _row([CAT] * 5, pad=0)])).reshape(154, D)
     np.testing.assert_allclose(cond[1], want_long, rtol=1e-6)
-    # cond and uncond sides differ in length: uncond gets whole empty chunks
-    empty = enc.f(np.array([_row([], pad=0)]))[0]
+    # cond and uncond sides differ in length: uncond is repeated to cond's length
     a = enc.f(np.array([_row([A], pad=0)]))[0]
     for i in range(3):
-        np.testing.assert_allclose(uncond[i], np.concatenate([a, empty]), rtol=1e-6)
+        np.testing.assert_allclose(uncond[i], np.concatenate([a, a]), rtol=1e-6)
 
 
 def test_encode_input_errors(toks):
@@ -726,10 +750,8 @@ def test_real_clip_text_model(clip_model, toks):
     with torch.no_grad():
         blurry = clip_model(input_ids=torch.from_numpy(t.encode_padded("blurry"))).last_hidden_state.numpy()[0]
     np.testing.assert_allclose(uncond[0, :77], blurry, atol=1e-5)
-    # the cond/uncond padding is the empty prompt's encoding
-    with torch.no_grad():
-        empty = clip_model(input_ids=torch.from_numpy(t.encode_padded(""))).last_hidden_state.numpy()[0]
-    np.testing.assert_allclose(uncond[0, 77:], empty, atol=1e-5)
+    # the shorter side is repeated to the longer one's length
+    np.testing.assert_array_equal(uncond[0, 77:], uncond[0, :77])
 
 
 @pytest.mark.parametrize("pad", PADS)
