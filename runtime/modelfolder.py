@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sdrt.schedulers.training import check_training_schedule
+
 MANIFEST = "sdrt.json"
 FORMAT_VERSION = 1
 GRAPHS = ("text_encoder", "unet", "vae_encoder", "vae_decoder")
@@ -287,30 +289,6 @@ def _pad_token(root: Path) -> str | None:
     if isinstance(pad, dict):
         pad = pad.get("content")
     return pad
-
-
-def check_training_schedule(values: dict[str, Any], steps: Any = None) -> str | None:
-    """What is wrong with a training noise schedule's settings (num_train_timesteps, trained_betas,
-    beta_start, beta_end), or None. `steps`: num_train_timesteps where it is set elsewhere."""
-    n = values.get("num_train_timesteps", steps)
-    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or not 2 <= n <= 100_000):
-        return f"num_train_timesteps must be a whole number from 2 to 100000, got {n!r}"
-    for key in ("beta_start", "beta_end"):
-        v = values.get(key)
-        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
-                              or not 0 < v < 1):
-            return f"{key} must be a number between 0 and 1 (exclusive), got {v!r}"
-    betas = values.get("trained_betas")
-    if hasattr(betas, "tolist"):  # a NumPy array
-        betas = betas.tolist()
-    if betas is not None:
-        if not isinstance(betas, (list, tuple)) or len(betas) < 2 or not all(
-                isinstance(b, (int, float)) and not isinstance(b, bool) and math.isfinite(b) and 0 < b < 1 for b in betas):
-            shown = repr(betas) if len(repr(betas)) < 60 else repr(betas)[:57] + "..."
-            return f"trained_betas must be a list of at least 2 numbers between 0 and 1 (exclusive), got {shown}"
-        if isinstance(n, int) and len(betas) != n:
-            return f"trained_betas has {len(betas)} values but num_train_timesteps is {n}; give one beta per timestep"
-    return None
 
 
 def _scheduler_config(root: Path) -> dict[str, Any]:

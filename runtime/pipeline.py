@@ -804,7 +804,7 @@ def _check_finite_options(sampler, options: dict, config: dict) -> None:
         named = schedulers.names.resolve(sampler)[2]
     except Exception:  # an unknown or malformed name: make_plan says what is wrong with it
         named = {}
-    from .modelfolder import check_training_schedule
+    from sdrt.schedulers.training import check_training_schedule
 
     merged = {**named, **options}
     problem = check_training_schedule({k: merged[k] for k in _TRAINING_KEYS if k in merged},
