@@ -691,7 +691,7 @@ def samplers(json_: bool = typer.Option(False, "--json", help="Print the list as
 def bench(
     model: Annotated[Optional[Path], typer.Option("--model", "-m", help="Model folder (default: the embedded default model).")] = None,
     mode: Annotated[str, typer.Option("--mode", help="img2img, inpaint or txt2img.")] = "img2img",
-    size: Annotated[int, typer.Option("--size", min=8, help="Width and height in pixels.")] = 256,
+    size: Annotated[int, typer.Option("--size", min=8, max=8192, help="Width and height in pixels.")] = 256,
     steps: Annotated[int, typer.Option("--steps", help="Sampling steps.")] = 10,
     strength: Annotated[float, typer.Option("--strength", help="Denoising strength (img2img, inpaint).")] = 0.5,
     cfg: Annotated[float, typer.Option("--cfg", help="Guidance scale (above 1: a CFG batch of 2).")] = 7.5,
@@ -720,9 +720,8 @@ def bench(
             from sdrt.models import default_model_path
 
             path = default_model_path()
-        if not json_:
-            typer.echo(f"{w.label}: 1 warm-up run, then best of {repeats}", err=True)
-        rec = run_bench(path, w, provider=provider, repeats=repeats, threads=threads)
+        announce = None if json_ else (lambda: typer.echo(f"{w.label}: 1 warm-up run, then best of {repeats}", err=True))
+        rec = run_bench(path, w, provider=provider, repeats=repeats, threads=threads, checked=announce)
         rec.pop("image", None)
         typer.echo(json.dumps(rec, indent=2) if json_ else format_record(rec))
 
