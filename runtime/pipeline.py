@@ -23,6 +23,7 @@ from typing import Any, Callable
 import numpy as np
 
 from sdrt import schedulers
+from sdrt.schedulers import options as option_domains
 
 from . import prepare, prompts
 from .errors import InputError
@@ -794,6 +795,8 @@ _TRAINING_KEYS = ("num_train_timesteps", "trained_betas", "beta_start", "beta_en
 
 def _check_finite_options(sampler, options: dict, config: dict) -> None:
     for key, value in options.items():
+        if key in option_domains.DOMAINS:
+            continue  # make_plan checks these against their domains (s_tmax may be inf)
         many = isinstance(value, (list, tuple, np.ndarray))
         values = np.ravel(value).tolist() if isinstance(value, np.ndarray) else list(value) if many else [value]
         for v in values:
@@ -844,6 +847,8 @@ def _make_plan(sampler, steps, strength, schedule, config, options: dict):
                          f"non-negative numbers (sigmas {np.array2string(sigmas, precision=3, threshold=6)}); "
                          "check the options (sigma_min, sigma_max, betas, ...) and the model's scheduler config")
     for key, value in (plan.options or {}).items():
+        if key in option_domains.DOMAINS:
+            continue  # checked against its domain by make_plan
         if isinstance(value, (int, float, np.number)) and not isinstance(value, bool) and not np.isfinite(value):
             raise InputError(f"sampler {sampler!r}: option {key} must be finite, got {value!r}")
     seed = getattr(plan, "brownian_seed", None)

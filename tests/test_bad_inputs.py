@@ -335,10 +335,10 @@ SAMPLER_FAULTS = [  # diffusers class names with options in the name, or A1111 n
     ("DPMSolverSDEScheduler(noise_sampler_seed=-1)", {}, r"noise_sampler_seed must be none or a whole number"),
 ]
 API_SAMPLER_FAULTS = [
-    ("Euler", {"s_noise": float("nan")}, r"option s_noise must be finite, got nan"),
-    ("Euler a", {"s_noise": float("inf")}, r"option s_noise must be finite"),
-    ("DPM++ 2M Karras", {"sigma_min": float("nan")}, r"option sigma_min must be finite"),
-    ("DPM++ 2M Karras", {"sigma_max": float("-inf")}, r"option sigma_max must be finite"),
+    ("Euler", {"s_noise": float("nan")}, r"s_noise must be a finite number, got nan"),
+    ("Euler a", {"s_noise": float("inf")}, r"s_noise must be a finite number, got inf"),
+    ("DPM++ 2M Karras", {"sigma_min": float("nan")}, r"sigma_min must be a finite number > 0, got nan"),
+    ("DPM++ 2M Karras", {"sigma_max": float("-inf")}, r"sigma_max must be a finite number > 0, got -inf"),
     ("EulerDiscreteScheduler", {"trained_betas": [0.5]}, r"trained_betas must be .* got \[0\.5\]"),
     ("EulerDiscreteScheduler", {"trained_betas": [0.1] * 10}, r"trained_betas has 10 values but num_train_timesteps is 1000"),
     ("EulerDiscreteScheduler", {"trained_betas": np.array([np.nan] * 1000)}, r"option trained_betas must be finite"),
@@ -358,7 +358,7 @@ OPTION_DOMAINS = [
     ("Euler a", {}, "s_noise", ["x", None, True], _NUM),
     ("Euler", {}, "s_churn", [-1, "x", None], _GE0),
     ("Heun", {}, "s_tmin", [-0.5, "0"], _GE0),
-    ("DPM2", {}, "s_tmax", [-1, "inf"], r"a number >= 0 \(inf for no bound\)"),
+    ("DPM2", {}, "s_tmax", [-1, "inf", float("nan"), float("-inf")], r"a number >= 0 \(inf for no bound\)"),
     ("DPM++ SDE", {}, "r", [0, -0.5, 1.5, "x"], r"a number in \(0, 1\]"),
     ("LMS", {}, "order", [0, -1, 11, 2.5, "4"], "a whole number from 1 to 10"),
     ("DPM adaptive", {}, "order", [1, 4, "3"], "one of 2, 3"),
