@@ -11,18 +11,53 @@ collisions, and only then does a model run, so a refused run writes nothing.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
+import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Annotated, Any, List, Optional
 
 import typer
+from typer.core import TyperGroup
+
+try:  # typer >= 0.20 carries its own copy of click
+    from typer._click.exceptions import ClickException as _UsageProblem
+except ImportError:  # pragma: no cover - typer on click itself
+    from click.exceptions import ClickException as _UsageProblem
+
+
+class _OneLineErrors(TyperGroup):
+    """Usage errors (a bad number, an unknown option, a missing argument) as one line on stderr,
+    exit status 2, like every other error of sdrt (click would print a usage panel)."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            rv = super().main(args=args, prog_name=prog_name, complete_var=complete_var, standalone_mode=False, **extra)
+        except _UsageProblem as e:
+            if not standalone_mode:
+                raise
+            where = e.ctx.command_path if getattr(e, "ctx", None) is not None else "sdrt"
+            message = " ".join(e.format_message().split())
+            typer.echo(f"sdrt: error: {message} (see `{where} --help`)", err=True)
+            sys.exit(e.exit_code)
+        except typer.Abort:
+            if not standalone_mode:
+                raise
+            typer.echo("sdrt: error: interrupted", err=True)
+            sys.exit(130)
+        if standalone_mode:
+            sys.exit(rv if isinstance(rv, int) else 0)
+        return rv
 
 
 app = typer.Typer(
+    cls=_OneLineErrors,
     name="sdrt",
     help="Fast Stable Diffusion img2img and inpainting on ONNX Runtime.",
-    epilog="Run `sdrt COMMAND --help` for a command's options. Exit status: 0 ok, 1 failure, 2 usage error.",
+    epilog="Run `sdrt COMMAND --help` for a command's options. Exit status: 0 ok, 1 failure, 2 usage error, 130 interrupted, 143 terminated (SIGTERM).",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -53,8 +88,33 @@ DEFAULTS = {
 
 def fail(message: str, code: int = 1) -> None:
     """Print one clear line on stderr and exit (no traceback unless --debug)."""
-    typer.echo(f"sdrt: error: {message}", err=True)
+    typer.echo(f"sdrt: error: {' '.join(message.split())}", err=True)
     raise typer.Exit(code)
+
+
+class Terminated(BaseException):
+    """SIGTERM, handled like Ctrl-C: what is being written is removed, exit status 143."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
+def _message(e: BaseException) -> tuple[str, int]:
+    """The one line and exit status for an exception."""
+    if isinstance(e, KeyboardInterrupt):
+        return "interrupted", 130
+    if isinstance(e, Terminated):
+        return "terminated (SIGTERM)", 143
+    if isinstance(e, MemoryError):
+        return "out of memory (MemoryError); use a smaller size or batch", 1
+    if isinstance(e, OSError) and e.filename is not None and str(e.filename) not in str(e):
+        return f"{e.filename}: {e.strerror or e}", 1
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror, 1
+    if isinstance(e, (ValueError, RuntimeError, OSError)):
+        return str(e) or e.__class__.__name__, 1
+    return f"internal error: {e.__class__.__name__}: {e} (run `sdrt --debug ...` for the traceback and report it)", 1
 
 
 @app.callback()
@@ -63,17 +123,26 @@ def _main(debug: bool = typer.Option(False, "--debug", help="Show full traceback
 
 
 def _run_guarded(fn, *args, **kwargs):
-    """Turn the errors sdrt raises for bad input into one line and exit code 1."""
-    if _state["debug"]:
-        return fn(*args, **kwargs)
+    """Run a command: the errors sdrt raises become one line on stderr and exit status 1 (130 on
+    Ctrl-C, 143 on SIGTERM), with no traceback unless --debug; Python warnings (e.g. Pillow's
+    about damaged EXIF data in an input) are not shown unless --debug."""
+    main = threading.current_thread() is threading.main_thread()
+    old = signal.signal(signal.SIGTERM, _on_sigterm) if main else None
     try:
-        return fn(*args, **kwargs)
-    except typer.Exit:
-        raise
-    except KeyboardInterrupt:
-        fail("interrupted", 130)
-    except (ValueError, RuntimeError, OSError, MemoryError) as e:
-        fail(" ".join(str(e).split()) or e.__class__.__name__)
+        if _state["debug"]:
+            return fn(*args, **kwargs)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                return fn(*args, **kwargs)
+            except typer.Exit:
+                raise
+            except (Exception, KeyboardInterrupt, Terminated) as e:
+                message, code = _message(e)
+                fail(message, code)
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, old)
 
 
 @app.command()
@@ -108,19 +177,23 @@ def export(
 @app.command()
 def info(
     model: Path = typer.Argument(..., help="A model folder."),
-    verify: str = typer.Option("auto", "--verify", help="File check: auto (hash changed files), full, size, none."),
+    verify: str = typer.Option("auto", "--verify", help="File check: auto (hash the files new or changed since their last check), full (hash every file), size, none."),
 ) -> None:
     """Describe a model folder: family, channels, precision, target, sizes, the providers and CPU features
-    available here, and how its int8 graphs run on this CPU."""
+    available here, and how its int8 graphs run on this CPU. Exits 1 on a folder img2img would refuse (damaged
+    file, inconsistent manifest, unreadable tokenizer, no provider here that runs it)."""
 
     def go():
         import onnxruntime as ort
 
         from sdrt.runtime.cpu import cpu_features, int8_status, int8_weight_max
         from sdrt.runtime.modelfolder import read_model_folder
-        from sdrt.runtime.sessions import onnxruntime_distributions
+        from sdrt.runtime.sessions import onnxruntime_distributions, resolve_provider
+        from sdrt.runtime.text import ClipTokenizer
 
         i = read_model_folder(model, verify=verify)
+        ClipTokenizer.from_folder(i.path / "tokenizer")
+        provider = resolve_provider("auto", i)
         cpu = cpu_features()
         size = sum(p.stat().st_size for p in i.path.rglob("*") if p.is_file())
         rows = [
@@ -133,7 +206,7 @@ def info(
             ("target", i.target),
             ("precision", ", ".join(f"{k} {v}" for k, v in i.precision.items())),
             ("files", f"{size / 2**20:.1f} MiB" + ("" if i.manifest else " (no sdrt.json: not checked)")),
-            ("providers here", ", ".join(ort.get_available_providers())),
+            ("providers here", f"{', '.join(ort.get_available_providers())} (runs on {provider})"),
             ("onnxruntime", " + ".join(onnxruntime_distributions()) or f"{ort.__version__} (no distribution metadata)"),
             ("CPU here", cpu.describe()),
         ]
@@ -221,6 +294,23 @@ def _load_pipeline(model: Optional[Path], provider: str):
     return load(model, provider=provider)
 
 
+def _check_out_folder(folder: Path, what: str) -> None:
+    """The folder the images go to: an existing folder, or one that can be created (its nearest
+    existing ancestor is a folder this process may write in)."""
+    for anc in [folder, *folder.parents]:
+        try:
+            exists = anc.exists()
+        except (OSError, ValueError) as e:
+            fail(f"{what}: {anc} cannot be used ({e})")
+        if not exists:
+            continue
+        if not anc.is_dir():
+            fail(f"{what}: {anc} is a file, not a folder" + ("" if anc == folder else f", so {folder} cannot be created"))
+        if not os.access(anc, os.W_OK | os.X_OK):
+            fail(f"{what}: cannot write in {anc} (permission denied)")
+        return
+
+
 def _out_paths(out: Optional[Path], jobs: list, overwrite: bool) -> tuple[list[list[Path]], Optional[Path]]:
     """The file of every image, checked for collisions before anything runs: (paths per job, folder to create)."""
     n = sum(len(seeds) for _, _, seeds in jobs)
@@ -231,23 +321,53 @@ def _out_paths(out: Optional[Path], jobs: list, overwrite: bool) -> tuple[list[l
             fail(f"--out {out} names one file, but this run makes {n} images; give a folder instead")
         paths = [[out]]
         folder = out.parent
+        _check_out_folder(folder, f"--out {out}")
     else:
         folder = out if out is not None else Path(".")
-        if folder.exists() and not folder.is_dir():
-            fail(f"--out {folder} is a file, not a folder")
+        _check_out_folder(folder, f"--out {folder}")
         paths = [[folder / f"{img.stem if img is not None else 'txt2img'}-{s}.png" for s in seeds] for img, _, seeds in jobs]
     seen: dict[Path, Any] = {}
     for (img, _, _), ps in zip(jobs, paths):
         for p in ps:
+            if len(os.fsencode(p.name)) > 200:  # with save_png's temporary name it must stay under 255 bytes
+                fail(f"output file name {p.name[:40]}... is {len(os.fsencode(p.name))} bytes long; file systems take "
+                     "255 at most: rename the input or give --out FILE.png")
             if p in seen:
                 fail(f"{seen[p]} and {img} would both write {p}; give them different names or run them separately")
             seen[p] = img
     if not overwrite:
-        taken = [p for ps in paths for p in ps if p.exists()]
+        taken = [p for ps in paths for p in ps if p.exists() or p.is_symlink()]
         if taken:
             more = f" (and {len(taken) - 1} more)" if len(taken) > 1 else ""
             fail(f"{taken[0]} already exists{more}; pass --overwrite to replace it, or choose another --out or --seed")
     return paths, (folder if not folder.is_dir() else None)
+
+
+def _make_folder(folder: Path) -> list[Path]:
+    """Create `folder` and its missing parents; the ones created, deepest first."""
+    created = []
+    for anc in [folder, *folder.parents]:
+        if anc.exists():
+            break
+        created.append(anc)
+    folder.mkdir(parents=True, exist_ok=True)
+    return created
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove the folders this run created, deepest first, where they are still empty."""
+    for f in folders:
+        try:
+            f.rmdir()
+        except OSError:
+            break
+
+
+def _written(written: list[Path], total: int) -> str:
+    if not written:
+        return "no image was written"
+    names = ", ".join(str(p) for p in written[:5]) + (f" and {len(written) - 5} more" if len(written) > 5 else "")
+    return f"{len(written)} of {total} images were written ({names}); the others were not"
 
 
 class _Progress:
@@ -311,7 +431,9 @@ def _generate(mode: str, images: Optional[List[Path]], mask: Optional[Path], opt
         if not text:
             fail(f"--from-png: {from_png} holds no generation parameters (no PNG 'parameters' text from sdrt or A1111)")
         kwargs.update(arguments_from_infotext(text, mode))
+    from_png_keys = set(kwargs)
     kwargs.update({k: v for k, v in options.items() if v is not None})
+    from_png_keys -= {k for k, v in options.items() if v is not None}
     if kwargs.get("prompt") is None:
         fail("missing option --prompt/-p (or --from-png FILE to take it from a PNG)", 2)
 
@@ -332,7 +454,7 @@ def _generate(mode: str, images: Optional[List[Path]], mask: Optional[Path], opt
             return run(*args, **kwargs, **kw)
         except InputError as e:
             # Name the input when the message does not and there are several (a mask's aspect ratio, ...).
-            msg = str(e)
+            msg = _cli_names(str(e), from_png if from_png_keys else None, from_png_keys)
             if len(pairs) > 1 and img is not None and msg.startswith(("image", "mask")) \
                     and not any(str(p) in msg for p in (img, m) if p is not None):
                 raise InputError(f"{img}{f' (mask {m})' if m is not None else ''}: {msg}") from e
@@ -346,30 +468,49 @@ def _generate(mode: str, images: Optional[List[Path]], mask: Optional[Path], opt
             kwargs["seed"] = r.seeds[0]  # the random seed drawn once, the same for every input
         jobs.append((img, m, r.seeds))
     paths, new_folder = _out_paths(out, jobs, overwrite)
-    if new_folder is not None:
-        new_folder.mkdir(parents=True, exist_ok=True)
+    from sdrt.runtime.infotext import remove_stale_temp_files
 
-    # Pass 2: run and write.
+    # Pass 2: run and write. A failure, Ctrl-C or SIGTERM says which images were written and
+    # leaves no temporary file (save_png removes its own) and no empty folder created here.
     records = []
+    written: list[Path] = []
+    created: list[Path] = []
     n_images = sum(len(ps) for ps in paths)
     show = not quiet and sys.stderr.isatty()
-    with _Progress(show, n_images) as bar:
-        for (img, m, seeds), ps in zip(jobs, paths):
-            r = call(img, m, progress=bar.callback())
-            for image, seed, infotext, path in zip(r.images, r.seeds, r.infotexts, ps):
-                save_png(image, path, infotext, overwrite=overwrite)
-                records.append({
-                    "input": None if img is None else str(img),
-                    "mask": None if m is None else str(m),
-                    "output": str(path),
-                    "seed": seed,
-                    "parameters": {**r.parameters, "seed": seed},
-                    "infotext": infotext,
-                    "timings": r.timings,
-                })
-                if not quiet and not as_json:
-                    typer.echo(str(path))
-            bar.done(len(ps))
+    try:
+        if new_folder is not None:
+            created = _make_folder(new_folder)
+        for folder in sorted({p.parent for ps in paths for p in ps}):
+            remove_stale_temp_files(folder)  # left by an earlier run that was killed (SIGKILL)
+        with _Progress(show, n_images) as bar:
+            for (img, m, seeds), ps in zip(jobs, paths):
+                r = call(img, m, progress=bar.callback())
+                for image, seed, infotext, path in zip(r.images, r.seeds, r.infotexts, ps):
+                    try:
+                        save_png(image, path, infotext, overwrite=overwrite)
+                    except OSError as e:
+                        raise OSError(e.errno, f"cannot write {path}: {e.strerror or e}") from None
+                    written.append(path)
+                    records.append({
+                        "input": None if img is None else str(img),
+                        "mask": None if m is None else str(m),
+                        "output": str(path),
+                        "seed": seed,
+                        "parameters": {**r.parameters, "seed": seed},
+                        "infotext": infotext,
+                        "timings": r.timings,
+                    })
+                    if not quiet and not as_json:
+                        typer.echo(str(path))
+                bar.done(len(ps))
+    except typer.Exit:
+        raise
+    except BaseException as e:
+        _remove_empty(created)
+        if _state["debug"] or not isinstance(e, (Exception, KeyboardInterrupt, Terminated)):
+            raise
+        message, code = _message(e)
+        fail(f"{message}; {_written(written, n_images)}", code)
     if as_json:
         doc = {
             "command": mode,
@@ -379,6 +520,25 @@ def _generate(mode: str, images: Optional[List[Path]], mask: Optional[Path], opt
             "timings": {"load": t_load, "total": time.perf_counter() - t_start},
         }
         typer.echo(json.dumps(doc, indent=2, ensure_ascii=False, default=_jsonable))
+
+
+# The Python API's keyword -> this command line's option, to name what the user typed.
+_OPTION_OF = {"guidance": "--cfg", "negative_prompt": "--negative", "batch_size": "--batch-size", "clip_skip": "--clip-skip",
+              "mask_blur_x": "--mask-blur", "mask_blur_y": "--mask-blur", "resize_mode": "--resize-mode", "width": "--width",
+              "height": "--height", "steps": "--steps", "seed": "--seed", "strength": "--strength", "prompt": "--prompt",
+              "padding": "--padding", "fill": "--fill", "sampler": "--sampler", "schedule": "--schedule"}
+
+
+def _cli_names(message: str, from_png: Optional[Path], from_png_keys: set) -> str:
+    """An API error message as the command line says it: "guidance (--cfg) must be ...", and where
+    the value came from when --from-png gave it."""
+    key = message.split(" ", 1)[0].rstrip(":")
+    option = _OPTION_OF.get(key)
+    if option is None:
+        return message
+    arg = {"mask_blur_x": "mask_blur", "mask_blur_y": "mask_blur"}.get(key, key)
+    where = f"{option}, read from --from-png {from_png}" if from_png is not None and arg in from_png_keys else option
+    return f"{key} ({where}){message[len(key):]}"
 
 
 def _common(prompt, negative, steps, cfg, sampler, schedule, seed, batch_size, width, height, clip_skip) -> dict:
@@ -535,7 +695,7 @@ def samplers(json_: bool = typer.Option(False, "--json", help="Print the list as
 def bench(
     model: Annotated[Optional[Path], typer.Option("--model", "-m", help="Model folder (default: the embedded default model).")] = None,
     mode: Annotated[str, typer.Option("--mode", help="img2img, inpaint or txt2img.")] = "img2img",
-    size: Annotated[int, typer.Option("--size", min=8, help="Width and height in pixels.")] = 256,
+    size: Annotated[int, typer.Option("--size", min=8, max=8192, help="Width and height in pixels.")] = 256,
     steps: Annotated[int, typer.Option("--steps", help="Sampling steps.")] = 10,
     strength: Annotated[float, typer.Option("--strength", help="Denoising strength (img2img, inpaint).")] = 0.5,
     cfg: Annotated[float, typer.Option("--cfg", help="Guidance scale (above 1: a CFG batch of 2).")] = 7.5,
@@ -553,15 +713,19 @@ def bench(
     def go():
         from sdrt.runtime.bench import Workload, bench as run_bench, format_record
 
+        from sdrt.runtime.sessions import check_threads
+
+        check_threads(threads)
+        if mode not in ("img2img", "inpaint", "txt2img"):
+            fail(f"--mode must be img2img, inpaint or txt2img, got {mode!r}")
         w = Workload(mode=mode, size=size, steps=steps, strength=strength, guidance=cfg, sampler=sampler, batch_size=batch_size)
         path = model
         if path is None:
             from sdrt.models import default_model_path
 
             path = default_model_path()
-        if not json_:
-            typer.echo(f"{w.label}: 1 warm-up run, then best of {repeats}", err=True)
-        rec = run_bench(path, w, provider=provider, repeats=repeats, threads=threads)
+        announce = None if json_ else (lambda: typer.echo(f"{w.label}: 1 warm-up run, then best of {repeats}", err=True))
+        rec = run_bench(path, w, provider=provider, repeats=repeats, threads=threads, checked=announce)
         rec.pop("image", None)
         typer.echo(json.dumps(rec, indent=2) if json_ else format_record(rec))
 

@@ -69,13 +69,19 @@ def peak_rss_mib() -> float:
     return r / 2**20 if sys.platform == "darwin" else r / 1024
 
 
-def _call(pipe, w: Workload, seed: int, image=None):
-    image = test_image(w.size) if image is None else image
-    common = dict(steps=w.steps, guidance=w.guidance, sampler=w.sampler, seed=seed, batch_size=w.batch_size)
+def _call(pipe, w: Workload, seed: int, image=None, dry_run: bool = False):
+    """One generation of `w`; dry_run checks the request (sizes, memory, sampler, numbers) with a
+    small stand-in picture resized to the workload's size, before any picture of that size exists."""
+    common = dict(steps=w.steps, guidance=w.guidance, sampler=w.sampler, seed=seed, batch_size=w.batch_size,
+                  dry_run=dry_run)
     if w.mode == "txt2img":
         return pipe.txt2img(w.prompt, width=w.size, height=w.size, **common)
+    if dry_run:
+        image, size, common = test_image(8), 8, {**common, "width": w.size, "height": w.size}
+    else:
+        image, size = (test_image(w.size) if image is None else image), w.size
     if w.mode == "inpaint":
-        return pipe.inpaint(image, test_mask(w.size), w.prompt, strength=w.strength, **common)
+        return pipe.inpaint(image, test_mask(size), w.prompt, strength=w.strength, **common)
     return pipe.img2img(image, w.prompt, strength=w.strength, **common)
 
 
@@ -97,14 +103,20 @@ def run_once(pipe, w: Workload, seed: int = 0, image=None) -> dict:
 
 
 def bench(model, w: Workload, *, provider: str = "cpu", repeats: int = 2, threads: int | None = None, image=None,
-          progress=None) -> dict:
-    """Load `model`, run `w` once to warm up, then `repeats` times; the best run's record.
+          progress=None, checked=None) -> dict:
+    """Load `model`, check `w`, run it once to warm up, then `repeats` times; the best run's record.
 
-    image: the input of img2img/inpaint (a path or PIL image; default: test_image(w.size))."""
+    image: the input of img2img/inpaint (a path or PIL image; default: test_image(w.size)).
+    checked(): called once the workload has passed its checks, before the first run."""
     from .pipeline import load
 
+    if w.mode not in ("img2img", "inpaint", "txt2img"):
+        raise ValueError(f"mode must be img2img, inpaint or txt2img, got {w.mode!r}")
     t = time.perf_counter()
     pipe = load(model, provider=provider, threads=threads)
+    _call(pipe, w, 0, dry_run=True)
+    if checked:
+        checked()
     pipe.load_graphs()
     load_s = time.perf_counter() - t
     t = time.perf_counter()

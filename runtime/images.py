@@ -11,6 +11,8 @@ from __future__ import annotations
 import io
 import math
 import os
+import stat
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -22,6 +24,9 @@ from .errors import InputError
 
 __all__ = [
     "InputError",
+    "MAX_INPUT_PIXELS",
+    "open_image",
+    "oriented_size",
     "RESIZE_MODES",
     "DEFAULT_BACKGROUND",
     "load_image",
@@ -63,70 +68,120 @@ def _resize(img, size, kind="lanczos", box=None, resampler="a1111"):
     return resample.resize(img, size, kind, box, native=True if resampler == "pillow" else None)
 _ACCEPTED_SOURCES = "a file path, encoded image bytes, a PIL image or a uint8 array (HxW, HxWx3 or HxWx4)"
 _ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+# The largest input image sdrt decodes (checked from the file's header, before decoding): 8192 x
+# 8192. Pillow's own decompression-bomb limit (89 Mpx warns, 179 Mpx fails) is above it, so its
+# warning never shows and its error is reported in the same words.
+MAX_INPUT_PIXELS = 8192 * 8192
 
 
 # --------------------------------------------------------------------------- loading
 
 
-def _open(src, name: str, allow_bool: bool = False) -> Image.Image:
-    """Any accepted source -> a decoded PIL image, EXIF orientation applied (not arrays)."""
+def _too_large(name: str, where: str, w: int, h: int) -> InputError:
+    return InputError(f"{name}: {where} is {w}x{h} pixels ({w * h / 1e6:.0f} Mpx); sdrt reads images of up to "
+                      f"{MAX_INPUT_PIXELS / 1e6:.0f} Mpx (8192x8192): scale it down first")
+
+
+def _where(img: Image.Image) -> str:
+    f = getattr(img, "filename", "")
+    return str(f) if f else "the image"
+
+
+def open_image(src, name: str = "image", allow_bool: bool = False) -> Image.Image:
+    """Any accepted source as a PIL image whose size is known and checked against
+    MAX_INPUT_PIXELS, without decoding a file or bytes (Pillow reads the header only): the
+    memory a request needs can be checked before its images are decoded. load_image and
+    load_mask take what this returns. EXIF orientation is not applied yet (see oriented_size)."""
     if isinstance(src, Image.Image):
         img = src
-        try:
-            img.load()
-        except Exception as e:  # a lazily opened image whose file is damaged
-            raise InputError(f"{name}: the image could not be decoded ({e}); the file is truncated or corrupt") from None
-        img = _exif_transpose(img, name)
     elif isinstance(src, np.ndarray):
         img = _from_ndarray(src, name, allow_bool)
     elif isinstance(src, (str, os.PathLike)):
-        img = _read_file(Path(src), name)
+        img = _open_file(Path(src), name)
     elif isinstance(src, (bytes, bytearray, memoryview)):
         if len(src) == 0:
             raise InputError(f"{name}: got empty bytes; expected the content of an image file (PNG, JPEG, WebP, ...)")
-        img = _decode(io.BytesIO(bytes(src)), name, "the bytes given")
+        img = _open_stream(io.BytesIO(bytes(src)), name, "the bytes given")
     else:
         raise InputError(f"{name}: expected {_ACCEPTED_SOURCES}, got {type(src).__name__}")
     if img.width == 0 or img.height == 0:
         raise InputError(f"{name} is empty ({img.width}x{img.height} pixels); it needs at least 1x1 pixel")
+    if img.width * img.height > MAX_INPUT_PIXELS:
+        raise _too_large(name, _where(img) if not isinstance(src, np.ndarray) else "the array", img.width, img.height)
     return img
 
 
-def _read_file(path: Path, name: str) -> Image.Image:
-    if not path.exists():
-        raise InputError(f"{name}: file not found: {path}")
-    if path.is_dir():
+def oriented_size(img: Image.Image) -> tuple[int, int]:
+    """(width, height) once EXIF orientation is applied (5 to 8 swap the sides), read from the
+    header: no decoding."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            orientation = img.getexif().get(0x0112, 1)
+    except Exception:  # a damaged EXIF block: exif_transpose keeps the pixels as stored
+        orientation = 1
+    return (img.height, img.width) if orientation in (5, 6, 7, 8) else (img.width, img.height)
+
+
+def _open(src, name: str, allow_bool: bool = False) -> Image.Image:
+    """Any accepted source -> a decoded PIL image, EXIF orientation applied (not arrays)."""
+    from_array = isinstance(src, np.ndarray)
+    img = open_image(src, name, allow_bool)
+    if from_array:
+        return img
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Pillow's warnings about damaged metadata: the pixels are what counts
+            img.load()
+    except Exception as e:  # truncated or corrupt data fails here, not later in the pipeline
+        raise InputError(f"{name}: {_where(img)} could not be decoded ({e}); the file is truncated or corrupt") from None
+    return _exif_transpose(img, name)
+
+
+def _open_file(path: Path, name: str) -> Image.Image:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise InputError(f"{name}: file not found: {path}") from None
+    except OSError as e:  # a name too long, a path through a file, no permission on a folder, ...
+        raise InputError(f"{name}: cannot read {path}: {e.strerror or e}") from None
+    except ValueError as e:  # an embedded NUL
+        raise InputError(f"{name}: {str(path)!r} is not a usable file name ({e})") from None
+    if stat.S_ISDIR(st.st_mode):
         raise InputError(f"{name}: {path} is a folder; expected an image file (PNG, JPEG, WebP, ...)")
-    if path.stat().st_size == 0:
+    if not stat.S_ISREG(st.st_mode):
+        raise InputError(f"{name}: {path} is not a regular file (a device, pipe or socket); expected an image file")
+    if st.st_size == 0:
         raise InputError(f"{name}: {path} is an empty file (0 bytes); expected an image file (PNG, JPEG, WebP, ...)")
     try:
-        fp = open(path, "rb")
+        with open(path, "rb"):
+            pass
     except OSError as e:
         raise InputError(f"{name}: cannot read {path}: {e.strerror or e}") from None
-    with fp:
-        return _decode(fp, name, str(path))
+    return _open_stream(str(path), name, str(path))  # Pillow opens it, and closes it once decoded
 
 
-def _decode(fp, name: str, where: str) -> Image.Image:
+def _open_stream(fp, name: str, where: str) -> Image.Image:
     try:
-        img = Image.open(fp)
-    except Image.DecompressionBombError as e:
-        raise InputError(f"{name}: {where} is too large to load safely ({e})") from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            warnings.simplefilter("ignore", UserWarning)  # damaged metadata: the pixels are what counts
+            return Image.open(fp)
+    except Image.DecompressionBombError:
+        raise InputError(f"{name}: {where} is over {2 * Image.MAX_IMAGE_PIXELS / 1e6:.0f} Mpx; sdrt reads images of up "
+                         f"to {MAX_INPUT_PIXELS / 1e6:.0f} Mpx (8192x8192): scale it down first") from None
     except Exception:
         raise InputError(
             f"{name}: {where} is not an image Pillow can read; accepted: PNG, JPEG, WebP, BMP, TIFF, GIF "
             "and the other formats Pillow opens"
         ) from None
-    try:
-        img.load()  # decode now: truncated or corrupt data fails here, not later in the pipeline
-    except Exception as e:
-        raise InputError(f"{name}: {where} could not be decoded ({e}); the file is truncated or corrupt") from None
-    return _exif_transpose(img, name)
 
 
 def _exif_transpose(img: Image.Image, name: str) -> Image.Image:
     try:
-        out = ImageOps.exif_transpose(img)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out = ImageOps.exif_transpose(img)
     except Exception:  # a damaged EXIF block: keep the pixels as stored
         return img
     return img if out is None else out
@@ -146,6 +201,8 @@ def _from_ndarray(a: np.ndarray, name: str, allow_bool: bool) -> Image.Image:
         raise InputError(f"{name}: unsupported array shape {a.shape}; accepted: {accepted}")
     if a.shape[0] == 0 or a.shape[1] == 0:
         raise InputError(f"{name} is empty (array shape {a.shape}); it needs at least 1x1 pixel")
+    if a.shape[0] * a.shape[1] > MAX_INPUT_PIXELS:
+        raise _too_large(name, "the array", a.shape[1], a.shape[0])
     mode = "L" if a.ndim == 2 else ("RGB" if a.shape[2] == 3 else "RGBA")
     return Image.fromarray(np.ascontiguousarray(a), mode=mode)
 
@@ -427,6 +484,8 @@ def gaussian_kernel_u8(sigma: float) -> np.ndarray:
     taps of a Gaussian normalised to 1, turned into integers summing to 256 (8 fraction bits)
     with error diffusion from the outside in, the centre tap taking the remainder."""
     n = 2 * int(2.5 * sigma + 0.5) + 1
+    if n == 1:  # sigma below 0.2: one tap, no blur (as OpenCV; 1/sigma^2 would overflow for tiny sigmas)
+        return np.array([256], dtype=np.int64)
     half = (n - 1) // 2
     scale2 = -0.125 / (sigma * sigma)  # exp(-(x/2)^2 / (2 sigma^2)) for x = 2*(i - half)
     values = []
@@ -560,19 +619,26 @@ def _grow_span(lo: int, hi: int, grow: int, limit: int) -> tuple[int, int]:
     return lo, min(hi, limit)
 
 
-def match_mask(mask: Image.Image, image, name: str = "mask", resampler: str = "a1111") -> Image.Image:
-    """The mask at the image's size. A mask of the same proportions (within one pixel) is
-    resized with Lanczos, as A1111 does; one of other proportions is an InputError."""
-    iw, ih = image.size if isinstance(image, Image.Image) else (int(v) for v in image)
-    mw, mh = mask.size
-    if (mw, mh) == (iw, ih):
-        return mask
+def check_mask_size(mask_size, image_size, name: str = "mask") -> None:
+    """A mask must have the image's proportions (within one pixel): A1111 resizes it to the image
+    with Lanczos; other proportions are an InputError. Sizes only: this runs before decoding."""
+    mw, mh = (int(v) for v in mask_size)
+    iw, ih = (int(v) for v in image_size)
     # |mh/mw - ih/iw| within one pixel at the larger of the two resolutions
-    if abs(mh * iw - ih * mw) > max(mw, mh, iw, ih):
+    if (mw, mh) != (iw, ih) and abs(mh * iw - ih * mw) > max(mw, mh, iw, ih):
         raise InputError(
             f"{name} is {mw}x{mh} but the image is {iw}x{ih}: their aspect ratios differ; "
             f"give a mask of the image's size ({iw}x{ih}) or of the same proportions"
         )
+
+
+def match_mask(mask: Image.Image, image, name: str = "mask", resampler: str = "a1111") -> Image.Image:
+    """The mask at the image's size. A mask of the same proportions (within one pixel) is
+    resized with Lanczos, as A1111 does; one of other proportions is an InputError."""
+    iw, ih = image.size if isinstance(image, Image.Image) else (int(v) for v in image)
+    check_mask_size(mask.size, (iw, ih), name)
+    if mask.size == (iw, ih):
+        return mask
     return _resize(mask, (iw, ih), resampler=resampler)
 
 

@@ -254,7 +254,7 @@ def save_png(image, path, infotext: str | None, *, overwrite: bool = False) -> P
     info = PngImagePlugin.PngInfo()
     if infotext:
         info.add_text(PNG_KEY, infotext)
-    tmp = folder / f".{path.name}.{secrets.token_hex(6)}.tmp"
+    tmp = folder / f".{path.name}.{os.getpid()}-{secrets.token_hex(6)}.tmp"  # see remove_stale_temp_files
     try:
         with open(tmp, "xb") as f:
             image.save(f, format="PNG", pnginfo=info)
@@ -269,6 +269,53 @@ def save_png(image, path, infotext: str | None, *, overwrite: bool = False) -> P
             tmp.unlink()
     _sync_folder(folder)
     return path
+
+
+# save_png's temporary names: ".NAME.png.<pid>-<12 hex>.tmp" (and ".NAME.png.<12 hex>.tmp" from
+# earlier versions).
+_TEMP_NAME = re.compile(r"^\..+\.png\.(?:(?P<pid>\d+)-)?[0-9a-f]{12}\.tmp$")
+STALE_TEMP_SECONDS = 60.0
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True  # another user's process (or a number no process has): keep it to be safe
+    return True
+
+
+def remove_stale_temp_files(folder, now: float | None = None) -> list[Path]:
+    """Delete the temporary files save_png left in `folder` when its process was killed (SIGKILL,
+    power loss): names of save_png's pattern whose writer is no longer running, or that are older
+    than STALE_TEMP_SECONDS (a write takes well under a second). Other files are never touched.
+    Returns the files removed."""
+    import time
+
+    folder = Path(folder)
+    now = time.time() if now is None else now
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for entry in entries:
+        m = _TEMP_NAME.match(entry.name)
+        if m is None:
+            continue
+        try:
+            if not entry.is_file(follow_symlinks=False):
+                continue
+            age = now - entry.stat(follow_symlinks=False).st_mtime
+            pid = m.group("pid")
+            if pid is not None and int(pid) != os.getpid() and not _pid_alive(int(pid)) or age > STALE_TEMP_SECONDS:
+                os.unlink(entry.path)
+                removed.append(Path(entry.path))
+        except OSError:
+            continue
+    return removed
 
 
 def _place_new(tmp: Path, path: Path) -> None:

@@ -11,6 +11,7 @@ No torch: the graphs run in ONNX Runtime, the sampler arithmetic in NumPy (sdrt.
 from __future__ import annotations
 
 import itertools
+import math
 import random
 import threading
 import time
@@ -22,14 +23,20 @@ from typing import Any, Callable
 import numpy as np
 
 from sdrt import schedulers
+from sdrt.schedulers import options as option_domains
 
 from . import prepare, prompts
 from .errors import InputError
-from .modelfolder import CLIP_SKIP_OUTPUT, FP32_VAE_DECODER, ModelInfo, read_model_folder
-from .sessions import Graph, resolve_provider
+from .modelfolder import CLIP_SKIP_OUTPUT, FP32_VAE_DECODER, ModelFolderError, ModelInfo, read_model_folder
+from .sessions import Graph, check_threads, resolve_provider
 
 OUTPUTS = ("pil", "np", "latent")
 MAX_SEED = 2**32 - 1
+# Prompt weights ((text:w), and 1.1 per bracket level) beyond this are refused: the emphasis
+# multiplies the text encoding by them, and far beyond a few units the UNet's input overflows.
+MAX_PROMPT_WEIGHT = 100.0
+# Initial noise passed in explicitly: finite and at most this far from 0 (it is standard normal).
+MAX_NOISE = 1e4
 # Input shapes (batch, height, width) of the UNet that may hold a captured CUDA graph at once.
 DEFAULT_CUDA_GRAPHS = 4
 
@@ -110,6 +117,7 @@ class Pipeline:
                  io_binding: bool | None = None, cuda_graphs: int | None = None,
                  provider_options: dict[str, Any] | None = None):
         self.info = info
+        threads = check_threads(threads)
         self.provider = resolve_provider(provider, info)
         self.io_binding = self.provider == "cuda" if io_binding is None else bool(io_binding)
         if cuda_graphs is None:
@@ -120,12 +128,17 @@ class Pipeline:
         self.cuda_graphs = cuda_graphs if self.provider == "cuda" else 0
         self.graphs = {
             name: Graph(name, path, self.provider, threads, io_binding=self.io_binding,
-                        cuda_graphs=cuda_graphs if name == "unet" else 0, provider_options=provider_options)
+                        cuda_graphs=cuda_graphs if name == "unet" else 0, provider_options=provider_options,
+                        gate=info.wait_verified, on_load=self._check_graph)
             for name, path in info.graph_files.items()
         }
         from .text import ClipTokenizer
 
-        self.tokenizer = ClipTokenizer.from_folder(info.path / "tokenizer")
+        try:
+            self.tokenizer = ClipTokenizer.from_folder(info.path / "tokenizer")
+        except ModelFolderError:
+            info.wait_verified()  # a damaged file is the cause to report, when it is one
+            raise
         self._embeddings = _EmbeddingCache()
         self.fp32_decodes = 0  # images decoded again by the fp32 VAE decoder (fp16 overflow)
 
@@ -133,6 +146,36 @@ class Pipeline:
         i = self.info
         return (f"Pipeline({str(i.path)!r}, family={i.family}, unet_in_channels={i.unet_in_channels}, "
                 f"provider={self.provider}, io_binding={self.io_binding}, cuda_graphs={self.cuda_graphs})")
+
+    def _check_graph(self, graph: Graph, session) -> None:
+        """A new session's declared inputs and outputs against the folder's description: a manifest
+        that says 4 latent channels for graphs that take 8 is refused here, in one line, not by a
+        shape error from ONNX Runtime or NumPy in the middle of a run."""
+        i = self.info
+        expect = {
+            "unet": {"sample": (1, i.unet_in_channels), "encoder_hidden_states": (2, i.text_hidden_size),
+                     "out_sample": (1, i.latent_channels)},
+            "vae_encoder": {"sample": (1, 3), "latent_parameters": (1, 2 * i.latent_channels)},
+            "vae_decoder": {"latent_sample": (1, i.latent_channels), "sample": (1, 3)},
+            FP32_VAE_DECODER: {"latent_sample": (1, i.latent_channels), "sample": (1, 3)},
+            "text_encoder": {"last_hidden_state": (2, i.text_hidden_size)},
+        }.get(graph.name, {})
+        declared = {a.name: a.shape for a in list(session.get_inputs()) + list(session.get_outputs())}
+        for name, (axis, want) in expect.items():
+            shape = declared.get(name)
+            if shape is None:
+                if name in ("latent_parameters", "out_sample", "last_hidden_state"):
+                    continue  # another exporter's output name: checked by the shapes it returns
+                raise ModelFolderError(f"the {graph.name} graph {graph.path} has no input {name!r} "
+                                       f"(it has {', '.join(declared)}); this is not a Stable Diffusion {graph.name}")
+            got = shape[axis] if len(shape) > axis else None
+            if isinstance(got, int) and got != want:
+                raise ModelFolderError(
+                    f"the {graph.name} graph {graph.path} has {got} in dimension {axis} of {name!r}, but the folder's "
+                    f"description says {want} (unet_in_channels {i.unet_in_channels}, latent_channels "
+                    f"{i.latent_channels}, text_hidden_size {i.text_hidden_size}): the manifest or config does not "
+                    "describe these graphs; export the model again"
+                )
 
     def load_graphs(self, names=("text_encoder", "vae_encoder", "unet", "vae_decoder")) -> "Pipeline":
         """Create the sessions of `names` now (they are created on first use otherwise).
@@ -189,6 +232,13 @@ class Pipeline:
     def encode_images(self, pixels: np.ndarray, noise: BatchNoise | None, sample_posterior: bool = True) -> np.ndarray:
         """(B,3,H,W) in [-1,1] -> scaled latents; posterior sampled with each image's generator."""
         params = self.graphs["vae_encoder"].run({"sample": pixels})[0].astype(np.float32, copy=False)
+        f, lc = self.info.vae_scale_factor, self.info.latent_channels
+        want = (pixels.shape[0], 2 * lc, pixels.shape[2] // f, pixels.shape[3] // f)
+        if params.shape != want:
+            raise ModelFolderError(
+                f"the VAE encoder of {self.info.path} returned {params.shape} for images of {pixels.shape}; the folder "
+                f"says {lc} latent channels and a scale factor of {f}, which give {want}: the manifest or config does "
+                "not describe these graphs; export the model again")
         c = params.shape[1] // 2
         mean, logvar = params[:, :c], np.clip(params[:, c:], -30.0, 20.0)
         if sample_posterior:
@@ -208,11 +258,22 @@ class Pipeline:
         `fallbacks`), and is an error otherwise: never a black or noisy image in silence."""
         z = (latents / self.info.vae_scaling_factor).astype(np.float32, copy=False)
         if not np.isfinite(z).all():
-            raise RuntimeError("the denoising loop produced NaN/Inf latents; the UNet overflowed (an fp16 graph "
-                               "that needs --fp32-ops, or a broken model)")
+            bad = ", ".join(str(i) for i in np.flatnonzero(~np.isfinite(z.reshape(z.shape[0], -1)).all(axis=1)))
+            if self.info.precision.get("unet") == "fp16":
+                raise RuntimeError(f"the denoising loop produced NaN/Inf latents for image {bad}; the fp16 UNet "
+                                   "overflowed: export the model with --fp32-ops MultiHeadAttention (or use an fp32 model)")
+            raise RuntimeError(f"the denoising loop produced NaN/Inf latents for image {bad}: check the sampler "
+                               "options, the noise and the prompt weights")
         out = []
+        f = self.info.vae_scale_factor
+        want = (1, 3, z.shape[2] * f, z.shape[3] * f)
         for i in range(z.shape[0]):
             x = self.graphs["vae_decoder"].run({"latent_sample": z[i : i + 1]}, ["sample"])[0]
+            if x.shape != want:
+                raise ModelFolderError(
+                    f"the VAE decoder of {self.info.path} returned {x.shape} for latents of {z[i : i + 1].shape}; the "
+                    f"folder says a scale factor of {f}, which gives {want}: the manifest or config does not describe "
+                    "these graphs; export the model again")
             if not np.isfinite(x).all():
                 fallback = self.graphs.get(FP32_VAE_DECODER)
                 if fallback is None:
@@ -328,8 +389,8 @@ class Pipeline:
 
         dry_run=True (here, in inpaint and in txt2img) checks the whole request and returns the
         Result it would make (seeds, parameters, infotexts; no images) without running a model."""
-        job = prepare.img2img_job(self.info, image, width=width, height=height, resize_mode=resize_mode, batch_size=batch_size,
-                                  family=_family(sampler))
+        job = prepare.img2img_job(self.info, image, width=width, height=height, resize_mode=resize_mode,
+                                  batch_size=batch_size, family=_family(sampler), admit=self._admit(guidance, encodes=True))
         return self._generate(
             job,
             mode="img2img",
@@ -407,6 +468,7 @@ class Pipeline:
             padding=padding,
             overlay=overlay,
             family=_family(sampler),
+            admit=self._admit(guidance, encodes=True),
         )
         return self._generate(
             job,
@@ -448,7 +510,8 @@ class Pipeline:
         **sampler_options,
     ) -> Result:
         """Generate from `prompt` alone (the latents start as pure noise)."""
-        job = prepare.txt2img_job(self.info, width=width, height=height, batch_size=batch_size)
+        job = prepare.txt2img_job(self.info, width=width, height=height, batch_size=batch_size,
+                                  admit=self._admit(guidance, encodes=self.info.is_inpainting_model))
         return self._generate(
             job,
             mode="txt2img",
@@ -469,16 +532,26 @@ class Pipeline:
             sampler_options=sampler_options,
         )
 
+    def _admit(self, guidance, encodes: bool):
+        """The job functions' memory check for this pipeline: graphs already loaded count as resident."""
+        cfg = not isinstance(guidance, (int, float, np.number)) or bool(guidance > 1.0)
+
+        def admit(width, height, batch_size, input_pixels=0, encode_size=None):
+            resident = sum(self.info.graph_bytes(n) for n, g in self.graphs.items() if g.loaded)
+            prepare.check_memory(self.info, width, height, batch_size, cfg=cfg, provider=self.provider,
+                                 input_pixels=input_pixels, encode_size=encode_size, resident=resident, encodes=encodes)
+
+        return admit
+
     # ------------------------------------------------------------------------------- the loop
     def _generate(self, job, *, mode, prompt, negative_prompt, strength, steps, guidance, sampler, schedule, seed,
                   clip_skip, noise, sample_posterior, output, progress, sampler_options, dry_run=False) -> Result:
         t_start = time.perf_counter()
         timings: dict[str, float] = {}
         # Everything that can be wrong with the request is checked before any model runs.
-        if not isinstance(prompt, str):
-            raise InputError(f"prompt must be a string, got {type(prompt).__name__}")
-        if not isinstance(negative_prompt, str):
-            raise InputError(f"negative_prompt must be a string, got {type(negative_prompt).__name__}")
+        _check_options_of_other_modes(mode, sampler_options)
+        _check_prompt("prompt", prompt)
+        _check_prompt("negative_prompt", negative_prompt)
         _check_number("strength", strength, 0.0, 1.0)
         _check_number("steps", steps, 1, 10000, integer=True)
         _check_number("guidance", guidance, 0.0, 100.0)
@@ -489,14 +562,7 @@ class Pipeline:
         family = _family(sampler)
         # A1111 clamps img2img strength to 0.999: at 1.0 its img2img path still starts from the image.
         plan_strength = min(strength, 0.999) if family == "a1111" and mode != "txt2img" else strength
-        try:
-            plan = schedulers.make_plan(
-                sampler, steps, plan_strength, schedule, config=self.info.scheduler_config, **sampler_options
-            )
-        except schedulers.UnknownSamplerError as e:
-            raise InputError(str(e)) from None
-        except (TypeError, ValueError) as e:
-            raise InputError(f"sampler {sampler!r}: {e}") from None
+        plan = _make_plan(sampler, steps, plan_strength, schedule, self.info.scheduler_config, sampler_options)
         cond_schedule = prompts.prompt_schedule(prompts.composable_prompt(prompt), plan.prompt_steps)
         uncond_schedule = prompts.prompt_schedule(negative_prompt, plan.prompt_steps)
         b = job.batch_size
@@ -505,7 +571,9 @@ class Pipeline:
             noise = np.asarray(noise, dtype=np.float32)
             if noise.shape != (b, *lat_shape):
                 raise InputError(f"noise must have shape {(b, *lat_shape)} for this request, got {noise.shape}")
-        prepare.check_memory(self.info, job, self.provider, cfg=guidance > 1.0)
+            if not np.isfinite(noise).all() or np.abs(noise).max(initial=0.0) > MAX_NOISE:
+                bad = "NaN or infinite values" if not np.isfinite(noise).all() else f"values up to {np.abs(noise).max():.3g}"
+                raise InputError(f"noise has {bad}; it must be finite standard normal noise (|x| <= {MAX_NOISE:g})")
         seeds = _seeds(seed, b)
         if dry_run:  # the request is valid: report what it would make, run nothing
             params = self._parameters(mode, job, plan, prompt, negative_prompt, steps, guidance, clip_skip, strength, seeds, sampler)
@@ -514,9 +582,12 @@ class Pipeline:
         encodes = job.pixels is not None or self.info.is_inpainting_model
         self.load_graphs(("text_encoder", "unet", "vae_decoder") + (("vae_encoder",) if encodes else ()))
 
+        self.info.wait_verified()  # the graphs loaded while the files were hashed: all must match
+
         t = time.perf_counter()
         if len(cond_schedule) == len(uncond_schedule) == 1:
             cond, uncond = self.encode_prompt(cond_schedule[0][1], uncond_schedule[0][1], clip_skip)
+            _check_encoding(cond, uncond)
         else:  # prompt editing: the embeddings change between model calls
             cond, uncond = self._text_per_call(cond_schedule, uncond_schedule, clip_skip), None
         timings["text_encoder"] = time.perf_counter() - t
@@ -612,6 +683,7 @@ class Pipeline:
             j = prompts.entry_at_call(uncond_schedule, call)
             if (i, j) not in pairs:
                 pairs[i, j] = common_length(conds[i][None], unconds[j][None])
+                _check_encoding(*pairs[i, j])
             return ((i, j), *pairs[i, j])
 
         return at
@@ -676,6 +748,120 @@ class Pipeline:
         return out
 
 
+def _check_encoding(cond: np.ndarray, uncond: np.ndarray) -> None:
+    for what, e in (("prompt", cond), ("negative_prompt", uncond)):
+        if not np.isfinite(e).all():
+            raise InputError(f"{what}: its weights make the text encoding overflow (NaN/Inf); use weights from "
+                             f"-{MAX_PROMPT_WEIGHT:g} to {MAX_PROMPT_WEIGHT:g} whose tokens do not cancel out")
+
+
+def _check_prompt(name: str, text) -> None:
+    """A prompt the tokenizer can read, with weights the text encoding survives."""
+    if not isinstance(text, str):
+        raise InputError(f"{name} must be a string, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InputError(f"{name} is not valid text: {text[e.start:e.end]!r} at position {e.start} is a lone surrogate "
+                         "(from undecodable bytes); pass UTF-8 text") from None
+    from .text import BREAK, parse_prompt_attention
+
+    for piece, weight in parse_prompt_attention(text):
+        if (piece, weight) == BREAK:
+            continue
+        if not (math.isfinite(weight) and abs(weight) <= MAX_PROMPT_WEIGHT):
+            raise InputError(
+                f"{name}: {piece.strip()[:40]!r} has weight {weight:.3g} (from (text:w) and one factor 1.1 per bracket "
+                f"level); weights must be from -{MAX_PROMPT_WEIGHT:g} to {MAX_PROMPT_WEIGHT:g}")
+
+
+_MODE_OPTIONS: dict[str, set[str]] = {}
+
+
+def _check_options_of_other_modes(mode: str, options: dict) -> None:
+    """A keyword of another mode (txt2img(strength=...)) is not a sampler option: say so."""
+    if not options:
+        return
+    if not _MODE_OPTIONS:
+        import inspect
+
+        for m in ("img2img", "inpaint", "txt2img"):
+            _MODE_OPTIONS[m] = {k for k, p in inspect.signature(getattr(Pipeline, m)).parameters.items()
+                                if p.kind is not p.VAR_KEYWORD and k != "self"}
+    for key in options:
+        others = [m for m, keys in _MODE_OPTIONS.items() if key in keys and m != mode]
+        if others and key not in _MODE_OPTIONS[mode]:
+            raise InputError(f"{mode} has no option {key!r} (it is an option of {' and '.join(others)})")
+
+
+_TRAINING_KEYS = ("num_train_timesteps", "trained_betas", "beta_start", "beta_end")
+
+
+def _check_finite_options(sampler, options: dict, config: dict) -> None:
+    for key, value in options.items():
+        if key in option_domains.DOMAINS:
+            continue  # make_plan checks these against their domains (s_tmax may be inf)
+        many = isinstance(value, (list, tuple, np.ndarray))
+        values = np.ravel(value).tolist() if isinstance(value, np.ndarray) else list(value) if many else [value]
+        for v in values:
+            if isinstance(v, (float, np.floating)) and not math.isfinite(v):
+                got = f"{v!r} among its {len(values)} values" if many else repr(v)
+                raise InputError(f"sampler {sampler!r}: option {key} must be finite, got {got}")
+    try:  # options written into a diffusers class name: "DDIMScheduler(num_train_timesteps=0)"
+        named = schedulers.names.resolve(sampler)[2]
+    except Exception:  # an unknown or malformed name: make_plan says what is wrong with it
+        named = {}
+    from sdrt.schedulers.training import check_training_schedule
+
+    merged = {**named, **options}
+    problem = check_training_schedule({k: merged[k] for k in _TRAINING_KEYS if k in merged},
+                                      merged.get("num_train_timesteps", (config or {}).get("num_train_timesteps")))
+    if problem:
+        raise InputError(f"sampler {sampler!r}: {problem}")
+    for key, value in named.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise InputError(f"sampler {sampler!r}: option {key} must be finite, got {value!r}")
+
+
+def _make_plan(sampler, steps, strength, schedule, config, options: dict):
+    """schedulers.make_plan, with every failure as one InputError naming the sampler, and the
+    plan checked: finite noise levels, timesteps and scales, a whole-number Brownian seed."""
+    _check_finite_options(sampler, options, config)
+    try:
+        with np.errstate(all="ignore"):  # a non-finite result is caught below, with a clearer message
+            plan = schedulers.make_plan(sampler, steps, strength, schedule, config=config, **options)
+    except schedulers.UnknownSamplerError as e:
+        raise InputError(str(e)) from None
+    except (TypeError, ValueError) as e:
+        raise InputError(f"sampler {sampler!r}: {e}") from None
+    except (ArithmeticError, IndexError, KeyError) as e:
+        raise InputError(f"sampler {sampler!r}: its options give no usable noise schedule ({type(e).__name__}: {e}); "
+                         "check the options and the model's scheduler config") from None
+    sigmas = np.asarray(plan.sigmas, dtype=np.float64)
+    try:
+        with np.errstate(all="ignore"):
+            checks = [float(plan.timestep(s)) for s in sigmas[:-1]]
+            one = np.ones(1, np.float32)
+            checks += [float(plan.start(None, one)[0]), float(plan.start(one, one)[0]), float(plan.finish(one)[0])]
+    except (ArithmeticError, IndexError, KeyError, TypeError, ValueError) as e:
+        raise InputError(f"sampler {sampler!r}: its options give no usable noise schedule ({type(e).__name__}: {e})") from None
+    if sigmas.ndim != 1 or sigmas.size == 0 or not np.isfinite(sigmas).all() or (sigmas < 0).any() \
+            or not all(math.isfinite(c) for c in checks):
+        raise InputError(f"sampler {sampler!r}: its options give noise levels or timesteps that are not finite "
+                         f"non-negative numbers (sigmas {np.array2string(sigmas, precision=3, threshold=6)}); "
+                         "check the options (sigma_min, sigma_max, betas, ...) and the model's scheduler config")
+    for key, value in (plan.options or {}).items():
+        if key in option_domains.DOMAINS:
+            continue  # checked against its domain by make_plan
+        if isinstance(value, (int, float, np.number)) and not isinstance(value, bool) and not np.isfinite(value):
+            raise InputError(f"sampler {sampler!r}: option {key} must be finite, got {value!r}")
+    seed = getattr(plan, "brownian_seed", None)
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**63):
+        raise InputError(f"sampler {sampler!r}: noise_sampler_seed must be a whole number from 0 to 2**63 - 1, "
+                         f"got {seed!r}")
+    return plan
+
+
 def _family(sampler) -> str | None:
     try:
         return schedulers.family_of(sampler)
@@ -688,6 +874,11 @@ def load(path: str | Path | None = None, provider: str = "auto", *, verify: str 
          provider_options: dict[str, Any] | None = None) -> Pipeline:
     """Load a model folder (sdrt export or optimum export). path=None loads the embedded default model.
 
+    verify: "auto" hashes the files listed in sdrt.json that were not verified on this machine
+    since they last changed (inode, size, mtime and ctime: any write is noticed), in a background
+    thread while the sessions are created; no graph runs before it passed. "full" hashes every
+    file, "size" compares sizes only, "none" skips the check. threads: ONNX Runtime's intra-op
+    threads, 1 to the logical cores (default: one per physical core).
     io_binding: run the graphs on buffers that stay put between calls (on the device with CUDA);
     default: on for CUDA, off for the CPU. cuda_graphs: how many UNet input shapes (batch, size)
     may hold a captured CUDA graph (default 4 with CUDA and IO binding, 0 otherwise).
@@ -697,5 +888,8 @@ def load(path: str | Path | None = None, provider: str = "auto", *, verify: str 
         from sdrt.models import default_model_path
 
         path = default_model_path()
-    return Pipeline(read_model_folder(path, verify=verify), provider=provider, threads=threads,
+    check_threads(threads)  # before anything is read
+    # The files are hashed in the background while the sessions are created; every graph waits for
+    # the result before its first run.
+    return Pipeline(read_model_folder(path, verify=verify, wait=False), provider=provider, threads=threads,
                     io_binding=io_binding, cuda_graphs=cuda_graphs, provider_options=provider_options)

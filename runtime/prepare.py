@@ -5,9 +5,10 @@ equivalents, chosen by the sampler's family. Pure NumPy/PIL; no model runs here.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 from PIL import Image, ImageFilter
@@ -19,6 +20,12 @@ from .modelfolder import ModelInfo
 RESIZE_MODES = ("just_resize", "crop_and_resize", "resize_and_fill", "latent_upscale")
 FILL_MODES = ("fill", "original", "latent_noise", "latent_nothing")
 MAX_BATCH = 64
+# The largest width or height a request works at (and the largest txt2img image). Stable Diffusion
+# is trained at 512 to 1024 pixels; far beyond this no machine has the memory.
+MAX_SIDE = 8192
+# admit(width, height, batch_size, input_pixels=0, encode_size=None): raises when a request of that
+# size does not fit in memory; the job functions call it before decoding or resizing any image.
+Admit = Callable[..., None]
 
 
 @dataclass
@@ -62,32 +69,50 @@ def _check_batch(batch_size) -> None:
 
 
 def _size_arg(name: str, value) -> None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0):
-        raise InputError(f"{name} must be a whole number of pixels (0 keeps the aspect ratio), got {value!r}")
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer))
+                              or not 0 <= value <= MAX_SIDE):
+        raise InputError(f"{name} must be a whole number of pixels from 0 to {MAX_SIDE} (0 keeps the aspect ratio), "
+                         f"got {value!r}")
 
 
-def txt2img_job(info: ModelInfo, width: int, height: int, batch_size: int) -> Job:
+def _work_size(size: tuple[int, int], width, height, f: int, what: str) -> tuple[int, int]:
+    """target_size, refused when the image's own size (no width/height given) is beyond MAX_SIDE."""
+    w, h = im.target_size(size, width, height, f)
+    if w > MAX_SIDE or h > MAX_SIDE:
+        raise InputError(f"{what} is {size[0]}x{size[1]}, so the request would work at {w}x{h}; sdrt works at up to "
+                         f"{MAX_SIDE} pixels a side: give a smaller width and height (-W/-H)")
+    return w, h
+
+
+def txt2img_job(info: ModelInfo, width: int, height: int, batch_size: int, admit: Admit | None = None) -> Job:
     _check_batch(batch_size)
     for n, v in (("width", width), ("height", height)):
         _size_arg(n, v)
         if not v:
             raise InputError(f"{n} must be at least {info.vae_scale_factor} pixels for txt2img, got {v!r}")
     w, h = im.target_size((width, height), width, height, info.vae_scale_factor)
+    if admit is not None:
+        admit(w, h, batch_size)
     return Job(batch_size, w, h, w, h, parameters={})
 
 
 def img2img_job(info: ModelInfo, image, *, width, height, resize_mode: str, batch_size: int,
-                family: str | None = None) -> Job:
+                family: str | None = None, admit: Admit | None = None) -> Job:
     _check_batch(batch_size)
     _check_choice("resize_mode", resize_mode, RESIZE_MODES)
     _size_arg("width", width)
     _size_arg("height", height)
-    img = im.load_image(image, "image")
-    w, h = im.target_size(img.size, width, height, info.vae_scale_factor)
     f = info.vae_scale_factor
+    opened = im.open_image(image, "image")  # the header: size known, nothing decoded yet
+    size = im.oriented_size(opened)
+    w, h = _work_size(size, width, height, f, "the image")
+    encode = _work_size(size, None, None, f, "the image") if resize_mode == "latent_upscale" else None
+    if admit is not None:
+        admit(w, h, batch_size, input_pixels=size[0] * size[1], encode_size=encode)
+    img = im.load_image(opened, "image")
     if resize_mode == "latent_upscale":
         # A1111 mode 3: encode the image at its own size, then resize the latents.
-        ew, eh = im.target_size(img.size, None, None, f)
+        ew, eh = encode
         pixels = im.to_array(im.resize_image(img, ew, eh, "just_resize", _resampler(family)))
         job = Job(batch_size, ew, eh, w, h, pixels=pixels, latent_size=(h // f, w // f))
     else:
@@ -118,6 +143,7 @@ def inpaint_job(
     padding: int,
     overlay: bool,
     family: str | None,
+    admit: Admit | None = None,
 ) -> Job:
     """A1111's inpainting preparation (processing.py StableDiffusionProcessingImg2Img.init), or
     diffusers' StableDiffusionInpaintPipeline's when the sampler is a diffusers scheduler name."""
@@ -127,13 +153,20 @@ def inpaint_job(
     _size_arg("width", width)
     _size_arg("height", height)
     for n, v in (("mask_blur_x", mask_blur_x), ("mask_blur_y", mask_blur_y), ("padding", padding)):
-        if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or v < 0 or v > 512:
+        if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or not 0 <= v <= 512:
             raise InputError(f"{n} must be a number from 0 to 512, got {v!r}")
     diffusers = family == "diffusers"
     f = info.vae_scale_factor
 
-    img = im.load_image(image, "image")
-    m = im.load_mask(mask, "mask", round=mask_round)
+    opened = im.open_image(image, "image")  # headers only: sizes known, nothing decoded yet
+    opened_mask = im.open_image(mask, "mask", allow_bool=True)
+    size, mask_size = im.oriented_size(opened), im.oriented_size(opened_mask)
+    work = _work_size(size, width, height, f, "the image")
+    im.check_mask_size(mask_size, size)
+    if admit is not None:
+        admit(*work, batch_size, input_pixels=size[0] * size[1] + mask_size[0] * mask_size[1])
+    img = im.load_image(opened, "image")
+    m = im.load_mask(opened_mask, "mask", round=mask_round)
     rs = _resampler(family)
     m = im.match_mask(m, img, resampler=rs)  # same aspect ratio -> resized to the image; otherwise an InputError
     if invert_mask:
@@ -145,7 +178,7 @@ def inpaint_job(
             raise InputError(f"mask_blur_x and mask_blur_y must be equal with a diffusers sampler (diffusers' "
                              f"mask_processor.blur has one radius), got {mask_blur_x} and {mask_blur_y}")
         m = m.filter(ImageFilter.GaussianBlur(mask_blur_x))  # diffusers' VaeImageProcessor.blur
-    w, h = im.target_size(img.size, width, height, f)
+    w, h = work
 
     paste_box = None
     crop = im.crop_region(m, padding) if only_masked else None
@@ -349,30 +382,130 @@ def available_memory(provider: str) -> int | None:
         return None
 
 
-def estimate_memory(info: ModelInfo, job: Job, cfg: bool) -> int:
-    """A rough upper bound of the working memory of one request, in bytes.
+# The memory model below: a process's peak resident memory is its base (interpreter and
+# libraries), the graphs' weights (ONNX Runtime copies them out of the files), and the largest of
+# the stages' working memory (the sessions share one arena: the graphs run one after another).
+# The constants were measured (peak RSS of a child process, tests/test_memory.py) on the
+# embedded model and the test models from 64x64 to 512x512 and checked against the SD 1.5
+# benchmark figures (docs/benchmarks.md): the estimate is within 2x of the measured peak.
+BASE_BYTES = 100 << 20
+UNET_TOP = 14  # UNet working memory in units of one top-level activation (batch x channels x h x w fp32)
+VAE_DECODER_TOP = 9  # VAE decoder, in units of one full-resolution activation (channels[0] x H x W fp32)
+VAE_ENCODER_TOP = 6
+VAE_ATTENTION_COPIES = 1.25  # a materialised (tokens x tokens) score matrix and part of its softmax
+TEXT_TOKENS = 77
+SD_UNET = {"block_out_channels": [320, 640, 1280, 1280], "attention_head_dim": 8,
+           "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"]}
+SD_VAE = {"block_out_channels": [128, 256, 512, 512]}
 
-    The largest buffers are the attention score matrices at the highest resolution: the UNet's
-    self-attention (tokens^2 per head) on the CFG batch, and the VAE's single-head mid-block
-    attention (tokens^2) plus its full-resolution conv activations.
-    """
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes one request needs, by part (see estimate_memory)."""
+
+    base: int
+    weights: int
+    load: int  # transient while the largest graph with inline weights loads
+    stages: dict[str, int]  # working memory of each graph for this request
+    host: int  # images and arrays held by sdrt itself
+
+    @property
+    def peak_stage(self) -> tuple[str, int]:
+        return max(self.stages.items(), key=lambda kv: kv[1])
+
+    @property
+    def total(self) -> int:
+        """The process's peak: base + weights + the largest stage (or the load transient)."""
+        return self.base + self.weights + max(self.peak_stage[1] + self.host, self.load)
+
+
+def _materialises_attention(info: ModelInfo, graph: str) -> bool:
+    """Whether the graph's self-attention holds whole (tokens x tokens) score matrices.
+
+    ONNX Runtime's CPU `Attention` kernel does; its `MultiHeadAttention` kernel has a flash path
+    that does not (the cpu target rewrites self-attention to it). A folder without fusion records
+    (another exporter's) runs the plain MatMul + Softmax, which does."""
+    fused = (info.manifest or {}).get("fused_operators")
+    counts = fused.get(graph) if isinstance(fused, dict) else None
+    if not isinstance(counts, dict):
+        return True
+    return bool(counts.get("Attention")) or not counts.get("MultiHeadAttention")
+
+
+def _int_list(value, default: list[int]) -> list[int]:
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, int) and v > 0 for v in value):
+        return [int(v) for v in value]
+    return default
+
+
+def _unet_bytes(info: ModelInfo, hl: int, wl: int, n: int) -> int:
+    cfg = info.configs.get("unet") or SD_UNET
+    blocks = _int_list(cfg.get("block_out_channels"), SD_UNET["block_out_channels"])
+    types = cfg.get("down_block_types") or SD_UNET["down_block_types"]
+    heads = cfg.get("num_attention_heads") or cfg.get("attention_head_dim") or 8  # diffusers' naming
+    materialised = _materialises_attention(info, "unet")
+    top = n * blocks[0] * hl * wl * 4
+    attention = 0
+    for level, channels in enumerate(blocks):
+        if level >= len(types) or "CrossAttn" not in str(types[level]):
+            continue
+        tokens = math.ceil(hl / 2**level) * math.ceil(wl / 2**level)
+        h = heads[level] if isinstance(heads, (list, tuple)) and level < len(heads) else heads
+        h = int(h) if isinstance(h, int) and h > 0 else 8
+        scores = n * h * tokens * TEXT_TOKENS * 4 * 2  # cross-attention scores and probabilities
+        if materialised:
+            scores += n * h * tokens * tokens * 4 * 2
+        attention = max(attention, scores)
+    return UNET_TOP * top + attention
+
+
+def _vae_bytes(info: ModelInfo, graph: str, width: int, height: int, per_top: int) -> int:
+    cfg = info.configs.get("vae") or SD_VAE
+    blocks = _int_list(cfg.get("block_out_channels"), SD_VAE["block_out_channels"])
+    top = blocks[0] * width * height * 4
+    tokens = (width // info.vae_scale_factor) * (height // info.vae_scale_factor)
+    materialised = cfg.get("mid_block_add_attention", True) and _materialises_attention(info, graph)
+    attention = int(VAE_ATTENTION_COPIES * tokens * tokens * 4) if materialised else 0
+    return per_top * top + attention
+
+
+def estimate_memory(info: ModelInfo, width: int, height: int, batch_size: int, cfg: bool, *,
+                    input_pixels: int = 0, encode_size: tuple[int, int] | None = None,
+                    encodes: bool = True) -> MemoryEstimate:
+    """The memory one request needs (CPU provider), from the model's architecture (its configs),
+    the size of its graphs and the request's size: see MemoryEstimate."""
     f = info.vae_scale_factor
-    hl, wl = job.height // f, job.width // f
-    tokens = hl * wl
-    b = job.batch_size
-    unet_attn = (2 if cfg else 1) * b * 8 * tokens * tokens * 4
-    vae_attn = tokens * tokens * 4 * 2  # one image at a time
-    vae_act = job.width * job.height * 128 * 4 * 3
-    return int(max(unet_attn, vae_attn + vae_act) * 1.5)
+    hl, wl = height // f, width // f
+    ew, eh = encode_size or (width, height)
+    weights = sum(info.graph_bytes(g) for g in ("text_encoder", "unet", "vae_encoder", "vae_decoder"))
+    inline = max((info.graph_files[g].stat().st_size for g in ("text_encoder", "unet", "vae_encoder", "vae_decoder")
+                  if g in info.graph_files and info.graph_files[g].exists()), default=0)
+    stages = {
+        "unet": _unet_bytes(info, hl, wl, (2 if cfg else 1) * batch_size),
+        "vae_decoder": _vae_bytes(info, "vae_decoder", width, height, VAE_DECODER_TOP),
+    }
+    if encodes:
+        stages["vae_encoder"] = _vae_bytes(info, "vae_encoder", ew, eh, VAE_ENCODER_TOP)
+    host = 16 * input_pixels + width * height * (48 + 16 * batch_size)
+    return MemoryEstimate(BASE_BYTES, weights, inline, stages, host)
 
 
-def check_memory(info: ModelInfo, job: Job, provider: str, cfg: bool) -> None:
+def check_memory(info: ModelInfo, width: int, height: int, batch_size: int, *, cfg: bool, provider: str,
+                 input_pixels: int = 0, encode_size: tuple[int, int] | None = None, resident: int = 0,
+                 encodes: bool = True) -> None:
+    """Refuse a request that needs more memory than is available now. `resident`: bytes of the
+    graphs this process has loaded already (they are not needed again)."""
     avail = available_memory(provider)
     if avail is None:
         return
-    need = estimate_memory(info, job, cfg)
+    e = estimate_memory(info, width, height, batch_size, cfg, input_pixels=input_pixels, encode_size=encode_size,
+                        encodes=encodes)
+    need = e.total - e.base - min(resident, e.weights)
     if need > avail:
+        stage, stage_bytes = e.peak_stage
         raise InputError(
-            f"a {job.width}x{job.height} request with batch_size {job.batch_size} needs about {need / 2**30:.1f} GiB of "
-            f"memory, more than the {avail / 2**30:.1f} GiB available; use a smaller size or batch"
+            f"a {width}x{height} request with batch_size {batch_size} needs about {need / 2**30:.1f} GiB of memory "
+            f"({stage.replace('_', ' ')} {stage_bytes / 2**30:.1f} GiB, weights to load "
+            f"{max(0, e.weights - resident) / 2**30:.1f} GiB), more than the {avail / 2**30:.1f} GiB available; "
+            "use a smaller size or batch"
         )

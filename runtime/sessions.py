@@ -14,6 +14,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from .binding import BoundSession, _GraphCaptureFailed, _numpy_type, _typed
+from .errors import InputError
 from .modelfolder import ModelInfo
 
 PROVIDERS = ("auto", "cpu", "cuda")
@@ -36,6 +37,26 @@ def physical_cores() -> int:
     except (OSError, AttributeError):
         return avail
     return max(1, min(avail, len(cores) or avail))
+
+
+def logical_cores() -> int:
+    """Logical CPUs this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def check_threads(threads) -> int | None:
+    """threads=None (one per physical core), or a whole number from 1 to the logical cores: more
+    threads than cores only slow ONNX Runtime down, and each costs memory (a stack per thread)."""
+    if threads is None:
+        return None
+    n = logical_cores()
+    if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or not 1 <= threads <= n:
+        raise InputError(f"threads must be a whole number from 1 to {n} (the logical cores this process may use), "
+                         f"or None for one per physical core; got {threads!r}")
+    return int(threads)
 
 
 def resolve_provider(provider: str, info: ModelInfo | None = None) -> str:
@@ -191,11 +212,16 @@ class Graph:
 
     def __init__(self, name: str, path: Path, provider: str, threads: int | None = None, *, io_binding: bool = False,
                  cuda_graphs: int = 0, provider_options: dict[str, Any] | None = None,
-                 log: Callable[[str], None] | None = None):
+                 log: Callable[[str], None] | None = None,
+                 gate: Callable[[], None] | None = None, on_load: Callable[["Graph", Any], None] | None = None):
         self.name = name
         self.path = path
         self.provider = provider
-        self.threads = threads
+        self.threads = check_threads(threads)
+        # gate(): called before the first run until it returns (the folder's file check);
+        # on_load(graph, session): checks a new session before it is used (raises to refuse it).
+        self._gate = gate
+        self._on_load = on_load
         self.io_binding = io_binding
         self.cuda_graphs = cuda_graphs if io_binding and provider == "cuda" else 0
         self.provider_options = provider_options
@@ -239,6 +265,8 @@ class Graph:
                 self.cuda_graphs = 0
                 sess = create(False)
         except Exception as e:  # ORT raises its own exception types; say which file failed
+            if self._gate is not None:
+                self._gate()  # a damaged file is the cause to report, when it is one
             raise ProviderError(f"cannot load the {self.name} graph {self.path}: {str(e).splitlines()[0]}") from None
         if self.provider == "cpu":
             _release_freed_heap()
@@ -250,6 +278,8 @@ class Graph:
             self.input_types[i.name] = _numpy_type(i.type)
             self.input_ranks[i.name] = len(i.shape)
         self.output_names = [o.name for o in sess.get_outputs()]
+        if self._on_load is not None:
+            self._on_load(self, sess)
         if self.io_binding:
             self._bound = BoundSession(sess, self.provider, 0, max_graphs=self.cuda_graphs,
                                        log=lambda m: self.log(f"{self.name}: {m}"))
@@ -258,6 +288,10 @@ class Graph:
     def load(self) -> "Graph":
         self.session  # noqa: B018 (creates it)
         return self
+
+    @property
+    def loaded(self) -> bool:
+        return self._session is not None
 
     def _recreate(self, cuda_graphs: int) -> None:
         """A new session (frees every CUDA graph the old one captured)."""
@@ -276,6 +310,9 @@ class Graph:
             keep: Sequence[str] = ()) -> list[np.ndarray]:
         """Run on `feeds`; `keep` names inputs the caller passes again unchanged (IO binding
         copies them to the device only when the array object changes)."""
+        if self._gate is not None:
+            self._gate()  # raises while the folder is damaged; passes for good once it returned
+            self._gate = None
         sess = self.session
         t = time.perf_counter()
         try:

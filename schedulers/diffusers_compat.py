@@ -19,7 +19,7 @@ import numpy as np
 
 from . import schedules
 from .samplers import plms_weights
-from .training import alphas_cumprod, sigmas_from_alphas_cumprod, t_from_sigmas
+from .training import alphas_cumprod, check_training_schedule, sigmas_from_alphas_cumprod, t_from_sigmas
 
 _COMMON = {
     "num_train_timesteps": 1000,
@@ -150,6 +150,9 @@ def merged_config(cls: str, model_config: dict, options: dict) -> dict:
     if unknown:
         raise ValueError(f"{cls} has no option {', '.join(unknown)}; its options are: {', '.join(sorted(cfg))}")
     cfg.update(options)
+    problem = check_training_schedule(cfg)
+    if problem:
+        raise ValueError(f"{cls}: {problem}")
     _check_supported(cls, cfg)
     return cfg
 
@@ -219,6 +222,16 @@ def _f32(a) -> np.ndarray:
     return np.asarray(a, np.float64).astype(np.float32).astype(np.float64)
 
 
+def _leading(cfg, n, ratio, points=None):
+    """The offset timesteps (arange(points) * ratio + steps_offset) of "leading" spacing, checked
+    to stay below num_train_timesteps."""
+    T, off = cfg["num_train_timesteps"], cfg["steps_offset"]
+    top = (n if points is None else points) - 1
+    if top * ratio + off > T - 1:
+        raise ValueError(f"steps_offset must be from 0 to {max(T - 1 - top * ratio, 0)} for {n} steps "
+                         f"(timesteps below num_train_timesteps {T}), got {off}")
+
+
 def _spacing_k(cfg, n, dtype):
     """Timesteps of the k-diffusion-type classes (Euler, Heun, KDPM2, LMS, DPMSolverSDE)."""
     T, sp, off = cfg["num_train_timesteps"], cfg["timestep_spacing"], cfg["steps_offset"]
@@ -226,6 +239,7 @@ def _spacing_k(cfg, n, dtype):
         return np.linspace(0, T - 1, n, dtype=dtype)[::-1].copy()
     if sp == "leading":
         ratio = T // n
+        _leading(cfg, n, ratio)
         return (np.arange(0, n) * ratio).round()[::-1].copy().astype(dtype) + dtype(off)
     ratio = T / n
     return np.arange(T, 0, -ratio).round().copy().astype(dtype) - dtype(1)
@@ -238,6 +252,7 @@ def _spacing_multistep(cfg, n, last):
         return np.linspace(0, last - 1, n + 1).round()[::-1][:-1].copy().astype(np.int64)
     if sp == "leading":
         ratio = last // (n + 1)
+        _leading(cfg, n, ratio, n)
         return (np.arange(0, n + 1) * ratio).round()[::-1][:-1].copy().astype(np.int64) + off
     ratio = T / n
     return np.arange(last, 0, -ratio).round().copy().astype(np.int64) - 1
@@ -251,6 +266,7 @@ def _spacing_ddim(cfg, n):
         return np.linspace(0, T - 1, n).round()[::-1].copy().astype(np.int64)
     if sp == "leading":
         ratio = T // n
+        _leading(cfg, n, ratio)
         return (np.arange(0, n) * ratio).round()[::-1].copy().astype(np.int64) + off
     return np.round(np.arange(T, 0, -T / n)).astype(np.int64) - 1
 
@@ -262,6 +278,7 @@ def _spacing_pndm(cfg, n):
         return np.linspace(0, T - 1, n).round().astype(np.int64)
     if sp == "leading":
         ratio = T // n
+        _leading(cfg, n, ratio)
         return ((np.arange(0, n) * ratio).round() + off).astype(np.int64)
     return np.round(np.arange(T, 0, -T / n))[::-1].astype(np.int64) - 1
 

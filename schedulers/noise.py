@@ -34,12 +34,13 @@ class BrownianTree:
     position). The tree first splits at `points` (the noise levels a run will query, by median
     rank, one draw per point) and then halves intervals down to `tol`; below that the last bridge
     is sampled at t itself on a stream keyed by t. Without points it is the plain halving tree.
-    Node values are cached (least recently used first out).
+    Node values are cached (least recently used first out). With t0 == t1 (a run with a single
+    noise level, e.g. one step to 0) W is 0, as torchsde's BrownianTree has it.
     """
 
     def __init__(self, t0: float, t1: float, shape, seed: int, *, points=(), tol: float = 1e-6, cache: int = 128):
-        if not t1 > t0:
-            raise ValueError(f"BrownianTree needs t0 < t1, got {t0}, {t1}")
+        if not t1 >= t0:
+            raise ValueError(f"BrownianTree needs t0 <= t1, got {t0}, {t1}")
         self.t0, self.t1 = float(t0), float(t1)
         self.shape = tuple(shape)
         self.seed = int(seed)

@@ -10,10 +10,11 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from . import diffusers_compat, names, noise, schedules
+from . import options as option_domains
 from . import samplers as samplers_mod
 from .samplers import SAMPLERS, sde_midpoint
-from .training import (alphas_cumprod, distilled_table, index_nearest, sigma_from_t_vp, sigmas_from_alphas_cumprod,
-                       t_from_sigma)
+from .training import (alphas_cumprod, check_training_schedule, distilled_table, index_nearest, sigma_from_t_vp,
+                       sigmas_from_alphas_cumprod, t_from_sigma)
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 _MULTI = "dpmpp_multistep"
@@ -167,6 +168,9 @@ def make_plan(sampler: str, steps: int, strength: float = 1.0, schedule: str | N
     if rule not in names.RULES:
         raise ValueError(f"unknown img2img rule {rule!r}; use one of {', '.join(names.RULES)}")
     config = dict(config or {})
+    problem = check_training_schedule(config)
+    if problem:
+        raise ValueError(f"scheduler config: {problem}")
     if spec.family == "diffusers":
         if sched_key is not None:
             options = {**names.DIFFUSERS_SCHEDULES[sched_key][1], **options}
@@ -207,8 +211,9 @@ def _split_options(spec, options):
 
 
 def _schedule_fn(family: str, key: str, table: np.ndarray, opts: dict, log_table: np.ndarray | None = None):
-    smin = float(opts.get("sigma_min") or table[0])
-    smax = float(opts.get("sigma_max") or table[-1])
+    smin = float(table[0] if opts.get("sigma_min") is None else opts["sigma_min"])
+    smax = float(table[-1] if opts.get("sigma_max") is None else opts["sigma_max"])
+    option_domains.check_sigma_range(smin, smax)
     a, b = float(opts.get("beta_alpha", 0.6)), float(opts.get("beta_beta", 0.6))
     rho = opts.get("rho")
     fns = {
@@ -244,6 +249,7 @@ def _plan_kdiffusion(spec, steps, strength, sched_key, rule, config, options) ->
     """A1111 and ComfyUI: k-diffusion samplers on the discrete DDPM denoiser."""
     pred = _prediction(config)
     sampler_opts, other = _split_options(spec, options)
+    option_domains.check(options, spec.sampler)
     family = spec.family
     if spec.sampler in ("a1111_ddim", "a1111_plms", "a1111_unipc"):
         # A1111's timestep samplers have their own grid and ignore the schedule choice.
@@ -417,6 +423,7 @@ def _plan_a1111_timesteps(spec, steps, strength, rule, config, sampler_opts, oth
 def _plan_diffusers(spec, steps, strength, rule, config, options, sched_key) -> Plan:
     cls = spec.name
     options = dict(options)
+    option_domains.check(options, defaults=diffusers_compat.DEFAULTS.get(cls))
     eta = options.pop("eta", None)  # a pipeline argument, passed to DDIMScheduler.step
     if eta is not None and cls != "DDIMScheduler":
         raise ValueError(f"eta is an option of DDIMScheduler only, not of {cls}")

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import math
 
+from typing import Any
+
 import numpy as np
 
 # What an SD checkpoint trains with, for configs that leave it out (A1111 and ComfyUI read the
@@ -175,3 +177,30 @@ def sigma_from_t_vp(t, alphas_cumprod: np.ndarray):
     hi = np.minimum(lo + 1, len(log_alpha) - 1)
     la = log_alpha[lo] + (t - lo) * (log_alpha[hi] - log_alpha[lo])
     return np.sqrt(np.expm1(-2.0 * la))
+
+
+def check_training_schedule(values: dict[str, Any], steps: Any = None) -> str | None:
+    """What is wrong with a training noise schedule's settings (num_train_timesteps, trained_betas,
+    beta_start, beta_end), or None. `steps`: num_train_timesteps where it is set elsewhere."""
+    n = values.get("num_train_timesteps", steps)
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or not 2 <= n <= 100_000):
+        return f"num_train_timesteps must be a whole number from 2 to 100000, got {n!r}"
+    for key in ("beta_start", "beta_end"):
+        v = values.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
+                              or not 0 < v < 1):
+            return f"{key} must be a number between 0 and 1 (exclusive), got {v!r}"
+    lo, hi = values.get("beta_start"), values.get("beta_end")
+    if lo is not None and hi is not None and not lo < hi:
+        return f"beta_start must be below beta_end, got beta_start={lo!r}, beta_end={hi!r}"
+    betas = values.get("trained_betas")
+    if hasattr(betas, "tolist"):  # a NumPy array
+        betas = betas.tolist()
+    if betas is not None:
+        if not isinstance(betas, (list, tuple)) or len(betas) < 2 or not all(
+                isinstance(b, (int, float)) and not isinstance(b, bool) and math.isfinite(b) and 0 < b < 1 for b in betas):
+            shown = repr(betas) if len(repr(betas)) < 60 else repr(betas)[:57] + "..."
+            return f"trained_betas must be a list of at least 2 numbers between 0 and 1 (exclusive), got {shown}"
+        if isinstance(n, int) and len(betas) != n:
+            return f"trained_betas has {len(betas)} values but num_train_timesteps is {n}; give one beta per timestep"
+    return None

@@ -545,3 +545,50 @@ def test_progress_bar_on_a_terminal(sd1, tmp_path):
     assert stdout.strip() == str(tmp_path / "o" / "a-1.png")
     shown, stdout = run_on_pty("--quiet")
     assert "steps" not in shown and stdout == ""
+
+
+def _bad_exif_jpeg(path: Path) -> Path:
+    """A JPEG whose EXIF block has a tag pointing past its end (Pillow warns about it)."""
+    import struct
+
+    ifd = struct.pack("<H", 1) + struct.pack("<HHII", 0x010E, 2, 100, 4000) + struct.pack("<I", 0)
+    Image.new("RGB", (32, 32), "blue").save(path, exif=b"Exif\x00\x00II*\x00" + struct.pack("<I", 8) + ifd)
+    return path
+
+
+def test_damaged_exif_loads_without_warnings(sd1, api, tmp_path):
+    import warnings
+
+    src = _bad_exif_jpeg(tmp_path / "bad-exif.jpg")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with Image.open(src) as im:
+            im.getexif()
+    assert any("Tag data larger than file" in str(w.message) for w in seen)  # Pillow does warn on this file
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        api["sd1"].img2img(src, "x", steps=1, dry_run=True)
+    assert [str(w.message) for w in seen] == []
+    p = sub("img2img", src, "-p", "x", "-m", sd1, "--seed", 1, "-o", tmp_path / "o", *GEN)
+    assert p.returncode == 0 and p.stderr == "" and p.stdout.strip() == str(tmp_path / "o" / "bad-exif-1.png")
+
+
+def test_sdrt_info_refuses_what_img2img_refuses(sd1, tmp_path):
+    """A folder whose tokenizer is unreadable (consistent sizes and hashes): img2img and info both
+    exit 1 with the same cause."""
+    import hashlib
+    import shutil
+
+    folder = tmp_path / "m"
+    shutil.copytree(sd1, folder)
+    (folder / "tokenizer" / "tokenizer.json").write_text("{ not json")
+    m = json.loads((folder / "sdrt.json").read_text())
+    data = (folder / "tokenizer" / "tokenizer.json").read_bytes()
+    m["files"]["tokenizer/tokenizer.json"] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+    (folder / "sdrt.json").write_text(json.dumps(m))
+    a = noise_image(tmp_path / "a.png", 14)
+    r1 = cli("img2img", a, "-p", "x", "-m", folder, "-o", tmp_path / "o", *GEN, ok=False)
+    r2 = cli("info", folder, ok=False)
+    assert r1.exit_code == r2.exit_code == 1
+    assert "tokenizer" in r1.stderr and "tokenizer" in r2.stderr and r2.stderr.count("\n") == 1
+    assert cli("info", sd1).exit_code == 0

@@ -377,6 +377,17 @@ def test_blur_mask_zero_is_identity_and_errors():
         im.blur_mask(a, 4, "4")
 
 
+def test_blur_below_a_fifth_of_a_pixel_is_identity():
+    """OpenCV's kernel for sigma < 0.2 has one tap (2*int(2.5*sigma + 0.5) + 1 = 1): no blur, also
+    for sigmas whose square underflows to 0 (1e-300 once divided by zero)."""
+    a = rand_mask(np.random.default_rng(11), 20, 10)
+    for s in (1e-300, 5e-324, 1e-8, 0.19):
+        assert im.gaussian_kernel_u8(s).tolist() == [256]
+        assert np.array_equal(arr(im.blur_mask(a, s, s)), arr(a))
+    cv2 = pytest.importorskip("cv2")
+    assert np.array_equal(arr(im.blur_mask(a, 1e-300, 0.1)), _cv2_blur(cv2, arr(a), 1e-300, 0.1))
+
+
 def test_gaussian_kernel_sums_to_one_in_fixed_point():
     cv2 = pytest.importorskip("cv2")
     for s in (0.5, 1, 4, 9.5, 33):

@@ -143,3 +143,105 @@ def test_base_install_has_no_torch(tmp_path):
         assert im.size == Image.open(ROOT / "models" / "examples" / "sketch.png").size
     strength = re.search(r"--strength (\S+)", run).group(1)
     assert re.search(rf"Denoising strength: {re.escape(strength)}(,|$)", read_infotext(tmp_path / out), re.M)
+
+
+# --------------------------------------------------------------------------- verification
+
+
+def _flip_keeping_size_and_mtime(p: Path) -> None:
+    st = p.stat()
+    data = bytearray(p.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    p.write_bytes(bytes(data))
+    os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))
+    after = p.stat()
+    assert (after.st_size, after.st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+
+
+def test_changed_content_is_found_whatever_size_and_mtime_say(models, copy_folder, tmp_path):
+    """A bit flipped in the UNet with its size and mtime restored: read_model_folder, `sdrt info` and
+    img2img all refuse the folder, naming the file (the check records the ctime, which changes on
+    any write and cannot be set back)."""
+    from typer.testing import CliRunner
+
+    from sdrt.cli.app import app
+
+    folder = copy_folder(models.exported("tiny-sd1"))
+    first = read_model_folder(folder)
+    assert sorted(first.verification.hashed) == sorted(first.manifest["files"])  # new to this machine: all hashed
+    again = read_model_folder(folder)
+    assert again.verification.hashed == []  # unchanged since: none hashed
+    _flip_keeping_size_and_mtime(folder / "unet" / "model.onnx")
+    with pytest.raises(ModelFolderError, match=r"unet/model\.onnx does not match its sha256"):
+        read_model_folder(folder)
+    r = CliRunner().invoke(app, ["info", str(folder)])
+    assert r.exit_code == 1 and r.stderr.count("\n") == 1 and "unet/model.onnx does not match its sha256" in r.stderr
+    img = tmp_path / "in.png"
+    from PIL import Image
+
+    Image.new("RGB", (32, 32), "red").save(img)
+    r = CliRunner().invoke(app, ["img2img", str(img), "-p", "x", "-m", str(folder), "--provider", "cpu", "-o",
+                                 str(tmp_path / "out")])
+    assert r.exit_code == 1 and "unet/model.onnx does not match its sha256" in r.stderr, r.stderr
+    assert "no image was written" in r.stderr and not (tmp_path / "out").exists()
+
+
+def test_load_hashes_in_the_background_and_runs_nothing_before_it_passes(models, copy_folder, monkeypatch):
+    """load() returns while the files are hashed; the first graph run waits for the result, and a
+    damaged file stops it before any graph runs."""
+    import threading
+
+    from sdrt.runtime import load, modelfolder
+    from sdrt.runtime import sessions
+
+    folder = copy_folder(models.exported("tiny-sd1"))
+    _flip_keeping_size_and_mtime(folder / "vae_decoder" / "model.onnx")
+    release = threading.Event()
+    real = modelfolder.sha256_file
+
+    def slow_hash(p, *a, **kw):
+        release.wait()
+        return real(p, *a, **kw)
+
+    monkeypatch.setattr(modelfolder, "sha256_file", slow_hash)
+    pipe = load(folder, provider="cpu")  # returns although no file is hashed yet
+    assert not pipe.info.verification.done
+    pipe.load_graphs()  # the sessions are created meanwhile
+    ran = []
+    monkeypatch.setattr(sessions, "_typed", lambda v, t: ran.append(1) or v)  # every plain run passes here
+    result = {}
+
+    def generate():
+        try:
+            pipe.txt2img("x", width=32, height=32, steps=1)
+        except Exception as e:  # noqa: BLE001
+            result["error"] = e
+
+    t = threading.Thread(target=generate)
+    t.start()
+    t.join(0.5)
+    assert t.is_alive() and ran == []  # waiting for the check, nothing ran
+    release.set()
+    t.join()
+    assert isinstance(result.get("error"), ModelFolderError) and "vae_decoder/model.onnx" in str(result["error"])
+    assert ran == []
+
+
+def test_manifest_values_the_runtime_computes_with_are_checked(models, copy_folder):
+    """A manifest that lies about what the graphs are is refused at load with the key, the value and
+    what is accepted; a consistent one loads."""
+    folder = copy_folder(models.exported("tiny-sd1"))
+    m = json.loads((folder / "sdrt.json").read_text())
+    for key, value, pattern in (
+        ("vae_scaling_factor", float("nan"), r"vae_scaling_factor is nan; accepted: a finite number"),
+        ("vae_scaling_factor", 0, r"vae_scaling_factor is 0"),
+        ("vae_scale_factor", 0, r"vae_scale_factor is 0; accepted: a whole number from 1 to 64"),
+        ("latent_channels", 8, r"unet_in_channels is 4; accepted: 8 .* or 17"),
+        ("files", [], r'"files" must map each file'),
+        ("files", {"unet/model.onnx": "abc"}, r"entry of unet/model\.onnx must be"),
+    ):
+        (folder / "sdrt.json").write_text(json.dumps({**m, key: value}))
+        with pytest.raises(ModelFolderError, match=pattern):
+            read_model_folder(folder)
+    (folder / "sdrt.json").write_text(json.dumps(m))
+    assert read_model_folder(folder).latent_channels == 4

@@ -172,8 +172,9 @@ BAD_INPUTS = {
                     r"^noise must have shape \(1, 4, 16, 16\) for this request, got \(1, 4, 8, 8\)"),
     "noise batch": (lambda p, d: p.txt2img(PROMPT, width=32, height=32, batch_size=2, noise=np.zeros((1, 4, 16, 16))),
                     r"^noise must have shape \(2, 4, 16, 16\)"),
-    "too large for memory": (lambda p, d: p.img2img(IMG, PROMPT, width=1024, height=1024), r"1024x1024 .*GiB of memory"),
-    "txt2img too large": (lambda p, d: p.txt2img(PROMPT, width=8192, height=8192), r"8192x8192 .*GiB of memory"),
+    "too large for memory": (lambda p, d: p.img2img(IMG, PROMPT, width=8192, height=8192, batch_size=16),
+                             r"8192x8192 request with batch_size 16 needs about .* GiB of memory"),
+    "txt2img too large": (lambda p, d: p.txt2img(PROMPT, width=8192, height=8192, batch_size=8), r"8192x8192 .*GiB of memory"),
     "output kind": (lambda p, d: p.img2img(IMG, PROMPT, output="jpeg"), r"^output must be one of pil, np, latent, got 'jpeg'"),
     "clip_skip beyond the encoder": (lambda p, d: p.img2img(IMG, PROMPT, clip_skip=5), r"^clip_skip must be from 1 to 3"),
     "seed": (lambda p, d: p.img2img(IMG, PROMPT, seed=-5), r"^seed must be"),
@@ -194,13 +195,29 @@ def test_bad_input_is_refused_before_any_model_runs(sd1, bad_files, no_model_run
 
 
 def test_memory_refusal_is_real(sd1):
-    """The 1024x1024 request above is refused because it would need more than this machine has."""
+    """The 8192x8192 requests above are refused because they would need more than this machine has:
+    the UNet's top-level activations alone, (2B, channels, h, w) float32, are larger."""
     from sdrt.runtime import prepare
 
-    job = prepare.img2img_job(sd1.info, IMG, width=1024, height=1024, resize_mode="just_resize", batch_size=1)
-    # the UNet's highest-resolution self-attention scores alone: (2B, heads>=1, tokens, tokens) float32
-    tokens = (1024 // 2) ** 2
-    assert prepare.estimate_memory(sd1.info, job, cfg=True) >= 2 * tokens * tokens * 4 > prepare.available_memory("cpu")
+    unet = sd1.info.configs["unet"]
+    f = sd1.info.vae_scale_factor
+    one_activation = 2 * 16 * unet["block_out_channels"][0] * (8192 // f) ** 2 * 4
+    e = prepare.estimate_memory(sd1.info, 8192, 8192, 16, cfg=True)
+    assert e.stages["unet"] >= one_activation > prepare.available_memory("cpu")
+    assert e.total > e.stages["unet"] + e.weights
+
+
+def test_thread_counts_up_to_the_logical_cores(models):
+    """threads=1 and threads=<logical cores> load and run; the session uses the count given."""
+    from sdrt.runtime import load
+    from sdrt.runtime.sessions import logical_cores, session_options
+
+    for n in sorted({1, logical_cores()}):
+        p = load(models.exported("tiny-sd1"), provider="cpu", threads=n)
+        assert p.txt2img(PROMPT, width=32, height=32, steps=1, seed=1).images[0].size == (32, 32)
+        assert session_options("cpu", p.graphs["unet"].threads).intra_op_num_threads == n
+    with pytest.raises(InputError, match=rf"threads must be a whole number from 1 to {logical_cores()}"):
+        load(models.exported("tiny-sd1"), provider="cpu", threads=logical_cores() + 1)
 
 
 def test_mask_of_the_same_aspect_ratio_is_resized(sd1):
@@ -806,3 +823,51 @@ def test_unet_overflow_names_the_image(models, monkeypatch, bad_row):
     monkeypatch.setattr(pipe.graphs["unet"], "run", run)
     with pytest.raises(RuntimeError, match=f"NaN/Inf for image {bad_row % 2} of the batch"):
         pipe.img2img(IMG, PROMPT, NEGATIVE, strength=0.6, steps=3, seed=4, batch_size=2)
+
+
+def _rewrite(folder: Path, rel: str, **changes) -> None:
+    """Change a JSON file of a model folder and record its new size and sha256 in the manifest."""
+    import hashlib
+    import json
+
+    p = folder / rel
+    data = json.loads(p.read_text())
+    data.update(changes)
+    p.write_text(json.dumps(data))
+    if rel != "sdrt.json":
+        m = json.loads((folder / "sdrt.json").read_text())
+        raw = p.read_bytes()
+        m["files"][rel] = {"sha256": hashlib.sha256(raw).hexdigest(), "size": len(raw)}
+        (folder / "sdrt.json").write_text(json.dumps(m))
+
+
+def test_a_folder_that_describes_other_graphs_is_refused_by_the_graphs(models, copy_folder):
+    """Manifest and configs agree with each other but not with the graphs: 8 latent channels for
+    graphs of 4, or a scale factor of 4 for a VAE of 2. The graphs' declared inputs and returned
+    shapes refuse it in one line, before any shape error of ONNX Runtime or NumPy."""
+    from sdrt.runtime import load
+    from sdrt.runtime.modelfolder import ModelFolderError
+
+    folder = copy_folder(models.exported("tiny-sd1"))
+    folder = folder.rename(folder.with_name("first"))
+    _rewrite(folder, "sdrt.json", latent_channels=8, unet_in_channels=8)
+    _rewrite(folder, "unet/config.json", in_channels=8, out_channels=8)
+    for d in ("vae_encoder", "vae_decoder"):
+        _rewrite(folder, f"{d}/config.json", latent_channels=8)
+    pipe = load(folder, provider="cpu")
+    with pytest.raises(ModelFolderError, match=r"the unet graph .* has 4 in dimension 1 of 'sample', but the folder's "
+                                               r"description says 8"):
+        pipe.txt2img(PROMPT, width=32, height=32, steps=1)
+
+    folder = copy_folder(models.exported("tiny-sd1"))
+    _rewrite(folder, "sdrt.json", vae_scale_factor=4)
+    for d in ("vae_encoder", "vae_decoder"):
+        _rewrite(folder, f"{d}/config.json", block_out_channels=[32, 64, 64])
+    pipe = load(folder, provider="cpu")
+    with pytest.raises(ModelFolderError, match=r"VAE encoder .* returned \(1, 8, 16, 16\) for images of \(1, 3, 32, 32\); "
+                                               r"the folder says 4 latent channels and a scale factor of 4, which give "
+                                               r"\(1, 8, 8, 8\)"):
+        pipe.img2img(IMG, PROMPT, steps=1)
+    with pytest.raises(ModelFolderError, match=r"VAE decoder .* returned \(1, 3, 16, 16\) for latents of "
+                                               r"\(1, 4, 8, 8\); the folder says a scale factor of 4"):
+        pipe.txt2img(PROMPT, width=32, height=32, steps=1)

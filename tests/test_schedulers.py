@@ -485,3 +485,34 @@ def test_ddim_cfgpp_is_refused_by_name(name):
     with pytest.raises(UnknownSamplerError, match="DDIM CFG\\+\\+.*not supported") as e:
         make_plan(name, 10, config=SD)
     assert "\n" not in str(e.value)
+
+
+# make_plan itself refuses options outside their domain (the pipeline adds the sampler's name).
+_SD = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000,
+       "steps_offset": 1, "skip_prk_steps": True, "set_alpha_to_one": False, "clip_sample": False}
+OUT_OF_DOMAIN = [
+    ("DDIMScheduler(num_train_timesteps=1)", {}, r"num_train_timesteps must be a whole number from 2"),
+    ("EulerDiscreteScheduler(beta_start=1, beta_end=0)", {}, r"beta_start must be a number between 0 and 1"),
+    ("EulerDiscreteScheduler(beta_start=0.01, beta_end=0.001)", {}, r"beta_start must be below beta_end"),
+    ("DDIMScheduler(steps_offset=100000)", {}, r"steps_offset must be from 0 to 199 for 5 steps"),
+    ("EulerDiscreteScheduler(beta_end=1.5)", {}, r"beta_end must be a number between 0 and 1"),
+    ("DDIMScheduler(steps_offset=-5000)", {}, r"steps_offset must be a whole number from 0"),
+    ("EulerDiscreteScheduler(trained_betas=[0.5])", {}, r"trained_betas must be a list of at least 2"),
+    ("DPMSolverSDEScheduler(noise_sampler_seed='abc')", {}, r"noise_sampler_seed must be none or a whole number"),
+    ("DDIMScheduler", {"eta": math.nan}, r"eta must be a finite number >= 0, got nan"),
+    ("Euler a", {"eta": -1.0}, r"eta must be a finite number >= 0"),
+    ("DPM++ 2M Karras", {"sigma_max": 0}, r"sigma_max must be a finite number > 0, got 0"),
+    ("DPM++ 2M Karras", {"rho": 0}, r"rho must be a finite number > 0"),
+    ("DPM++ 2M Karras", {"sigma_min": 3.0, "sigma_max": 2.0}, r"sigma_max must be greater than sigma_min"),
+    ("DPM++ 2M Beta", {"beta_alpha": 0}, r"beta_alpha must be a finite number > 0"),
+    ("dpmpp_2m", {"beta_beta": -1.0}, r"beta_beta must be a finite number > 0"),
+    ("Euler a", {"s_noise": math.inf}, r"s_noise must be a finite number, got inf"),
+    ("DPM++ SDE", {"r": 0}, r"r must be a number in \(0, 1\]"),
+    ("UniPC", {"uni_pc_order": 0}, r"uni_pc_order must be a whole number from 1 to 50"),
+]
+
+
+@pytest.mark.parametrize("name,options,message", OUT_OF_DOMAIN)
+def test_make_plan_refuses_options_outside_their_domain(name, options, message):
+    with pytest.raises(ValueError, match=r"^(\w+: )?" + message):
+        make_plan(name, 5, 0.7, config=_SD, **options)

@@ -388,3 +388,39 @@ def test_every_option_matches_diffusers_or_is_refused(cls, key, value, steps, st
         return
     assert rel_err(out, ref) <= TOL
     assert [t for _, t in den.calls] == pytest.approx(ref_calls, abs=2e-4)
+
+
+@pytest.mark.parametrize("variant", PARAMS, ids=[_id(p) for p in PARAMS])
+def test_diffusers_one_step(variant, monkeypatch):
+    """steps=1 (the one step diffusers' img2img keeps at strength 1, and txt2img)."""
+    cls, i = variant
+    pred = "v_prediction" if i % 2 else "epsilon"
+    options = VARIANTS[cls][i]
+    if options.get("rescale_betas_zero_snr") and cls in ("DDIMScheduler", "LCMScheduler") and pred == "epsilon":
+        pytest.skip("zero terminal SNR: an eps model cannot denoise from pure noise (diffusers divides by 0)")
+    x0, noise = inputs(60 + i)
+    seq = SequenceNoise(SHAPE, seed=23)
+    for start in (x0, None):
+        ref, ref_calls = diffusers_run(cls, options, 1, 1.0, pred, start, noise, seq, monkeypatch)
+        plan, out, den = sdrt_run(cls, options, 1, 1.0, pred, start, noise, seq)
+        assert np.isfinite(out).all()
+        assert rel_err(out, ref) <= TOL
+        assert plan.unet_calls == len(ref_calls)
+
+
+@pytest.mark.parametrize("options", [{}, {"use_karras_sigmas": True}, {"use_exponential_sigmas": True},
+                                     {"use_beta_sigmas": True}])
+def test_dpmsolver_sde_one_step_with_its_own_noise(options):
+    """DPMSolverSDEScheduler at one step: its Brownian tree spans a single noise level (torchsde
+    accepts t0 == t1); each side draws from its own tree and the result is diffusers'."""
+    x0, noise = inputs(70)
+    sch = diffusers.DPMSolverSDEScheduler.from_config({**SD15, "noise_sampler_seed": 3}, **options)
+    sch.set_timesteps(1)
+    latents = torch.from_numpy(noise) * sch.init_noise_sigma
+    for t in sch.timesteps:
+        latents = sch.step(model_torch(sch.scale_model_input(latents, t), t), t, latents, return_dict=False)[0]
+    plan = make_plan("DPMSolverSDEScheduler", 1, config={**SD15, "noise_sampler_seed": 3}, **options)
+    assert plan.noise == "brownian"
+    out = plan.finish(sample(plan, sdrt_denoiser(plan, "epsilon"), plan.start(None, noise),
+                             rng=np.random.default_rng(0)))
+    assert rel_err(out, latents.numpy()) <= TOL

@@ -148,7 +148,7 @@ def a1111_reference(name, steps, strength, schedule, pred, x0, noise, seq, fix_s
             sig = torch.cat([sig[:-2], sig[-1:]])
         sched = sig[total - t_enc - 1:].to(torch.float64)
         x = torch.from_numpy(x0) + torch.from_numpy(noise) * sched[0]
-        if noisy:
+        if noisy and seq is not None:  # else k-diffusion draws its own noise
             kw = {**kw, "noise_sampler": seq.reset().torch}
         out = getattr(sampling, func)(mw, x, sched, disable=True, **kw)
     return out.numpy(), sched.numpy()
@@ -684,7 +684,7 @@ def comfy_reference(name, steps, denoise, schedule, pred, x0, noise, seq):
         max_denoise = math.isclose(smax, s0, rel_tol=1e-5) or s0 > smax
         scale = math.sqrt(1 + s0 * s0) if max_denoise else s0
         x = torch.from_numpy(x0) + torch.from_numpy(noise) * scale
-        if noisy:
+        if noisy and seq is not None:  # else k-diffusion draws its own noise
             kw = {**kw, "noise_sampler": seq.reset().torch}
         if func == "unipc":
             out = comfy_unipc(mw, x, sig, kw["variant"])
@@ -743,3 +743,76 @@ def test_comfy_lcm(pred, denoise):
                                  keep=6, ac=ref_alphas_cumprod())
     np.testing.assert_allclose(plan.sigmas, ref_sig, rtol=1e-6, atol=1e-12)
     assert rel_err(out, ref) <= TOL
+
+
+# ------------------------------------------------------------------------------ one step
+# k-diffusion's 2M/3M SDE samplers fail when their first step ends at 0 (UnboundLocalError: `h`,
+# see test_a1111_strength_zero_single_step_to_zero); sdrt returns that step's denoised latent.
+FIRST_STEP_TO_ZERO_FAILS = {"DPM++ 2M SDE", "DPM++ 2M SDE Heun", "DPM++ 3M SDE", "dpmpp_2m_sde",
+                            "dpmpp_2m_sde_heun", "dpmpp_3m_sde"}
+
+
+def _one_step(name, schedule, strength, reference, mw, x0, noise):
+    """sdrt at steps=1 against `reference(seq)`. A single step to 0 draws no noise: then each side
+    makes its own (k-diffusion a BrownianTreeNoiseSampler over the run's one noise level, sdrt a
+    Brownian tree from a Generator), else both get the same noise sequence."""
+    plan = make_plan(name, 1, strength, schedule, config=SD_CONFIG)
+    own = plan.sigmas[-1] == 0
+    seq = None if own else SequenceNoise(SHAPE, seed=21)
+    start = plan.start(x0, noise)
+    out = plan.finish(sample(plan, sdrt_denoiser(plan, "epsilon"), start, rng=np.random.default_rng(5),
+                             noise_sampler=None if own else seq.reset().numpy))
+    assert np.isfinite(out).all()
+    if own and name in FIRST_STEP_TO_ZERO_FAILS:
+        with pytest.raises(UnboundLocalError):
+            reference(seq)
+        with f64():
+            s = torch.tensor([plan.sigmas[0]])
+            want = mw(torch.from_numpy(start), s).numpy()
+    else:
+        want, ref_sig = reference(seq)
+        np.testing.assert_allclose(plan.sigmas, ref_sig, rtol=1e-6, atol=1e-12)
+    assert rel_err(out, want) <= TOL
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("name", list(A1111))
+def test_a1111_one_step(name, schedule):
+    """At one step A1111 runs the same sigmas at any strength (t_enc + 1 = 1)."""
+    strength = 0.6
+    x0, noise = inputs(20)
+    mw = wrapper("epsilon", False, a1111_alphas_cumprod())
+    _one_step(name, LABELS[schedule], strength,
+              lambda seq: a1111_reference(name, 1, strength, schedule, "epsilon", x0, noise, seq), mw, x0, noise)
+
+
+COMFY_SCHEDULES = ["normal", "karras", "exponential", "sgm_uniform", "simple", "ddim_uniform", "beta"]
+
+
+@pytest.mark.parametrize("denoise", [1.0, 0.5])
+@pytest.mark.parametrize("schedule", COMFY_SCHEDULES)
+@pytest.mark.parametrize("name", [n for n in COMFY if n != "ddim"])
+def test_comfy_one_step(name, schedule, denoise):
+    x0, noise = inputs(21)
+
+    def reference(seq):
+        out, sig = comfy_reference(name, 1, denoise, schedule, "epsilon", x0, noise, seq)
+        if name.startswith("uni_pc") and sig[-1] == 0:  # ComfyUI's uni_pc ends at 0.001
+            sig = np.concatenate([sig[:-1], [0.001]])
+        return out, sig
+
+    _one_step(name, schedule, denoise, reference, wrapper("epsilon", True), x0, noise)
+
+
+def test_comfy_kl_optimal_one_step():
+    """ComfyUI's kl_optimal divides by steps - 1: at one step its only sigma is NaN (0 / 0) and
+    the image is lost. sdrt starts that step at sigma_max, where its other schedules start."""
+    mw = wrapper("epsilon", True)
+    with f64():
+        assert torch.isnan(comfy_sigmas("kl_optimal", 1, mw)[0])
+    for name in ("euler", "dpmpp_sde", "dpmpp_2m_sde"):
+        plan = make_plan(name, 1, 1.0, "kl_optimal", config=SD_CONFIG)
+        np.testing.assert_allclose(plan.sigmas, [mw.sigmas[-1].item(), 0.0], rtol=1e-6)
+        x0, noise = inputs(22)
+        out = sample(plan, sdrt_denoiser(plan, "epsilon"), plan.start(x0, noise), rng=np.random.default_rng(1))
+        assert np.isfinite(out).all()
