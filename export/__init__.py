@@ -19,7 +19,9 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from sdrt.runtime.modelfolder import FORMAT_VERSION, FP32_VAE_DECODER, GRAPHS, INCOMPLETE_MARKER, MANIFEST, sha256_file
+from sdrt.runtime.modelfolder import FORMAT_VERSION, FP32_VAE_DECODER, INCOMPLETE_MARKER, MANIFEST, sha256_file
+
+from . import sdxl
 
 PRECISIONS = ("fp32", "fp16", "int8")
 TARGETS = ("cpu", "cuda")
@@ -57,8 +59,13 @@ def _read_index(src: Path) -> dict:
         raise ExportError(f"{index} is not valid JSON ({e})") from None
     cls = data.get("_class_name", "")
     supported = ("StableDiffusionPipeline", "StableDiffusionInpaintPipeline", "StableDiffusionImg2ImgPipeline")
-    if cls not in supported:
-        raise ExportError(f"{src} holds a {cls or 'unknown'} pipeline; sdrt exports {', '.join(supported)}")
+    if sdxl.is_sdxl(data):
+        sdxl.check_index(src, data, ExportError)
+        if not (src / "scheduler" / "scheduler_config.json").is_file():
+            raise ExportError(f"{src}: scheduler/scheduler_config.json is missing")
+        return data
+    if cls not in supported + sdxl.PIPELINES:
+        raise ExportError(f"{src} holds a {cls or 'unknown'} pipeline; sdrt exports {', '.join(supported + sdxl.PIPELINES)}")
     expected = {
         "unet": "UNet2DConditionModel",
         "vae": "AutoencoderKL",
@@ -78,7 +85,7 @@ def _read_index(src: Path) -> dict:
     return data
 
 
-def _load_pipeline(src: Path, index: dict):
+def _load_pipeline(src: Path, index: dict, vae_src: Path | None = None):
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
@@ -88,7 +95,10 @@ def _load_pipeline(src: Path, index: dict):
         raise ExportError(f"{src}: the UNet has {unet.config.in_channels} input channels; sdrt accepts 4 (or 9 for inpainting)")
     if getattr(unet.config, "addition_embed_type", None) or getattr(unet.config, "time_cond_proj_dim", None):
         raise ExportError(f"{src}: the UNet takes extra conditioning (SDXL/LCM-distilled); sdrt accepts SD 1.x/2.x UNets")
-    vae = AutoencoderKL.from_pretrained(src, subfolder="vae", local_files_only=True, torch_dtype=torch.float32)
+    if vae_src is None:
+        vae = AutoencoderKL.from_pretrained(src, subfolder="vae", local_files_only=True, torch_dtype=torch.float32)
+    else:
+        vae = AutoencoderKL.from_pretrained(vae_src, local_files_only=True, torch_dtype=torch.float32)
     text_encoder = CLIPTextModel.from_pretrained(src, subfolder="text_encoder", local_files_only=True, torch_dtype=torch.float32)
     tokenizer = CLIPTokenizer.from_pretrained(src, subfolder="tokenizer", local_files_only=True)
     for m in (unet, vae, text_encoder):
@@ -177,6 +187,7 @@ def export_model(
     overwrite: bool = False,
     fp32_ops: tuple[str, ...] | None = None,
     fp32_vae_decoder: bool = False,
+    vae: str | os.PathLike | None = None,
     check: bool = True,
     int8_weight_max: int = 64,
     log: Callable[[str], None] = _log,
@@ -197,6 +208,9 @@ def export_model(
     int8_weight_max: with int8, the weights' range [-w, w]: 64 (the default) is exact on every CPU;
     127 is exact only where ONNX Runtime's int8 products accumulate in 32 bits (VNNI, AMX, ARM), and
     may saturate on other x86-64 CPUs (see export/quantize.py). 127 is there to measure the cost.
+    vae: a diffusers VAE folder (config.json + weights) used instead of the source's VAE, e.g. an
+    fp16-fixed SDXL VAE: an SDXL VAE whose config says force_upcast (SDXL's own) stays fp32 in an
+    fp16 export, one that does not is converted to fp16 like the other graphs.
     """
     src, out = Path(src).expanduser(), Path(out).expanduser()
     if precision not in PRECISIONS:
@@ -211,6 +225,9 @@ def export_model(
         raise ExportError(f"int8_weight_max {int8_weight_max} is not supported; accepted: 64 (exact on every CPU), 127")
     if fp32_vae_decoder and precision != "fp16":
         raise ExportError("--fp32-vae-decoder goes with --precision fp16 (the VAE decoder is fp32 otherwise)")
+    vae = None if vae is None else Path(vae).expanduser()
+    if vae is not None and not (vae / "config.json").is_file():
+        raise ExportError(f"--vae {vae}: not a diffusers VAE folder (config.json and the weights of an AutoencoderKL)")
     if not 14 <= opset <= 20:
         raise ExportError(f"opset {opset} is not supported; accepted: 14 to 20")
     from_folder = (src / MANIFEST).is_file()
@@ -234,7 +251,7 @@ def export_model(
             manifest = _quantize_into(src, tmp, int8_weight_max, log)
         else:
             manifest = _export_into(src, tmp, index, precision, target, opset, fp32_ops, fp32_vae_decoder, check,
-                                    int8_weight_max, log)
+                                    int8_weight_max, log, vae)
         _fsync_tree(tmp)
         (tmp / INCOMPLETE_MARKER).unlink()
         if out.exists():
@@ -257,27 +274,40 @@ def export_model(
 
 
 def _export_into(src, tmp, index, precision, target, opset, fp32_ops, fp32_vae_decoder, check, int8_weight_max,
-                 log) -> dict:
+                 log, vae=None) -> dict:
     import torch
 
-    from .graphs import check_graph, export_graph, graph_specs
+    from .graphs import GraphSpec, check_graph, export_graph, graph_specs, vae_specs
     from .optimize import optimize_graph
 
     torch.set_grad_enabled(False)
     t0 = time.time()
-    pipe = _load_pipeline(src, index)
+    xl = sdxl.is_sdxl(index)
+    pipe = sdxl.load_parts(src, index, vae) if xl else _load_pipeline(src, index, vae)
     sched = json.loads((src / "scheduler" / "scheduler_config.json").read_text(encoding="utf-8"))
     prediction_type = sched.get("prediction_type", "epsilon")
     if prediction_type not in ("epsilon", "v_prediction"):
         raise ExportError(f"{src}: prediction_type {prediction_type!r} is not supported; accepted: epsilon, v_prediction")
-
-    family = _family(pipe.unet.config, pipe.tokenizer, prediction_type)
+    if xl:
+        sdxl.check_unet(src, pipe.unet.config, ExportError)
+        sdxl.check_vae(src, pipe.vae.config, ExportError)
+        family = "sdxl"
+        specs = sdxl.graph_specs(pipe, GraphSpec, vae_specs)
+    else:
+        family = _family(pipe.unet.config, pipe.tokenizer, prediction_type)
+        specs = graph_specs(pipe)
+    # An SDXL VAE that overflows in fp16 (force_upcast) stays fp32 in an fp16 folder, as in diffusers.
+    fp32_graphs = {"vae_encoder", "vae_decoder"} if xl and precision == "fp16" and not sdxl.vae_in_fp16(pipe.vae.config) else set()
+    if fp32_vae_decoder and "vae_decoder" in fp32_graphs:
+        raise ExportError("--fp32-vae-decoder: this SDXL VAE decoder is kept fp32 already (its config says force_upcast)")
     kept_fp32 = {}
     checks, fused, precisions = {}, {}, {}
-    for spec in graph_specs(pipe):
+    for spec in specs:
         name = spec.name
+        # int8 graphs are quantized from their fused fp32 graph once the folder is complete (below).
+        graph_precision = "fp32" if precision == "int8" or name in fp32_graphs else precision
         ops = tuple(DEFAULT_FP32_OPS.get((family, name), ())) if fp32_ops is None else tuple(fp32_ops)
-        if precision == "fp16" and ops:
+        if graph_precision == "fp16" and ops:
             kept_fp32[name] = list(ops)
         dst = tmp / name / "model.onnx"
         stage = tmp / "_fp32" / name / "model.onnx"
@@ -286,10 +316,9 @@ def _export_into(src, tmp, index, precision, target, opset, fp32_ops, fp32_vae_d
         if check:
             checks[name] = check_graph(spec, stage)
             log(f"  {name}: fp32 ONNX vs PyTorch max abs diff {checks[name]:.3g}")
-        # int8 graphs are quantized from their fused fp32 graph once the folder is complete (below).
-        graph_precision = "fp32" if precision == "int8" else precision
         fused[name] = optimize_graph(stage, dst, name, target, graph_precision, ops)
         precisions[name] = precision if precision != "int8" or name in INT8_GRAPHS else "fp32"
+        precisions[name] = "fp32" if name in fp32_graphs else precisions[name]
         if check and target == "cpu" and graph_precision == "fp32":
             # The fused CPU graph must still compute the module's output.
             check_graph(spec, dst)
@@ -304,16 +333,19 @@ def _export_into(src, tmp, index, precision, target, opset, fp32_ops, fp32_vae_d
     # Configs and tokenizer, in optimum's layout.
     (tmp / "scheduler").mkdir()
     shutil.copy2(src / "scheduler" / "scheduler_config.json", tmp / "scheduler" / "scheduler_config.json")
-    _write_tokenizer(pipe.tokenizer, tmp / "tokenizer")
+    if pipe.tokenizer is not None:
+        _write_tokenizer(pipe.tokenizer, tmp / "tokenizer")
+        pipe.text_encoder.config.to_json_file(tmp / "text_encoder" / "config.json")
     pipe.unet.save_config(tmp / "unet")
-    pipe.text_encoder.config.to_json_file(tmp / "text_encoder" / "config.json")
     for d in ("vae_encoder", "vae_decoder") + ((FP32_VAE_DECODER,) if fp32_vae_decoder else ()):
         pipe.vae.save_config(tmp / d)
-    new_index = {k: v for k, v in index.items() if k != "vae"}
-    new_index["vae_encoder"] = ["sdrt", "OnnxGraph"]
-    new_index["vae_decoder"] = ["sdrt", "OnnxGraph"]
-    for k in ("unet", "text_encoder"):
-        new_index[k] = ["sdrt", "OnnxGraph"]
+    if xl:
+        sdxl.write_configs(pipe, tmp, _write_tokenizer)
+        new_index = sdxl.index_entries(index)
+    else:
+        new_index = {k: v for k, v in index.items() if k != "vae"}
+        for k in ("unet", "text_encoder", "vae_encoder", "vae_decoder"):
+            new_index[k] = ["sdrt", "OnnxGraph"]
     (tmp / "model_index.json").write_text(json.dumps(new_index, indent=2) + "\n")
 
     vae_cfg = pipe.vae.config
@@ -326,8 +358,10 @@ def _export_into(src, tmp, index, precision, target, opset, fp32_ops, fp32_vae_d
         "vae_scale_factor": 2 ** (len(vae_cfg.block_out_channels) - 1),
         "vae_scaling_factor": float(vae_cfg.scaling_factor),
         "sample_size": int(pipe.unet.config.sample_size),
-        "text_hidden_size": int(pipe.text_encoder.config.hidden_size),
-        "text_layers": int(pipe.text_encoder.config.num_hidden_layers),
+        **(sdxl.manifest_fields(pipe) if xl else {
+            "text_hidden_size": int(pipe.text_encoder.config.hidden_size),
+            "text_layers": int(pipe.text_encoder.config.num_hidden_layers),
+        }),
         "target": target,
         "precision": precisions,
         "opset": opset,
@@ -337,7 +371,9 @@ def _export_into(src, tmp, index, precision, target, opset, fp32_ops, fp32_vae_d
         "source": src.name,
         "versions": _versions(),
     }
-    assert set(GRAPHS) <= set(precisions)
+    if vae is not None:
+        manifest["vae_source"] = vae.name
+    assert {"unet", "vae_encoder", "vae_decoder"} <= set(precisions)
     if precision == "int8":
         from .quantize import quantize_unet
 

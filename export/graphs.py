@@ -80,16 +80,12 @@ class GraphSpec:
 def graph_specs(pipe) -> list[GraphSpec]:
     """The four graphs of a diffusers Stable Diffusion pipeline, with small example inputs."""
     unet, vae, te = pipe.unet, pipe.vae, pipe.text_encoder
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    h = w = 8  # latent size of the example inputs
     # The UNet is traced at an odd latent size: diffusers then takes each upsampler's output size
     # from its skip connection, so the graph runs at every latent size (an even example would bake
     # in "double the size", and latents the UNet cannot halve evenly would fail).
     uh = uw = 9
     g = torch.Generator().manual_seed(0)
     ids = torch.tensor([pipe.tokenizer("a red circle on a white background", padding="max_length", max_length=77).input_ids])
-    hidden = te.config.hidden_size
-    latent_c = vae.config.latent_channels
     return [
         GraphSpec(
             "text_encoder",
@@ -118,6 +114,17 @@ def graph_specs(pipe) -> list[GraphSpec]:
                 "out_sample": {0: "batch", 2: "height", 3: "width"},
             },
         ),
+        *vae_specs(vae),
+    ]
+
+
+def vae_specs(vae) -> list[GraphSpec]:
+    """The VAE's encoder and decoder graphs, with small example inputs."""
+    g = torch.Generator().manual_seed(1)
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    h = w = 8
+    latent_c = vae.config.latent_channels
+    return [
         GraphSpec(
             "vae_encoder",
             VaeEncoderGraph(vae),
@@ -159,7 +166,7 @@ def export_graph(spec: GraphSpec, path: Path, opset: int) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     inner = next(iter(spec.module.children()))
     _use_plain_attention(inner)
-    if spec.name == "text_encoder":
+    if spec.name.startswith("text_encoder"):
         _force_eager_clip_attention(inner)
     size = sum(p.numel() * p.element_size() for p in spec.module.parameters())
     raw = path.parent / "_raw" / path.name if size >= TWO_GB else path

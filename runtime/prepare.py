@@ -354,13 +354,15 @@ def estimate_memory(info: ModelInfo, job: Job, cfg: bool) -> int:
 
     The largest buffers are the attention score matrices at the highest resolution: the UNet's
     self-attention (tokens^2 per head) on the CFG batch, and the VAE's single-head mid-block
-    attention (tokens^2) plus its full-resolution conv activations.
+    attention (tokens^2) plus its full-resolution conv activations. SD 1.x/2.x attend at the
+    latent size with 8 heads (SD 1.5), SDXL from half the latent size on with 10 heads (SDXL 1.0).
     """
     f = info.vae_scale_factor
     hl, wl = job.height // f, job.width // f
     tokens = hl * wl
     b = job.batch_size
-    unet_attn = (2 if cfg else 1) * b * 8 * tokens * tokens * 4
+    unet_tokens, heads = ((hl // 2) * (wl // 2), 10) if info.is_sdxl else (tokens, 8)
+    unet_attn = (2 if cfg else 1) * b * heads * unet_tokens * unet_tokens * 4
     vae_attn = tokens * tokens * 4 * 2  # one image at a time
     vae_act = job.width * job.height * 128 * 4 * 3
     return int(max(unet_attn, vae_attn + vae_act) * 1.5)
