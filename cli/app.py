@@ -78,7 +78,7 @@ def _run_guarded(fn, *args, **kwargs):
 
 @app.command()
 def export(
-    src: Path = typer.Argument(..., help="A diffusers-format Stable Diffusion folder (model_index.json, unet/, vae/, ...), or an sdrt fp32 cpu-target folder to quantize with --precision int8."),
+    src: Path = typer.Argument(..., help="A single-file SD 1.x/2.x checkpoint (.safetensors, or .ckpt/.pt read with PyTorch's weights-only loader), a diffusers-format Stable Diffusion folder (model_index.json, unet/, vae/, ...), or an sdrt fp32 cpu-target folder to quantize with --precision int8."),
     out: Path = typer.Argument(..., help="The model folder to write (must not exist unless --overwrite)."),
     precision: str = typer.Option("fp32", "--precision", help="fp32; int8 (cpu target: the UNet's convolutions, calibrated on fixed prompts, and matrix products in int8); or fp16 (with --target cuda)."),
     target: str = typer.Option("cpu", "--target", help="cpu (fused for the CPU provider) or cuda (fused for the CUDA provider)."),
@@ -86,6 +86,9 @@ def export(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it exists (atomically, at the end)."),
     fp32_ops: Optional[str] = typer.Option(None, "--fp32-ops", help="Comma-separated op types kept fp32 in every fp16 graph, or 'none'. Default: the family's (MultiHeadAttention in SD 2.x UNets)."),
     fp32_vae_decoder: bool = typer.Option(False, "--fp32-vae-decoder", help="With fp16: also write an fp32 VAE decoder, used for an image whose fp16 decoding overflows (NaN/Inf)."),
+    skip_memory_check: bool = typer.Option(False, "--skip-memory-check", help="Start even when the available memory is clearly below the export's estimated need."),
+    prediction_type: Optional[str] = typer.Option(None, "--prediction-type", help="epsilon or v_prediction: for an SD 2.x checkpoint whose file cannot tell (default: decided as A1111 does), or to override."),
+    vae: Optional[Path] = typer.Option(None, "--vae", help="Replace the model's VAE: an A1111-style VAE file (e.g. vae-ft-mse-840000-ema-pruned.safetensors) or a diffusers VAE folder; recorded with its hash for the infotext."),
 ) -> None:
     """Export a Stable Diffusion checkpoint to an sdrt model folder (needs the export extra: torch, diffusers)."""
 
@@ -96,7 +99,8 @@ def export(
             fail(f"export needs the export extra (pip install 'sdrt[export]'): {e}")
         ops = None if fp32_ops is None else tuple(o.strip() for o in fp32_ops.split(",") if o.strip() and o.strip() != "none")
         export_model(src, out, precision=precision, target=target, opset=opset, overwrite=overwrite, fp32_ops=ops,
-                     fp32_vae_decoder=fp32_vae_decoder)
+                     fp32_vae_decoder=fp32_vae_decoder, memory_check=not skip_memory_check,
+                     prediction_type=prediction_type, vae=vae)
 
     _run_guarded(go)
 

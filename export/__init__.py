@@ -19,9 +19,9 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from sdrt.runtime.modelfolder import FORMAT_VERSION, FP32_VAE_DECODER, INCOMPLETE_MARKER, MANIFEST, sha256_file
+from sdrt.runtime.modelfolder import FORMAT_VERSION, FP32_VAE_DECODER, GRAPHS, INCOMPLETE_MARKER, MANIFEST, sha256_file
 
-from . import sdxl
+from . import memory, sdxl
 
 PRECISIONS = ("fp32", "fp16", "int8")
 TARGETS = ("cpu", "cuda")
@@ -64,7 +64,7 @@ def _read_index(src: Path) -> dict:
         if not (src / "scheduler" / "scheduler_config.json").is_file():
             raise ExportError(f"{src}: scheduler/scheduler_config.json is missing")
         return data
-    if cls not in supported + sdxl.PIPELINES:
+    if cls not in supported:
         raise ExportError(f"{src} holds a {cls or 'unknown'} pipeline; sdrt exports {', '.join(supported + sdxl.PIPELINES)}")
     expected = {
         "unet": "UNet2DConditionModel",
@@ -85,31 +85,136 @@ def _read_index(src: Path) -> dict:
     return data
 
 
-def _load_pipeline(src: Path, index: dict, vae_src: Path | None = None):
-    import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+class DiffusersSource:
+    """A diffusers folder: configs and tokenizer up front, each model's weights only when asked.
 
-    unet = UNet2DConditionModel.from_pretrained(src, subfolder="unet", local_files_only=True, torch_dtype=torch.float32)
-    if unet.config.in_channels not in (4, 9):
-        raise ExportError(f"{src}: the UNet has {unet.config.in_channels} input channels; sdrt accepts 4 (or 9 for inpainting)")
-    if getattr(unet.config, "addition_embed_type", None) or getattr(unet.config, "time_cond_proj_dim", None):
-        raise ExportError(f"{src}: the UNet takes extra conditioning (SDXL/LCM-distilled); sdrt accepts SD 1.x/2.x UNets")
-    if vae_src is None:
-        vae = AutoencoderKL.from_pretrained(src, subfolder="vae", local_files_only=True, torch_dtype=torch.float32)
-    else:
-        vae = AutoencoderKL.from_pretrained(vae_src, local_files_only=True, torch_dtype=torch.float32)
-    text_encoder = CLIPTextModel.from_pretrained(src, subfolder="text_encoder", local_files_only=True, torch_dtype=torch.float32)
-    tokenizer = CLIPTokenizer.from_pretrained(src, subfolder="tokenizer", local_files_only=True)
-    for m in (unet, vae, text_encoder):
-        m.eval()
+    The export loads one model at a time (text encoder, UNet, VAE) and frees it once its graphs
+    are written, so no two models' weights are in memory together.
+    """
 
-    class Parts:  # the attributes graph_specs() reads
-        pass
+    COMPONENTS = ("text_encoder", "unet", "vae")
+    sdxl = False
 
-    p = Parts()
-    p.unet, p.vae, p.text_encoder, p.tokenizer = unet, vae, text_encoder, tokenizer
-    return p
+    def __init__(self, src: Path, index: dict, prediction_type: str | None = None):
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from transformers import CLIPTextConfig, CLIPTokenizer
+
+        self._init_scheduler(src, index, prediction_type)
+        self.unet_config = dict(UNet2DConditionModel.load_config(src, subfolder="unet", local_files_only=True))
+        self.vae_config = dict(AutoencoderKL.load_config(src, subfolder="vae", local_files_only=True))
+        self.text_config = CLIPTextConfig.from_pretrained(src, subfolder="text_encoder", local_files_only=True)
+        in_channels = self.unet_config.get("in_channels", 4)
+        if in_channels not in (4, 9):
+            raise ExportError(f"{src}: the UNet has {in_channels} input channels; sdrt accepts 4 (or 9 for inpainting)")
+        if self.unet_config.get("addition_embed_type") or self.unet_config.get("time_cond_proj_dim"):
+            raise ExportError(f"{src}: the UNet takes extra conditioning (SDXL/LCM-distilled); sdrt accepts SD 1.x/2.x UNets")
+        self.tokenizer = CLIPTokenizer.from_pretrained(src, subfolder="tokenizer", local_files_only=True)
+
+    def _init_scheduler(self, src: Path, index: dict, prediction_type: str | None) -> None:
+        self.src, self.index = src, index
+        self.name = src.name
+        self.scheduler_config = json.loads((src / "scheduler" / "scheduler_config.json").read_text(encoding="utf-8"))
+        self._override = prediction_type is not None
+        if self._override:
+            self.scheduler_config["prediction_type"] = prediction_type
+
+    def weight_bytes(self) -> dict[str, int]:
+        """fp32 bytes of each model's weights, from the weight files' headers (no weights read)."""
+        return {c: _folder_weight_bytes(self.src / c) for c in self.COMPONENTS}
+
+    def load(self, component: str):
+        import torch
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from transformers import CLIPTextModel
+
+        cls = {"unet": UNet2DConditionModel, "vae": AutoencoderKL, "text_encoder": CLIPTextModel}[component]
+        m = cls.from_pretrained(self.src, subfolder=component, local_files_only=True, torch_dtype=torch.float32)
+        return m.eval()
+
+    def write_scheduler(self, dst: Path) -> None:
+        dst.mkdir(parents=True, exist_ok=True)
+        if self._override:
+            (dst / "scheduler_config.json").write_text(json.dumps(self.scheduler_config, indent=2) + "\n")
+        else:
+            shutil.copy2(self.src / "scheduler" / "scheduler_config.json", dst / "scheduler_config.json")
+
+
+class SDXLSource(DiffusersSource):
+    """An SDXL diffusers folder: one or two text encoders (a refiner has the second alone), a UNet
+    with text_embeds/time_ids conditioning, a VAE (see export/sdxl.py)."""
+
+    sdxl = True
+
+    def __init__(self, src: Path, index: dict, prediction_type: str | None = None):
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+
+        self._init_scheduler(src, index, prediction_type)
+        self.COMPONENTS = (*sdxl.text_encoders(index), "unet", "vae")
+        self.unet_config = dict(UNet2DConditionModel.load_config(src, subfolder="unet", local_files_only=True))
+        self.vae_config = dict(AutoencoderKL.load_config(src, subfolder="vae", local_files_only=True))
+        if self.unet_config.get("in_channels", 4) not in (4, 9):
+            raise ExportError(f"{src}: the UNet has {self.unet_config['in_channels']} input channels; sdrt accepts 4 "
+                              "(or 9 for inpainting)")
+        sdxl.check_unet(src, self.unet_config, ExportError)
+        sdxl.check_vae(src, self.vae_config, ExportError)
+        self.tokenizers = sdxl.load_tokenizers(src, index)
+
+    def load(self, component: str):
+        if component.startswith("text_encoder"):
+            return sdxl.load_text_encoder(self.src, component)
+        return super().load(component)
+
+
+def _source_components(index: dict) -> tuple[str, ...]:
+    return (*sdxl.text_encoders(index), "unet", "vae") if sdxl.is_sdxl(index) else DiffusersSource.COMPONENTS
+
+
+def _graph_specs(source, component: str, module) -> list:
+    """The graphs of one model of `source`."""
+    from .graphs import text_encoder_spec, unet_spec, vae_specs
+
+    if component == "vae":
+        return vae_specs(module)
+    if getattr(source, "sdxl", False):
+        if component == "unet":
+            return [sdxl.unet_spec(module, sdxl.time_ids(source.index))]
+        return [sdxl.text_encoder_spec(module, source.tokenizers[component], component)]
+    return [unet_spec(module)] if component == "unet" else [text_encoder_spec(module, source.tokenizer)]
+
+
+def _folder_weight_bytes(folder: Path) -> int:
+    """fp32 bytes of the weights in a diffusers model folder: numel x 4 from safetensors headers,
+    or the size of other weight files (.bin, assumed fp32)."""
+    files = sorted(folder.glob("*.safetensors"))
+    if files:
+        # A folder may hold variants (model.fp16.safetensors beside model.safetensors): count one.
+        plain = [f for f in files if f.name.count(".") == 1] or files[:1]
+        return sum(safetensors_numel(f) * 4 for f in plain)
+    bins = sorted(folder.glob("*.bin"))
+    plain = [f for f in bins if f.name.count(".") == 1] or bins[:1]
+    return sum(f.stat().st_size for f in plain)
+
+
+def safetensors_numel(path: Path) -> int:
+    """Number of elements in a .safetensors file, from its header."""
+    import struct
+
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) != 8:
+            raise ExportError(f"{path} is not a safetensors file (shorter than its header)")
+        (n,) = struct.unpack("<Q", head)
+        if n > 100 << 20:
+            raise ExportError(f"{path} is not a safetensors file (header length {n})")
+        header = json.loads(f.read(n))
+    total = 0
+    for k, v in header.items():
+        if k != "__metadata__":
+            count = 1
+            for d in v["shape"]:
+                count *= int(d)
+            total += count
+    return total
 
 
 def _write_tokenizer(tokenizer, dst: Path) -> None:
@@ -122,12 +227,6 @@ def _write_tokenizer(tokenizer, dst: Path) -> None:
         (dst / "vocab.json").write_text(json.dumps(model["vocab"], ensure_ascii=False), encoding="utf-8")
         merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
         (dst / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-
-
-def _family(unet_cfg, tokenizer, prediction_type: str) -> str:
-    from sdrt.runtime.modelfolder import _family as family
-
-    return family(int(unet_cfg.cross_attention_dim), tokenizer.pad_token, prediction_type)
 
 
 def _versions() -> dict[str, str]:
@@ -187,15 +286,20 @@ def export_model(
     overwrite: bool = False,
     fp32_ops: tuple[str, ...] | None = None,
     fp32_vae_decoder: bool = False,
-    vae: str | os.PathLike | None = None,
     check: bool = True,
+    memory_check: bool = True,
+    prediction_type: str | None = None,
+    vae: str | os.PathLike | None = None,
     int8_weight_max: int = 64,
     log: Callable[[str], None] = _log,
 ) -> Path:
-    """Export the diffusers folder `src` into the sdrt model folder `out`; returns `out`.
+    """Export the diffusers folder or single-file checkpoint `src` into the sdrt model folder `out`;
+    returns `out`.
 
-    `src` may also be an sdrt fp32 cpu-target folder with precision="int8": its UNet is quantized
-    (no PyTorch needed) and the other files are copied.
+    `src` may be a diffusers folder, an A1111/ComfyUI-style single-file SD 1.x/2.x checkpoint
+    (.safetensors, or .ckpt/.pt read with PyTorch's weights-only loader; see export/checkpoint.py),
+    or an sdrt fp32 cpu-target folder with precision="int8": its UNet is quantized (no PyTorch
+    needed) and the other files are copied.
 
     precision/target: fp32 + cpu (fused for the CPU provider), int8 + cpu (the same, with the
     UNet's convolutions statically quantized to int8 after calibration on fixed prompts and its
@@ -205,12 +309,15 @@ def export_model(
     (DEFAULT_FP32_OPS: MultiHeadAttention in SD 2.x UNets), () none.
     fp32_vae_decoder: with fp16, also write an fp32 VAE decoder, which the pipeline uses for an
     image whose fp16 decoding overflows (NaN/Inf).
+    memory_check: refuse to start when the machine's available memory is clearly below what the
+    export needs (estimated from the models' weight sizes, see export/memory.py).
+    prediction_type: "epsilon" or "v_prediction" for a single file whose tensors cannot tell
+    (SD 2.x 512 eps vs 768 v; by default decided as A1111 decides it), or to override a folder's.
+    vae: replace the model's VAE by an A1111-style VAE file or a diffusers AutoencoderKL folder;
+    the manifest records its name and hash (the infotext's "VAE" and "VAE hash").
     int8_weight_max: with int8, the weights' range [-w, w]: 64 (the default) is exact on every CPU;
     127 is exact only where ONNX Runtime's int8 products accumulate in 32 bits (VNNI, AMX, ARM), and
     may saturate on other x86-64 CPUs (see export/quantize.py). 127 is there to measure the cost.
-    vae: a diffusers VAE folder (config.json + weights) used instead of the source's VAE, e.g. an
-    fp16-fixed SDXL VAE: an SDXL VAE whose config says force_upcast (SDXL's own) stays fp32 in an
-    fp16 export, one that does not is converted to fp16 like the other graphs.
     """
     src, out = Path(src).expanduser(), Path(out).expanduser()
     if precision not in PRECISIONS:
@@ -225,22 +332,55 @@ def export_model(
         raise ExportError(f"int8_weight_max {int8_weight_max} is not supported; accepted: 64 (exact on every CPU), 127")
     if fp32_vae_decoder and precision != "fp16":
         raise ExportError("--fp32-vae-decoder goes with --precision fp16 (the VAE decoder is fp32 otherwise)")
-    vae = None if vae is None else Path(vae).expanduser()
-    if vae is not None and not (vae / "config.json").is_file():
-        raise ExportError(f"--vae {vae}: not a diffusers VAE folder (config.json and the weights of an AutoencoderKL)")
     if not 14 <= opset <= 20:
         raise ExportError(f"opset {opset} is not supported; accepted: 14 to 20")
-    from_folder = (src / MANIFEST).is_file()
+    if prediction_type not in (None, "epsilon", "v_prediction"):
+        raise ExportError(f"prediction type {prediction_type!r} is not supported; accepted: epsilon, v_prediction")
+    from_file = src.is_file()
+    from_folder = not from_file and (src / MANIFEST).is_file()
+    tensors = index = None
     if from_folder:
         if precision != "int8" or target != "cpu":
             raise ExportError(f"{src} is an sdrt model folder: it can only be quantized (--precision int8, cpu target); "
                               "other precisions are exported from the diffusers folder")
+        if vae is not None or prediction_type is not None:
+            raise ExportError(f"{src} is an sdrt model folder: --vae and --prediction-type apply when exporting from "
+                              "a checkpoint or a diffusers folder")
+    elif from_file:
+        from .checkpoint import TensorFile, detect
+
+        tensors = TensorFile(src)
+        detect(tensors, prediction_type)  # a file sdrt cannot export is refused here, before any big allocation
     else:
+        if not src.exists() and src.suffix.lower() in (".safetensors", ".ckpt", ".pt", ".pth"):
+            raise ExportError(f"checkpoint {src} does not exist")
         index = _read_index(src)
+    vae_file = None
+    if vae is not None:
+        from .checkpoint import VaeFile
+
+        vae_file = VaeFile(Path(vae).expanduser())
     if out.exists() and not overwrite:
         raise ExportError(f"output folder {out} already exists; pass --overwrite to replace it")
     if out.resolve() == src.resolve():
         raise ExportError("the output folder must differ from the source folder")
+    if from_folder:
+        weights = memory.onnx_folder_weight_bytes(src)
+    elif from_file:
+        from .checkpoint import OPEN_CLIP, UNET, VAE, CLIP_L
+
+        weights = {"unet": 4 * tensors.numel(UNET), "vae": 4 * tensors.numel(VAE),
+                   "text_encoder": 4 * (tensors.numel(CLIP_L) + tensors.numel(OPEN_CLIP))}
+    else:
+        weights = {c: _folder_weight_bytes(src / c) for c in _source_components(index)}
+    if vae_file is not None:
+        weights["vae"] = vae_file.fp32_bytes()
+    need, avail, short = memory.shortfall(weights, precision, with_torch=not from_folder)
+    if short and memory_check:
+        raise ExportError(
+            f"exporting {src.name} ({precision}, {target}) needs about {memory.gib(need)} of memory and "
+            f"{memory.gib(avail)} is available: close other programs and retry, or pass --skip-memory-check to try anyway"
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
     _clean_stale_partials(out)
     tmp = _partial_name(out)
@@ -250,8 +390,15 @@ def export_model(
         if from_folder:
             manifest = _quantize_into(src, tmp, int8_weight_max, log)
         else:
-            manifest = _export_into(src, tmp, index, precision, target, opset, fp32_ops, fp32_vae_decoder, check,
-                                    int8_weight_max, log, vae)
+            if from_file:
+                from .checkpoint import CheckpointSource
+
+                source = CheckpointSource(src, prediction_type, log=log, tensors=tensors)
+            else:
+                source = (SDXLSource if sdxl.is_sdxl(index) else DiffusersSource)(src, index, prediction_type)
+            source.vae_file = vae_file
+            manifest = _export_into(source, tmp, precision, target, opset, fp32_ops, fp32_vae_decoder, check,
+                                    int8_weight_max, log)
         _fsync_tree(tmp)
         (tmp / INCOMPLETE_MARKER).unlink()
         if out.exists():
@@ -270,115 +417,159 @@ def export_model(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     log(f"exported {src} -> {out} ({precision}, {target}, {manifest['family']}, {manifest['unet_in_channels']}-channel UNet)")
+    log(f"peak memory {memory.gib(memory.peak_rss_bytes())} (estimated need {memory.gib(need)})")
     return out
 
 
-def _export_into(src, tmp, index, precision, target, opset, fp32_ops, fp32_vae_decoder, check, int8_weight_max,
-                 log, vae=None) -> dict:
+def _free_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the OS (glibc keeps them otherwise)."""
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).malloc_trim(0)
+    except Exception:  # not glibc
+        pass
+
+
+def _export_into(source, tmp, precision, target, opset, fp32_ops, fp32_vae_decoder, check, int8_weight_max,
+                 log) -> dict:
+    """Export each model of `source` in turn: load it, trace its graphs (weights written to external
+    data as they are traced), keep the module's outputs on the example inputs, free the module,
+    then check, fuse and convert each graph one at a time with its weights on disk."""
     import torch
 
-    from .graphs import GraphSpec, check_graph, export_graph, graph_specs, vae_specs
+    from .graphs import check_graph, export_graph, reference_outputs
     from .optimize import optimize_graph
 
     torch.set_grad_enabled(False)
     t0 = time.time()
-    xl = sdxl.is_sdxl(index)
-    pipe = sdxl.load_parts(src, index, vae) if xl else _load_pipeline(src, index, vae)
-    sched = json.loads((src / "scheduler" / "scheduler_config.json").read_text(encoding="utf-8"))
-    prediction_type = sched.get("prediction_type", "epsilon")
+    src, index = source.src, source.index
+    prediction_type = source.scheduler_config.get("prediction_type", "epsilon")
     if prediction_type not in ("epsilon", "v_prediction"):
         raise ExportError(f"{src}: prediction_type {prediction_type!r} is not supported; accepted: epsilon, v_prediction")
+    from sdrt.runtime.modelfolder import _family as family_of
+
+    xl = getattr(source, "sdxl", False)
+    vae_file = getattr(source, "vae_file", None)
     if xl:
-        sdxl.check_unet(src, pipe.unet.config, ExportError)
-        sdxl.check_vae(src, pipe.vae.config, ExportError)
         family = "sdxl"
-        specs = sdxl.graph_specs(pipe, GraphSpec, vae_specs)
+        if vae_file is not None:
+            sdxl.check_vae(vae_file.name, vae_file.config, ExportError)
     else:
-        family = _family(pipe.unet.config, pipe.tokenizer, prediction_type)
-        specs = graph_specs(pipe)
-    # An SDXL VAE that overflows in fp16 (force_upcast) stays fp32 in an fp16 folder, as in diffusers.
-    fp32_graphs = {"vae_encoder", "vae_decoder"} if xl and precision == "fp16" and not sdxl.vae_in_fp16(pipe.vae.config) else set()
-    if fp32_vae_decoder and "vae_decoder" in fp32_graphs:
-        raise ExportError("--fp32-vae-decoder: this SDXL VAE decoder is kept fp32 already (its config says force_upcast)")
+        family = family_of(int(source.unet_config.get("cross_attention_dim", 1280)), source.tokenizer.pad_token,
+                           prediction_type)
+    # An SDXL VAE that overflows in fp16 (its config says force_upcast) stays fp32 in an fp16 folder,
+    # as in diffusers; a VAE made for fp16 (--vae, force_upcast false) is converted like the others.
+    vae_config = vae_file.config if vae_file is not None else source.vae_config
+    fp32_graphs = {"vae_encoder", "vae_decoder"} if xl and precision == "fp16" and not sdxl.vae_in_fp16(vae_config) else set()
+    if fp32_vae_decoder and fp32_graphs:
+        raise ExportError("--fp32-vae-decoder: this SDXL VAE is kept fp32 already (its config says force_upcast)")
     kept_fp32 = {}
     checks, fused, precisions = {}, {}, {}
-    for spec in specs:
-        name = spec.name
-        # int8 graphs are quantized from their fused fp32 graph once the folder is complete (below).
-        graph_precision = "fp32" if precision == "int8" or name in fp32_graphs else precision
-        ops = tuple(DEFAULT_FP32_OPS.get((family, name), ())) if fp32_ops is None else tuple(fp32_ops)
-        if graph_precision == "fp16" and ops:
-            kept_fp32[name] = list(ops)
-        dst = tmp / name / "model.onnx"
-        stage = tmp / "_fp32" / name / "model.onnx"
-        t = time.time()
-        export_graph(spec, stage, opset)
-        if check:
-            checks[name] = check_graph(spec, stage)
-            log(f"  {name}: fp32 ONNX vs PyTorch max abs diff {checks[name]:.3g}")
-        fused[name] = optimize_graph(stage, dst, name, target, graph_precision, ops)
-        precisions[name] = precision if precision != "int8" or name in INT8_GRAPHS else "fp32"
-        precisions[name] = "fp32" if name in fp32_graphs else precisions[name]
-        if check and target == "cpu" and graph_precision == "fp32":
-            # The fused CPU graph must still compute the module's output.
-            check_graph(spec, dst)
-        if name == "vae_decoder" and fp32_vae_decoder:
-            fused[FP32_VAE_DECODER] = optimize_graph(stage, tmp / FP32_VAE_DECODER / "model.onnx", name, target, "fp32")
-            precisions[FP32_VAE_DECODER] = "fp32"
-        shutil.rmtree(stage.parent)
-        ops = ", ".join(f"{k} {v}" for k, v in sorted(fused[name].items())) or "none"
-        log(f"  {name}: {graph_precision}/{target} graph written in {time.time() - t:.1f}s (fused: {ops})")
+    configs = {}
+    for component in source.COMPONENTS:
+        module = vae_file.load() if component == "vae" and vae_file is not None else source.load(component)
+        specs = _graph_specs(source, component, module)
+        if component.startswith("text_encoder"):
+            (tmp / component).mkdir()
+            module.config.to_json_file(tmp / component / "config.json")
+            configs[component] = module.config.to_dict()
+        else:
+            dirs = ("unet",) if component == "unet" else (
+                ("vae_encoder", "vae_decoder") + ((FP32_VAE_DECODER,) if fp32_vae_decoder else ()))
+            for d in dirs:
+                module.save_config(tmp / d)
+            configs[component] = dict(module.config)
+        staged = []
+        for spec in specs:
+            t = time.time()
+            stage = tmp / "_fp32" / spec.name / "model.onnx"
+            ref = reference_outputs(spec) if check else None
+            export_graph(spec, stage, opset)
+            staged.append((spec.name, stage, spec.inputs, spec.outputs, ref, time.time() - t))
+        del module, specs, spec
+        _free_memory()
+        for name, stage, inputs, outputs, ref, t_export in staged:
+            t = time.time()
+            ops = tuple(DEFAULT_FP32_OPS.get((family, name), ())) if fp32_ops is None else tuple(fp32_ops)
+            if precision == "fp16" and ops:
+                kept_fp32[name] = list(ops)
+            dst = tmp / name / "model.onnx"
+            if check:
+                checks[name] = check_graph(name, stage, inputs, outputs, ref)
+                log(f"  {name}: fp32 ONNX vs PyTorch max abs diff {checks[name]:.3g}")
+            # int8 graphs are quantized from their fused fp32 graph once the folder is complete (below).
+            graph_precision = "fp32" if precision == "int8" or name in fp32_graphs else precision
+            runs_here = check and target == "cpu" and graph_precision == "fp32"
+            probe = stage.with_name("fused.onnx")
+            fused[name] = optimize_graph(stage, dst, name, target, graph_precision, ops, probe if runs_here else None)
+            precisions[name] = graph_precision if precision != "int8" or name not in INT8_GRAPHS else "int8"
+            if runs_here:
+                # The fused CPU graph must still compute the module's output.
+                check_graph(name, probe if probe.exists() else dst, inputs, outputs, ref)
+            if name == "vae_decoder" and fp32_vae_decoder:
+                fused[FP32_VAE_DECODER] = optimize_graph(stage, tmp / FP32_VAE_DECODER / "model.onnx", name, target, "fp32")
+                precisions[FP32_VAE_DECODER] = "fp32"
+            shutil.rmtree(stage.parent)
+            _free_memory()
+            counts = ", ".join(f"{k} {v}" for k, v in sorted(fused[name].items())) or "none"
+            log(f"  {name}: {graph_precision}/{target} graph written in {t_export + time.time() - t:.1f}s (fused: {counts})")
+        del staged
     shutil.rmtree(tmp / "_fp32", ignore_errors=True)
 
-    # Configs and tokenizer, in optimum's layout.
-    (tmp / "scheduler").mkdir()
-    shutil.copy2(src / "scheduler" / "scheduler_config.json", tmp / "scheduler" / "scheduler_config.json")
-    if pipe.tokenizer is not None:
-        _write_tokenizer(pipe.tokenizer, tmp / "tokenizer")
-        pipe.text_encoder.config.to_json_file(tmp / "text_encoder" / "config.json")
-    pipe.unet.save_config(tmp / "unet")
-    for d in ("vae_encoder", "vae_decoder") + ((FP32_VAE_DECODER,) if fp32_vae_decoder else ()):
-        pipe.vae.save_config(tmp / d)
+    # Scheduler and tokenizer, in optimum's layout.
+    source.write_scheduler(tmp / "scheduler")
     if xl:
-        sdxl.write_configs(pipe, tmp, _write_tokenizer)
+        for name, tokenizer in source.tokenizers.items():
+            _write_tokenizer(tokenizer, tmp / sdxl.tokenizer_folder(name))
         new_index = sdxl.index_entries(index)
     else:
+        _write_tokenizer(source.tokenizer, tmp / "tokenizer")
         new_index = {k: v for k, v in index.items() if k != "vae"}
         for k in ("unet", "text_encoder", "vae_encoder", "vae_decoder"):
             new_index[k] = ["sdrt", "OnnxGraph"]
     (tmp / "model_index.json").write_text(json.dumps(new_index, indent=2) + "\n")
 
-    vae_cfg = pipe.vae.config
+    unet_cfg, vae_cfg = configs["unet"], configs["vae"]
+    if xl:
+        text_fields = sdxl.manifest_fields(index, configs)
+    else:
+        text_fields = {"text_hidden_size": int(configs["text_encoder"]["hidden_size"]),
+                       "text_layers": int(configs["text_encoder"]["num_hidden_layers"])}
     manifest = {
         "format_version": FORMAT_VERSION,
         "family": family,
         "prediction_type": prediction_type,
-        "unet_in_channels": int(pipe.unet.config.in_channels),
-        "latent_channels": int(vae_cfg.latent_channels),
-        "vae_scale_factor": 2 ** (len(vae_cfg.block_out_channels) - 1),
-        "vae_scaling_factor": float(vae_cfg.scaling_factor),
-        "sample_size": int(pipe.unet.config.sample_size),
-        **(sdxl.manifest_fields(pipe) if xl else {
-            "text_hidden_size": int(pipe.text_encoder.config.hidden_size),
-            "text_layers": int(pipe.text_encoder.config.num_hidden_layers),
-        }),
+        "unet_in_channels": int(unet_cfg["in_channels"]),
+        "latent_channels": int(vae_cfg["latent_channels"]),
+        "vae_scale_factor": 2 ** (len(vae_cfg["block_out_channels"]) - 1),
+        "vae_scaling_factor": float(vae_cfg["scaling_factor"]),
+        "sample_size": int(unet_cfg["sample_size"]),
+        **text_fields,
         "target": target,
         "precision": precisions,
         "opset": opset,
         "fp32_ops": kept_fp32,  # graph -> operator types kept fp32 in an fp16 graph
         "fused_operators": fused,
         "export_check_max_abs_diff": checks,
-        "source": src.name,
+        "source": source.name,
         "versions": _versions(),
     }
-    if vae is not None:
-        manifest["vae_source"] = vae.name
-    assert {"unet", "vae_encoder", "vae_decoder"} <= set(precisions)
+    if getattr(source, "detected", None) is not None:
+        from .checkpoint import sha256_and_short
+
+        digest, short = sha256_and_short(src)
+        # The file's A1111 short hash: the infotext's "Model hash" matches A1111's for the same file.
+        manifest["source_file"] = {"name": src.name, "sha256": digest, "short_hash": short,
+                                   "prediction_type_from": source.detected.how}
+    if getattr(source, "vae_file", None) is not None:
+        v = source.vae_file
+        manifest["vae"] = {"name": v.name, "sha256": v.sha256, "short_hash": v.short_hash}
+    assert set(GRAPHS[1:]) <= set(precisions)
     if precision == "int8":
         from .quantize import quantize_unet
 
-        del pipe  # the PyTorch copy is not needed any more; calibration runs the fp32 graphs
-        gc.collect()
         (tmp / MANIFEST).write_text(json.dumps({**manifest, "precision": {k: "fp32" for k in precisions}, "files": {}}))
         q = quantize_unet(tmp, log=log, weight_max=int8_weight_max)
         fused["unet"].update(q["fused_operators"])

@@ -12,7 +12,6 @@ import torch
 
 from sdrt.runtime.modelfolder import CLIP_SKIP_OUTPUT
 
-from .onnxfile import TWO_GB, save_onnx
 
 
 class TextEncoderGraph(torch.nn.Module):
@@ -77,53 +76,53 @@ class GraphSpec:
     dynamic_axes: dict[str, dict[int, str]]
 
 
-def graph_specs(pipe) -> list[GraphSpec]:
-    """The four graphs of a diffusers Stable Diffusion pipeline, with small example inputs."""
-    unet, vae, te = pipe.unet, pipe.vae, pipe.text_encoder
-    # The UNet is traced at an odd latent size: diffusers then takes each upsampler's output size
-    # from its skip connection, so the graph runs at every latent size (an even example would bake
-    # in "double the size", and latents the UNet cannot halve evenly would fail).
-    uh = uw = 9
+# Latent size of the example inputs. The UNet is traced at an odd latent size: diffusers then takes
+# each upsampler's output size from its skip connection, so the graph runs at every latent size (an
+# even example would bake in "double the size", and latents the UNet cannot halve evenly would fail).
+_LATENT = 8
+_UNET_LATENT = 9
+EXAMPLE_PROMPT = "a red circle on a white background"
+
+
+def text_encoder_spec(te, tokenizer) -> GraphSpec:
+    ids = torch.tensor([tokenizer(EXAMPLE_PROMPT, padding="max_length", max_length=77).input_ids])
+    return GraphSpec(
+        "text_encoder",
+        TextEncoderGraph(te),
+        {"input_ids": ids.to(torch.int32)},
+        ("last_hidden_state", "pooler_output", CLIP_SKIP_OUTPUT),
+        {
+            "input_ids": {0: "batch"},
+            "last_hidden_state": {0: "batch"},
+            "pooler_output": {0: "batch"},
+            CLIP_SKIP_OUTPUT: {0: "batch"},
+        },
+    )
+
+
+def unet_spec(unet) -> GraphSpec:
     g = torch.Generator().manual_seed(0)
-    ids = torch.tensor([pipe.tokenizer("a red circle on a white background", padding="max_length", max_length=77).input_ids])
-    return [
-        GraphSpec(
-            "text_encoder",
-            TextEncoderGraph(te),
-            {"input_ids": ids.to(torch.int32)},
-            ("last_hidden_state", "pooler_output", CLIP_SKIP_OUTPUT),
-            {
-                "input_ids": {0: "batch"},
-                "last_hidden_state": {0: "batch"},
-                "pooler_output": {0: "batch"},
-                CLIP_SKIP_OUTPUT: {0: "batch"},
-            },
-        ),
-        GraphSpec(
-            "unet",
-            UNetGraph(unet),
-            {
-                "sample": torch.randn(2, unet.config.in_channels, uh, uw, generator=g),
-                "timestep": torch.tensor(500.25, dtype=torch.float32),
-                "encoder_hidden_states": torch.randn(2, 77, unet.config.cross_attention_dim, generator=g),
-            },
-            ("out_sample",),
-            {
-                "sample": {0: "batch", 2: "height", 3: "width"},
-                "encoder_hidden_states": {0: "batch", 1: "sequence"},
-                "out_sample": {0: "batch", 2: "height", 3: "width"},
-            },
-        ),
-        *vae_specs(vae),
-    ]
+    return GraphSpec(
+        "unet",
+        UNetGraph(unet),
+        {
+            "sample": torch.randn(2, unet.config.in_channels, _UNET_LATENT, _UNET_LATENT, generator=g),
+            "timestep": torch.tensor(500.25, dtype=torch.float32),
+            "encoder_hidden_states": torch.randn(2, 77, unet.config.cross_attention_dim, generator=g),
+        },
+        ("out_sample",),
+        {
+            "sample": {0: "batch", 2: "height", 3: "width"},
+            "encoder_hidden_states": {0: "batch", 1: "sequence"},
+            "out_sample": {0: "batch", 2: "height", 3: "width"},
+        },
+    )
 
 
 def vae_specs(vae) -> list[GraphSpec]:
-    """The VAE's encoder and decoder graphs, with small example inputs."""
     g = torch.Generator().manual_seed(1)
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    h = w = 8
-    latent_c = vae.config.latent_channels
+    h = w = _LATENT
     return [
         GraphSpec(
             "vae_encoder",
@@ -135,11 +134,16 @@ def vae_specs(vae) -> list[GraphSpec]:
         GraphSpec(
             "vae_decoder",
             VaeDecoderGraph(vae),
-            {"latent_sample": torch.randn(1, latent_c, h, w, generator=g)},
+            {"latent_sample": torch.randn(1, vae.config.latent_channels, h, w, generator=g)},
             ("sample",),
             {"latent_sample": {0: "batch", 2: "height", 3: "width"}, "sample": {0: "batch", 2: "height", 3: "width"}},
         ),
     ]
+
+
+def graph_specs(pipe) -> list[GraphSpec]:
+    """The four graphs of a diffusers Stable Diffusion pipeline, with small example inputs."""
+    return [text_encoder_spec(pipe.text_encoder, pipe.tokenizer), unet_spec(pipe.unet), *vae_specs(pipe.vae)]
 
 
 def _use_plain_attention(module: torch.nn.Module) -> None:
@@ -159,24 +163,111 @@ def _force_eager_clip_attention(te) -> None:
             pass
 
 
-def export_graph(spec: GraphSpec, path: Path, opset: int) -> Path:
-    """Export `spec` as fp32 ONNX to `path` (one file, or model.onnx + model.onnx_data over 2 GB)."""
-    import onnx
-
-    path.parent.mkdir(parents=True, exist_ok=True)
+def prepare_module(spec: GraphSpec) -> None:
+    """Put the module into the form it is traced in (plain attention, eager CLIP attention)."""
     inner = next(iter(spec.module.children()))
     _use_plain_attention(inner)
-    if spec.name.startswith("text_encoder"):
+    if spec.name == "text_encoder":
         _force_eager_clip_attention(inner)
-    size = sum(p.numel() * p.element_size() for p in spec.module.parameters())
-    raw = path.parent / "_raw" / path.name if size >= TWO_GB else path
+
+
+def reference_outputs(spec: GraphSpec) -> tuple[np.ndarray, ...]:
+    """The module's outputs on the spec's example inputs (kept for the checks once it is freed)."""
+    prepare_module(spec)
+    with torch.no_grad():
+        ref = spec.module(*spec.inputs.values())
+    ref = ref if isinstance(ref, tuple) else (ref,)
+    return tuple(r.float().numpy().copy() for r in ref)
+
+
+class _ParamCapture:
+    """Catches the parameters the TorchScript exporter would write into the graph proto.
+
+    torch.onnx.export(..., export_params=False) writes the graph with its parameters as graph
+    inputs; the final parameter dict (after constant folding and de-duplication, under the names
+    the graph uses) passes through torch._C._jit_pass_onnx_deduplicate_initializers, which this
+    wraps. The parameters are then written as initializers into an external data file one at a
+    time, instead of being copied into a protobuf message and serialized as a whole.
+    """
+
+    def __init__(self):
+        self.params: dict[str, torch.Tensor] | None = None
+        self._orig = getattr(torch._C, "_jit_pass_onnx_deduplicate_initializers", None)
+
+    @property
+    def available(self) -> bool:
+        return self._orig is not None
+
+    def __enter__(self):
+        orig = self._orig
+
+        def dedup(graph, params_dict, is_train):
+            out = orig(graph, params_dict, is_train)
+            self.params = dict(out)
+            return out
+
+        torch._C._jit_pass_onnx_deduplicate_initializers = dedup
+        return self
+
+    def __exit__(self, *exc):
+        torch._C._jit_pass_onnx_deduplicate_initializers = self._orig
+        return False
+
+
+def _attach_params(path: Path, spec: GraphSpec, params: dict[str, torch.Tensor]) -> None:
+    """Turn the parameter inputs of the graph at `path` into initializers stored in path's
+    external data file (tensors of INLINE_BELOW bytes or more) or inline."""
+    import onnx
+    from onnx import helper
+
+    from .onnxfile import INLINE_BELOW, load_graph
+
+    model = load_graph(path)
+    data = path.with_name(path.name + "_data")
+    real = set(spec.inputs)
+    kept, inits = [], []
+    with open(data, "wb") as f:
+        for inp in model.graph.input:
+            if inp.name in real:
+                kept.append(inp)
+                continue
+            if inp.name not in params:
+                raise RuntimeError(f"{spec.name}: graph input {inp.name} is neither an input nor a parameter")
+            t = params[inp.name].detach().cpu().contiguous()
+            arr = t.numpy()
+            proto = onnx.TensorProto()
+            proto.name = inp.name
+            proto.dims.extend(arr.shape)
+            proto.data_type = helper.np_dtype_to_tensor_dtype(arr.dtype)
+            if arr.nbytes >= INLINE_BELOW:
+                offset = f.tell()
+                f.write(memoryview(arr.reshape(-1)).cast("B"))
+                for k, v in (("location", data.name), ("offset", str(offset)), ("length", str(arr.nbytes))):
+                    e = proto.external_data.add()
+                    e.key, e.value = k, v
+                proto.data_location = onnx.TensorProto.EXTERNAL
+            else:
+                proto.raw_data = arr.tobytes()
+            inits.append(proto)
+    del model.graph.input[:]
+    model.graph.input.extend(kept)
+    model.graph.initializer.extend(inits)
+    onnx.save(model, str(path))
+
+
+def export_graph(spec: GraphSpec, path: Path, opset: int) -> Path:
+    """Export `spec` as fp32 ONNX to `path`, its tensors of 1 KiB or more in `path`'s external
+    data file (`model.onnx_data`): the layout the later passes read without loading the weights."""
+    from .onnxfile import load_graph, write_graph
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    prepare_module(spec)
+    capture = _ParamCapture()
+    raw = path if capture.available else path.parent / "_raw" / path.name
     raw.parent.mkdir(exist_ok=True)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(
-            spec.module,
-            tuple(spec.inputs.values()),
-            str(raw),
+        kwargs = dict(
             input_names=list(spec.inputs),
             output_names=list(spec.outputs),
             dynamic_axes=spec.dynamic_axes,
@@ -184,40 +275,48 @@ def export_graph(spec: GraphSpec, path: Path, opset: int) -> Path:
             do_constant_folding=True,
             dynamo=False,
         )
-    if raw != path:
-        # The TorchScript exporter writes one file per tensor past 2 GB: gather them into one.
-        model = onnx.load(str(raw), load_external_data=True)
+        if capture.available:
+            with capture:
+                torch.onnx.export(spec.module, tuple(spec.inputs.values()), str(raw), export_params=False, **kwargs)
+        else:
+            torch.onnx.export(spec.module, tuple(spec.inputs.values()), str(raw), **kwargs)
+    if capture.available:
+        if capture.params is None:
+            raise RuntimeError(f"{spec.name}: the exporter did not hand over the parameters")
+        _attach_params(path, spec, capture.params)
+        capture.params = None
+    else:
+        # The weights are in the proto, or one file per tensor past 2 GB: gather them.
+        write_graph(load_graph(raw), raw.parent, path, external=True)
         shutil.rmtree(raw.parent)
-        save_onnx(model, path)
     return path
 
 
-def check_graph(spec: GraphSpec, path: Path, rtol: float = 1e-4) -> float:
-    """Run the ONNX graph with ONNX Runtime (CPU) and the module with PyTorch on the spec's inputs.
+def check_graph(name: str, path: Path, inputs: dict[str, torch.Tensor], outputs: tuple[str, ...],
+                ref: tuple[np.ndarray, ...], rtol: float = 1e-4) -> float:
+    """Run the ONNX graph with ONNX Runtime (CPU) on `inputs` and compare with the module's
+    outputs `ref` (from reference_outputs).
 
     Returns the largest absolute difference over all outputs; raises if it exceeds
-    rtol * max(1, largest |output|).
+    rtol * max(1, largest |output|). The session is released before returning.
     """
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.log_severity_level = 3
     sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    feeds = {k: v.numpy() for k, v in spec.inputs.items()}
-    got = sess.run(list(spec.outputs), feeds)
-    with torch.no_grad():
-        ref = spec.module(*spec.inputs.values())
-    ref = ref if isinstance(ref, tuple) else (ref,)
+    feeds = {k: v.numpy() for k, v in inputs.items()}
+    got = sess.run(list(outputs), feeds)
+    del sess
     worst, scale = 0.0, 1.0
-    for name, a, b in zip(spec.outputs, got, ref):
-        b = b.float().numpy()
+    for out, a, b in zip(outputs, got, ref):
         if a.shape != b.shape:
-            raise RuntimeError(f"{spec.name}: output {name} has shape {a.shape} in ONNX, {b.shape} in PyTorch")
+            raise RuntimeError(f"{name}: output {out} has shape {a.shape} in ONNX, {b.shape} in PyTorch")
         worst = max(worst, float(np.max(np.abs(a.astype(np.float64) - b))))
         scale = max(scale, float(np.max(np.abs(b))))
     if not np.isfinite(worst) or worst > rtol * scale:
         raise RuntimeError(
-            f"{spec.name}: the ONNX graph differs from the PyTorch module by {worst:.3g} "
+            f"{name}: the ONNX graph differs from the PyTorch module by {worst:.3g} "
             f"(tolerance {rtol * scale:.3g}); the export is wrong"
         )
     return worst

@@ -13,7 +13,16 @@ from pathlib import Path
 
 import onnx
 
-from .onnxfile import save_onnx
+from .onnxfile import (
+    EXTERNAL_DATA_FROM,
+    INLINE_BELOW,
+    ScratchWeights,
+    is_external,
+    load_graph,
+    tensor_bytes,
+    tensor_nbytes,
+    write_graph,
+)
 
 # Graph name -> the model type of onnxruntime.transformers.optimizer.
 MODEL_TYPES = {"text_encoder": "clip", "text_encoder_2": "clip", "unet": "unet", "vae_encoder": "vae", "vae_decoder": "vae"}
@@ -131,45 +140,116 @@ def fusion_options(graph: str, target: str, precision: str):
     return opts
 
 
-def optimize_graph(src: Path, dst: Path, graph: str, target: str, precision: str, fp32_ops: tuple[str, ...] = ()) -> dict:
+@contextlib.contextmanager
+def weights_on_disk(base: Path, scratch: ScratchWeights):
+    """Let ONNX Runtime's optimizer and float16 converter work on a graph whose large tensors are
+    external-data references into the folder `base` (see onnxfile.load_graph), without loading them all.
+
+    Most passes need only names, shapes and types. Those that read values (attention fusions pack
+    the q/k/v weights, NhwcConv transposes convolution weights, constant lookups) go through
+    onnx.numpy_helper.to_array, which here reads a referenced tensor from its file. Tensors the
+    passes create are appended to `scratch` once they are large, and the float16 converter
+    converts a referenced tensor by reading it, converting it exactly as it converts an inline
+    one, and appending the result to `scratch`.
+    """
+    from onnx import numpy_helper
+    from onnxruntime.transformers import optimizer  # noqa: F401  (puts its folder on sys.path)
+
+    import float16
+    import onnx_model
+
+    folder = str(base)
+    to_array = numpy_helper.to_array
+    add_initializer = onnx_model.OnnxModel.add_initializer
+    convert_tensor = float16.convert_tensor_float_to_float16
+
+    def read(tensor, base_dir: str = ""):
+        return to_array(tensor, base_dir or folder)
+
+    def add(self, tensor, graph_name=None):
+        if not is_external(tensor) and tensor_nbytes(tensor) >= INLINE_BELOW:
+            scratch.put(tensor)
+        return add_initializer(self, tensor, graph_name)
+
+    def convert(tensor, min_positive_val=5.96e-08, max_finite_val=65504.0):
+        from onnx import TensorProto
+
+        if not (is_external(tensor) and tensor.data_type == TensorProto.FLOAT):
+            return convert_tensor(tensor, min_positive_val, max_finite_val)
+        half = float16.convert_np_to_float16(read(tensor).reshape(-1), min_positive_val, max_finite_val)
+        tensor.data_type = TensorProto.FLOAT16
+        scratch.put(tensor, half.tobytes())
+        return tensor
+
+    numpy_helper.to_array = read
+    onnx_model.OnnxModel.add_initializer = add
+    float16.convert_tensor_float_to_float16 = convert
+    try:
+        yield
+    finally:
+        numpy_helper.to_array = to_array
+        onnx_model.OnnxModel.add_initializer = add_initializer
+        float16.convert_tensor_float_to_float16 = convert_tensor
+        scratch.close()
+
+
+def optimize_graph(src: Path, dst: Path, graph: str, target: str, precision: str, fp32_ops: tuple[str, ...] = (),
+                   external_copy: Path | None = None) -> dict:
     """Fuse the fp32 graph at `src` for `target`, convert to fp16 if asked, save to `dst`.
 
-    Returns the fused-operator counts (e.g. {"MultiHeadAttention": 4, "GroupNorm": 30}).
+    The weights stay in `src`'s external data while the graph is transformed (weights_on_disk);
+    the result is written tensor by tensor. Returns the fused-operator counts
+    (e.g. {"MultiHeadAttention": 4, "GroupNorm": 30}).
+
+    external_copy: a path in `src`'s folder where the same graph is also written with external
+    data, when `dst` holds its tensors inline: ONNX Runtime reads an inline file whole and copies
+    the weights out of it (about twice their size in memory), an external one at their size, so
+    checks run on the copy.
     """
     from onnxruntime.transformers.optimizer import optimize_model
 
     _keep_vae_attention_biases()
-    with quiet_logs():
-        m = optimize_model(
-            str(src),
-            model_type=MODEL_TYPES[graph],
-            num_heads=0,
-            hidden_size=0,
-            opt_level=0,
-            optimization_options=fusion_options(graph, target, precision),
-            use_gpu=target == "cuda",
-        )
-        if precision == "fp16":
-            keep = [i.name for i in m.model.graph.input if i.name in FP32_INPUTS]
-            m.convert_float_to_float16(
-                keep_io_types=keep,
-                op_block_list=list(fp32_ops),
-                node_block_list=timestep_nodes(m.model.graph),
+    base = src.parent
+    scratch = ScratchWeights(base, f"{dst.parent.name}.scratch")
+    try:
+        with quiet_logs(), weights_on_disk(base, scratch):
+            m = optimize_model(
+                load_graph(src),
+                model_type=MODEL_TYPES[graph],
+                num_heads=0,
+                hidden_size=0,
+                opt_level=0,
+                optimization_options=fusion_options(graph, target, precision),
+                use_gpu=target == "cuda",
             )
-        counts = {k: v for k, v in m.get_fused_operator_statistics().items() if v}
-    if target == "cpu":
-        moved = attention_to_mha(m.model)
-        if moved:
-            counts["Attention"] -= moved
-            counts["MultiHeadAttention"] = counts.get("MultiHeadAttention", 0) + moved
-            counts = {k: v for k, v in counts.items() if v}
-    m.prune_graph()
-    m.topological_sort()
-    domains = {n.domain for n in m.model.graph.node if n.domain}
-    present = {o.domain for o in m.model.opset_import}
-    for d in sorted(domains - present):
-        m.model.opset_import.append(onnx.helper.make_opsetid(d, 1))
-    save_onnx(m.model, dst)
+            if precision == "fp16":
+                keep = [i.name for i in m.model.graph.input if i.name in FP32_INPUTS]
+                m.convert_float_to_float16(
+                    keep_io_types=keep,
+                    op_block_list=list(fp32_ops),
+                    node_block_list=timestep_nodes(m.model.graph),
+                )
+            counts = {k: v for k, v in m.get_fused_operator_statistics().items() if v}
+            if target == "cpu":
+                moved = attention_to_mha(m.model)
+                if moved:
+                    counts["Attention"] -= moved
+                    counts["MultiHeadAttention"] = counts.get("MultiHeadAttention", 0) + moved
+                    counts = {k: v for k, v in counts.items() if v}
+            m.prune_graph()
+            m.topological_sort()
+            domains = {n.domain for n in m.model.graph.node if n.domain}
+            present = {o.domain for o in m.model.opset_import}
+            for d in sorted(domains - present):
+                m.model.opset_import.append(onnx.helper.make_opsetid(d, 1))
+            if external_copy is not None:
+                if external_copy.parent != base:
+                    raise ValueError("the external copy must sit in the source graph's folder")
+                if tensor_bytes(m.model) < EXTERNAL_DATA_FROM:
+                    write_graph(m.model, base, external_copy, external=True)
+            write_graph(m.model, base, dst)
+    finally:
+        scratch.remove()
     return counts
 
 

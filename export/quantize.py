@@ -25,6 +25,7 @@ MIN_SQNR_DB of signal-to-noise in uint8 (measured in calibration: range against 
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -34,7 +35,7 @@ from onnx import helper, numpy_helper
 
 from sdrt.runtime.sessions import Graph
 
-from .onnxfile import EXTERNAL_DATA_FROM, save_onnx
+from .onnxfile import load_graph, write_graph
 
 # Fixed calibration prompts: varied subjects and styles, as a user would write them.
 CALIBRATION_PROMPTS = (
@@ -165,7 +166,7 @@ class _ObservedGraph(Graph):
         self.observer = observer
 
     def run(self, feeds, outputs=None, keep=()):
-        res = super().run(feeds)
+        res = super().run(feeds, keep=keep)
         n_real = len(res) - len(self.observer.names)
         self.observer.update(res[n_real:])
         if outputs:
@@ -285,25 +286,79 @@ def quantize_convs(model, ranges: dict[str, tuple[float, float, float]], min_sqn
     return len(convs)
 
 
+@contextlib.contextmanager
+def _weights_read_from(folder: Path):
+    """onnx.numpy_helper.to_array reads external tensors from `folder` (graphs loaded with
+    load_graph keep their weights there)."""
+    from onnx import numpy_helper
+
+    to_array = numpy_helper.to_array
+    numpy_helper.to_array = lambda tensor, base_dir="": to_array(tensor, base_dir or str(folder))
+    try:
+        yield
+    finally:
+        numpy_helper.to_array = to_array
+
+
+@contextlib.contextmanager
+def _quantizer_on_disk(folder: Path):
+    """Run ONNX Runtime's quantize_dynamic on a graph in `folder` without loading its weights.
+
+    Its loaders read the graph without external data and run the same ONNX shape inference in
+    memory (they write a copy of the graph with its weights to disk and read it back), each
+    weight it quantizes is read from its file, and its result is written tensor by tensor."""
+    import importlib
+
+    from onnxruntime.quantization.onnx_model import ONNXModel
+    from onnxruntime.quantization.quant_utils import add_infer_metadata
+
+    def infer(model):
+        model = onnx.shape_inference.infer_shapes(model)
+        add_infer_metadata(model)
+        return model
+
+    def save_streaming(self, output_path, use_external_data_format=False):
+        self.topological_sort()
+        for init in self.model.graph.initializer:
+            self._check_init(init, "end")
+        write_graph(self.model, folder, Path(output_path))
+
+    # (onnxruntime.quantization.quantize is also a function's name in its package: import by name.)
+    ort_quantize, base_quantizer, onnx_quantizer = (
+        importlib.import_module(f"onnxruntime.quantization.{m}") for m in ("quantize", "base_quantizer", "onnx_quantizer"))
+    patches = [(ort_quantize, "load_model_with_shape_infer", lambda path: infer(load_graph(Path(path))))]
+    patches += [(m, "save_and_reload_model_with_shape_infer", infer) for m in (ort_quantize, base_quantizer, onnx_quantizer)]
+    patches += [(ONNXModel, "save_model_to_file", save_streaming)]
+    saved = [(obj, name, getattr(obj, name)) for obj, name, _ in patches]
+    for obj, name, new in patches:
+        setattr(obj, name, new)
+    try:
+        with _weights_read_from(folder):
+            yield
+    finally:
+        for obj, name, old in saved:
+            setattr(obj, name, old)
+
+
 def quantize_dynamic_matmuls(src: Path, dst: Path, weight_max: int = WEIGHT_MAX) -> int:
-    """Dynamic int8 quantization of the constant-weight MatMuls of `src` into `dst`; returns the count.
+    """Dynamic int8 quantization of the constant-weight MatMuls of `src` into `dst` (in the same
+    folder); returns the count.
 
     Weights symmetric per tensor, in [-64, 64] (ONNX Runtime's reduced range) or [-127, 127]."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     if weight_max not in (64, 127):
         raise ValueError(f"dynamic int8 weights span [-64, 64] or [-127, 127]; got weight_max {weight_max}")
-    size = sum(p.stat().st_size for p in src.parent.glob(src.name + "*"))
-    quantize_dynamic(
-        str(src),
-        str(dst),
-        weight_type=QuantType.QInt8,
-        op_types_to_quantize=list(DYNAMIC_OP_TYPES),
-        per_channel=False,
-        reduce_range=weight_max == 64,
-        extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT},
-        use_external_data_format=size >= EXTERNAL_DATA_FROM,
-    )
+    with _quantizer_on_disk(src.parent):
+        quantize_dynamic(
+            str(src),
+            str(dst),
+            weight_type=QuantType.QInt8,
+            op_types_to_quantize=list(DYNAMIC_OP_TYPES),
+            per_channel=False,
+            reduce_range=weight_max == 64,
+            extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT},
+        )
     model = onnx.load(str(dst), load_external_data=False)
     return sum(n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul") for n in model.graph.node)
 
@@ -347,10 +402,12 @@ def quantize_unet(folder: Path, log: Callable[[str], None] = print, weight_max: 
         ranges = calibrate(folder, {"unet": (probe, tensors)}, log)["unet"]
     finally:
         probe.unlink(missing_ok=True)
-    model = onnx.load(str(unet))
-    convs = quantize_convs(model, ranges, weight_max=weight_max)
+    # The weights stay on disk: quantize_convs reads each convolution's weight from its file.
+    model = load_graph(unet)
+    with _weights_read_from(unet.parent):
+        convs = quantize_convs(model, ranges, weight_max=weight_max)
     staged = unet.with_name("static.onnx")
-    save_onnx(model, staged)
+    write_graph(model, unet.parent, staged, external=True)
     del model
     gc.collect()
     _remove_graph(unet)

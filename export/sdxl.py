@@ -17,8 +17,6 @@ The folder keeps optimum's SDXL layout (text_encoder_2/, tokenizer_2/), so eithe
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
 from pathlib import Path
 
 PIPELINES = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline")
@@ -61,38 +59,25 @@ def text_encoders(index: dict) -> tuple[str, ...]:
     return tuple(n for n in ("text_encoder", "text_encoder_2") if present(index, n))
 
 
-@dataclass
-class Parts:
-    """The PyTorch side of an SDXL folder (the attributes the graph specs and the export read)."""
-
-    unet: object
-    vae: object
-    text_encoder: object | None
-    text_encoder_2: object
-    tokenizer: object | None
-    tokenizer_2: object
-    index: dict
-
-
-def load_parts(src: Path, index: dict, vae: Path | None = None) -> Parts:
+def load_text_encoder(src: Path, name: str):
+    """text_encoder (CLIPTextModel) or text_encoder_2 (CLIPTextModelWithProjection), fp32."""
     import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    def load(cls, sub):
-        return cls.from_pretrained(src, subfolder=sub, local_files_only=True, torch_dtype=torch.float32).eval()
+    cls = CLIPTextModelWithProjection if name == "text_encoder_2" else CLIPTextModel
+    return cls.from_pretrained(src, subfolder=name, local_files_only=True, torch_dtype=torch.float32).eval()
 
-    has_first = present(index, "text_encoder")
-    return Parts(
-        unet=load(UNet2DConditionModel, "unet"),
-        vae=(AutoencoderKL.from_pretrained(vae, local_files_only=True, torch_dtype=torch.float32).eval() if vae
-             else load(AutoencoderKL, "vae")),
-        text_encoder=load(CLIPTextModel, "text_encoder") if has_first else None,
-        text_encoder_2=load(CLIPTextModelWithProjection, "text_encoder_2"),
-        tokenizer=CLIPTokenizer.from_pretrained(src, subfolder="tokenizer", local_files_only=True) if has_first else None,
-        tokenizer_2=CLIPTokenizer.from_pretrained(src, subfolder="tokenizer_2", local_files_only=True),
-        index=index,
-    )
+
+def load_tokenizers(src: Path, index: dict) -> dict:
+    """Text encoder graph name -> its CLIP tokenizer (tokenizer/ or tokenizer_2/)."""
+    from transformers import CLIPTokenizer
+
+    return {n: CLIPTokenizer.from_pretrained(src, subfolder=tokenizer_folder(n), local_files_only=True)
+            for n in text_encoders(index)}
+
+
+def tokenizer_folder(text_encoder: str) -> str:
+    return text_encoder.replace("text_encoder", "tokenizer")
 
 
 def check_unet(src: Path, unet_config, error) -> None:
@@ -120,27 +105,20 @@ def vae_in_fp16(vae_config) -> bool:
     return not vae_config.get("force_upcast", True)
 
 
-def manifest_fields(parts: Parts) -> dict:
-    """What sdrt.json records beyond an SD folder's fields."""
-    encoders = [parts.text_encoder, parts.text_encoder_2] if parts.text_encoder is not None else [parts.text_encoder_2]
+def manifest_fields(index: dict, text_configs: dict[str, dict]) -> dict:
+    """What sdrt.json records beyond an SD folder's fields; text_configs: graph -> its config dict."""
+    names = text_encoders(index)
     return {
-        "text_encoders": list(text_encoders(parts.index)),
-        "text_hidden_size": sum(int(te.config.hidden_size) for te in encoders),
-        "text_layers": [int(te.config.num_hidden_layers) for te in encoders],
+        "text_encoders": list(names),
+        "text_hidden_size": sum(int(text_configs[n]["hidden_size"]) for n in names),
+        "text_layers": [int(text_configs[n]["num_hidden_layers"]) for n in names],
         "sdxl": {
-            "time_ids": time_ids(parts.index),
-            "pooled_size": int(parts.text_encoder_2.config.projection_dim),
-            "force_zeros_for_empty_prompt": bool(parts.index.get("force_zeros_for_empty_prompt", True)),
-            "requires_aesthetics_score": bool(parts.index.get("requires_aesthetics_score", False)),
+            "time_ids": time_ids(index),
+            "pooled_size": int(text_configs["text_encoder_2"]["projection_dim"]),
+            "force_zeros_for_empty_prompt": bool(index.get("force_zeros_for_empty_prompt", True)),
+            "requires_aesthetics_score": bool(index.get("requires_aesthetics_score", False)),
         },
     }
-
-
-def write_configs(parts: Parts, dst: Path, write_tokenizer) -> None:
-    """text_encoder_2's config and tokenizer_2/ (the first encoder's are written as for SD)."""
-    (dst / "text_encoder_2").mkdir(parents=True, exist_ok=True)
-    parts.text_encoder_2.config.to_json_file(dst / "text_encoder_2" / "config.json")
-    write_tokenizer(parts.tokenizer_2, dst / "tokenizer_2")
 
 
 def index_entries(index: dict) -> dict:
@@ -193,18 +171,22 @@ def unet_graph(unet):
     return UNetGraph()
 
 
-def text_encoder_spec(te, tokenizer, name: str, spec_cls):
+def text_encoder_spec(te, tokenizer, name: str):
     import torch
+
+    from .graphs import EXAMPLE_PROMPT, GraphSpec
 
     module, outputs = text_encoder_graph(te, name)
-    ids = torch.tensor([tokenizer("a red circle on a white background", padding="max_length", max_length=77).input_ids])
+    ids = torch.tensor([tokenizer(EXAMPLE_PROMPT, padding="max_length", max_length=77).input_ids])
     axes = {o: {0: "batch"} for o in outputs}
-    return spec_cls(name, module, {"input_ids": ids.to(torch.int32)}, outputs, {"input_ids": {0: "batch"}, **axes})
+    return GraphSpec(name, module, {"input_ids": ids.to(torch.int32)}, outputs, {"input_ids": {0: "batch"}, **axes})
 
 
-def unet_spec(unet, n_time_ids: int, spec_cls, latent: int = 9):
+def unet_spec(unet, n_time_ids: int):
     """The UNet at an odd latent size (see graphs.unet_spec), with SDXL's two extra inputs."""
     import torch
+
+    from .graphs import _UNET_LATENT as latent, GraphSpec
 
     g = torch.Generator().manual_seed(0)
     cfg = unet.config
@@ -212,7 +194,7 @@ def unet_spec(unet, n_time_ids: int, spec_cls, latent: int = 9):
     sizes = torch.tensor([[1024.0, 768.0, 0.0, 16.0, 1024.0, 768.0][:n_time_ids]] * 2)
     if n_time_ids == 5:
         sizes[:, 4] = torch.tensor([6.0, 2.5])  # a refiner's aesthetic score
-    return spec_cls(
+    return GraphSpec(
         "unet",
         unet_graph(unet),
         {
@@ -231,17 +213,3 @@ def unet_spec(unet, n_time_ids: int, spec_cls, latent: int = 9):
             "out_sample": {0: "batch", 2: "height", 3: "width"},
         },
     )
-
-
-def graph_specs(parts: Parts, spec_cls, vae_specs) -> list:
-    """The graphs of an SDXL folder, text encoders first."""
-    specs = []
-    if parts.text_encoder is not None:
-        specs.append(text_encoder_spec(parts.text_encoder, parts.tokenizer, "text_encoder", spec_cls))
-    specs.append(text_encoder_spec(parts.text_encoder_2, parts.tokenizer_2, "text_encoder_2", spec_cls))
-    specs.append(unet_spec(parts.unet, time_ids(parts.index), spec_cls))
-    return specs + list(vae_specs(parts.vae))
-
-
-def read_index(src: Path) -> dict:
-    return json.loads((src / "model_index.json").read_text(encoding="utf-8"))

@@ -1,13 +1,14 @@
 """Stable Diffusion pipelines with random weights, built offline, for tests and benchmarks.
 
-    python -m sdrt.export.testmodels OUT [--kind tiny-sd1|tiny-inpaint|tiny-sd2-v|sd15|sd15-inpaint|
+    python -m sdrt.export.testmodels OUT [--kind tiny-sd1|tiny-inpaint|tiny-sd2-v|mid|sd15|sd15-inpaint|
                                               tiny-sdxl|tiny-sdxl-inpaint|tiny-sdxl-refiner|sdxl|sdxl-inpaint] [--seed N]
 
 Each kind is a diffusers folder (`StableDiffusionPipeline` or `StableDiffusionInpaintPipeline`
 layout, `StableDiffusionXL*Pipeline` for the SDXL kinds) with deterministic random weights and
 the real CLIP tokenizer vocabulary from `models/clip-tokenizer/`. The tiny kinds are small enough
 to export and run in seconds; `sd15` has the SD 1.5 architecture and sizes, `sdxl` SDXL 1.0's
-(speed and memory do not depend on weight values).
+(speed and memory do not depend on weight values); `mid` sits between tiny and sd15, for memory
+measurements.
 """
 
 from __future__ import annotations
@@ -123,6 +124,42 @@ KINDS: dict[str, Kind] = {
         SD15_SCHEDULER,
     ),
 }
+# Mid-sized (UNet 0.55 GB in fp32, a fifth of SD 1.5's node count): large enough that a copy of
+# its weights shows in an export's peak memory, small enough to export in about a minute.
+KINDS["mid"] = Kind(
+    dict(
+        sample_size=32,
+        block_out_channels=(256, 512, 768),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        layers_per_block=1,
+        cross_attention_dim=256,
+        attention_head_dim=8,
+    ),
+    {**_TINY_VAE, "block_out_channels": [64, 128]},
+    {**_TINY_TEXT, "hidden_size": 256, "intermediate_size": 1024, "num_attention_heads": 4, "num_hidden_layers": 4,
+     "projection_dim": 256},
+    "PNDMScheduler",
+    SD15_SCHEDULER,
+)
+# Tiny models in the SD 1.x / 2.x families' conventions (attention heads: 8 per block for SD 1.x,
+# one per 64 channels for SD 2.x and for the text encoders; SD 2.x: linear projections, GELU text
+# encoder, "!" padding), so that the same weights written as a single-file checkpoint convert back
+# with the configs sdrt ships for those families (tests/test_checkpoint.py).
+_CKPT_TEXT = {**_TINY_TEXT, "hidden_size": 64, "intermediate_size": 96, "num_attention_heads": 1, "projection_dim": 64}
+_CKPT_SD1_UNET = {**_TINY_UNET, "cross_attention_dim": 64, "attention_head_dim": 8}
+_CKPT_SD2_UNET = {**_TINY_UNET, "block_out_channels": (64, 128), "cross_attention_dim": 64, "attention_head_dim": (1, 2),
+                  "use_linear_projection": True}
+_SD2_SCHEDULER = {**SD15_SCHEDULER, "prediction_type": "epsilon"}
+KINDS["ckpt-sd1"] = Kind(_CKPT_SD1_UNET, _TINY_VAE, _CKPT_TEXT, "PNDMScheduler", SD15_SCHEDULER)
+KINDS["ckpt-sd1-inpaint"] = Kind({**_CKPT_SD1_UNET, "in_channels": 9}, _TINY_VAE, _CKPT_TEXT, "PNDMScheduler",
+                                 SD15_SCHEDULER, inpaint=True)
+KINDS["ckpt-sd2"] = Kind(_CKPT_SD2_UNET, _TINY_VAE, {**_CKPT_TEXT, "hidden_act": "gelu"}, "DDIMScheduler", _SD2_SCHEDULER,
+                         pad_token="!")
+KINDS["ckpt-sd2-v"] = Kind(_CKPT_SD2_UNET, _TINY_VAE, {**_CKPT_TEXT, "hidden_act": "gelu"}, "DDIMScheduler",
+                           {**_SD2_SCHEDULER, "prediction_type": "v_prediction"}, pad_token="!")
+KINDS["ckpt-sd2-inpaint"] = Kind({**_CKPT_SD2_UNET, "in_channels": 9}, _TINY_VAE, {**_CKPT_TEXT, "hidden_act": "gelu"},
+                                 "DDIMScheduler", _SD2_SCHEDULER, pad_token="!", inpaint=True)
 KINDS["sd15-inpaint"] = Kind(
     {**KINDS["sd15"].unet, "in_channels": 9}, KINDS["sd15"].vae, KINDS["sd15"].text, "PNDMScheduler", SD15_SCHEDULER, inpaint=True
 )
@@ -215,7 +252,6 @@ def build(out: str | Path, kind: str = "tiny-sd1", seed: int = 0) -> Path:
     # Record where the folder came from, for people who find it later.
     (out / "sdrt-testmodel.json").write_text(json.dumps({"kind": kind, "seed": seed}) + "\n")
     return out
-
 
 
 # ----------------------------------------------------------------------------------------- SDXL

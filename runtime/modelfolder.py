@@ -100,9 +100,25 @@ class ModelInfo:
         return self.path.name
 
     @property
+    def model_name(self) -> str:
+        """The infotext's "Model": for a folder exported from a checkpoint file, the file's name
+        without its extension (as A1111 writes it); otherwise the folder's name."""
+        source = (self.manifest or {}).get("source_file") or {}
+        return Path(source["name"]).stem if source.get("name") else self.name
+
+    @property
+    def vae(self) -> dict[str, str] | None:
+        """The replacement VAE the folder was exported with ({"name", "sha256", "short_hash"}), if any."""
+        return (self.manifest or {}).get("vae")
+
+    @property
     def short_hash(self) -> str:
-        """A1111-style short model hash: the first 10 hex digits of the UNet graph's sha256."""
+        """A1111-style short model hash: the first 10 hex digits of the checkpoint file's sha256 for
+        a folder exported from one (A1111's "Model hash" of the same file), else of the UNet graph's."""
         if self.manifest:
+            source = self.manifest.get("source_file") or {}
+            if source.get("short_hash"):
+                return source["short_hash"]
             files = self.manifest.get("files", {})
             entry = files.get("unet/model.onnx")
             if entry:

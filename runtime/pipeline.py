@@ -705,9 +705,11 @@ class Pipeline:
             "height": job.height,
             "batch_size": job.batch_size,
             "clip_skip": clip_skip,
-            "model": self.info.name,
+            "model": self.info.model_name,
             "model_hash": self.info.short_hash,
         }
+        if self.info.vae:
+            p["vae"], p["vae_hash"] = self.info.vae.get("name"), self.info.vae.get("short_hash")
         if mode != "txt2img":
             p["strength"] = strength
         p.update(job.parameters)
@@ -727,6 +729,8 @@ class Pipeline:
                 "Size": f"{params['width']}x{params['height']}",
                 "Model hash": params["model_hash"] or None,
                 "Model": params["model"],
+                "VAE hash": params.get("vae_hash"),
+                "VAE": params.get("vae"),
                 "Denoising strength": params.get("strength"),
                 "Clip skip": params["clip_skip"] if params["clip_skip"] > 1 else None,
             }
