@@ -9,6 +9,8 @@ noise and the VAE posterior's mean (test_pipeline_parity's helpers), so images a
 
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 import pytest
 import torch
@@ -68,8 +70,21 @@ def dpipes(models):
 
 
 @pytest.fixture(scope="module")
-def xl(models):
-    return load(models.exported("tiny-sdxl"), provider="cpu")
+def xlpipe(models):
+    """kind -> the sdrt pipeline of its fp32 cpu export, loaded once."""
+    loaded = {}
+
+    def get(kind: str):
+        if kind not in loaded:
+            loaded[kind] = load(models.exported(kind), provider="cpu")
+        return loaded[kind]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def xl(xlpipe):
+    return xlpipe("tiny-sdxl")
 
 
 def _noise(seed: int, w: int = W, h: int = H) -> np.ndarray:
@@ -86,12 +101,69 @@ def _xl_mask() -> Image.Image:
     return Image.fromarray(m)
 
 
+# ---------------------------------------------------------------------------------- the graphs
+def _session(path):
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("kind", ["tiny-sdxl", "tiny-sdxl-refiner"])
+def test_fp32_graphs_match_pytorch(models, dpipes, kind):
+    """Each exported (fused, fp32, cpu) SDXL graph computes what diffusers/transformers compute,
+    at shapes other than the export's examples: every layer's hidden states and the pooled
+    outputs of each text encoder, the UNet with text_embeds and time_ids (5 for a refiner) at a
+    batch of 3 and latent sizes it cannot halve evenly, the VAE."""
+    folder = models.exported(kind)
+    cls = "StableDiffusionXLPipeline" if kind == "tiny-sdxl" else "StableDiffusionXLImg2ImgPipeline"
+    dp = dpipes.get(cls, kind, "EulerDiscreteScheduler")
+    g = torch.Generator().manual_seed(3)
+    diffs = {}
+    with torch.no_grad():
+        ids = torch.randint(0, 49408, (3, 77), generator=g)
+        for name in [n for n in ("text_encoder", "text_encoder_2") if getattr(dp, n) is not None]:
+            te = getattr(dp, name)
+            out = te(ids, output_hidden_states=True)
+            sess = _session(folder / name / "model.onnx")
+            names = [o.name for o in sess.get_outputs()]
+            got = dict(zip(names, sess.run(None, {"input_ids": ids.numpy().astype(np.int32)})))
+            assert len(out.hidden_states) == sum(n.startswith("hidden_states.") for n in names)
+            for i, h in enumerate(out.hidden_states):
+                diffs[f"{name} hidden_states.{i}"] = float(np.abs(got[f"hidden_states.{i}"] - h.numpy()).max())
+            pooled = "text_embeds" if name == "text_encoder_2" else "pooler_output"
+            diffs[f"{name} {pooled}"] = float(np.abs(got[pooled] - getattr(out, pooled).numpy()).max())
+        unet, cfg = dp.unet, dp.unet.config
+        n_ids = 5 if kind == "tiny-sdxl-refiner" else 6
+        pooled_dim = cfg.projection_class_embeddings_input_dim - n_ids * cfg.addition_time_embed_dim
+        sess = _session(folder / "unet" / "model.onnx")
+        for (b, h, w), t in (((3, 12, 20), 999.0), ((2, 11, 18), 432.7), ((1, 7, 5), 1.0)):
+            sample = torch.randn(b, cfg.in_channels, h, w, generator=g)
+            enc = torch.randn(b, 77 * 2, cfg.cross_attention_dim, generator=g)  # two prompt chunks
+            emb = torch.randn(b, pooled_dim, generator=g)
+            tids = torch.tensor([[96.0, 160.0, 8.0, 4.0, 64.0, 80.0][:n_ids]] * b)
+            ref = unet(sample, torch.tensor(t), enc, added_cond_kwargs={"text_embeds": emb, "time_ids": tids}).sample
+            got = sess.run(None, {"sample": sample.numpy(), "timestep": np.array(t, np.float32),
+                                  "encoder_hidden_states": enc.numpy(), "text_embeds": emb.numpy(),
+                                  "time_ids": tids.numpy()})[0]
+            diffs[f"unet {b}x{h}x{w} t={t}"] = float(np.abs(got - ref.numpy()).max())
+        img = torch.rand(2, 3, 24, 40, generator=g) * 2 - 1
+        got = _session(folder / "vae_encoder" / "model.onnx").run(None, {"sample": img.numpy()})[0]
+        diffs["vae_encoder"] = float(np.abs(got - dp.vae.encode(img).latent_dist.parameters.numpy()).max())
+        lat = torch.randn(2, 4, 10, 14, generator=g)
+        got = _session(folder / "vae_decoder" / "model.onnx").run(None, {"latent_sample": lat.numpy()})[0]
+        diffs["vae_decoder"] = float(np.abs(got - dp.vae.decode(lat).sample.numpy()).max())
+    worst = max(diffs, key=diffs.get)
+    assert diffs[worst] <= 1e-4, (worst, diffs[worst])
+
+
 # -------------------------------------------------------------------------------------- parity
-STRENGTHS = [0.3, 0.75, 1.0]
+# Every sampler once, the strengths spread over them (a full product costs minutes, adds little).
+IMG2IMG_CASES = [("EulerDiscreteScheduler", 0.3), ("EulerAncestralDiscreteScheduler", 0.75),
+                 ("DPMSolverMultistepScheduler(use_karras_sigmas=True)", 1.0), ("DDIMScheduler", 0.5),
+                 ("UniPCMultistepScheduler", 0.75)]
 
 
-@pytest.mark.parametrize("strength", STRENGTHS)
-@pytest.mark.parametrize("sampler", list(SAMPLERS))
+@pytest.mark.parametrize("sampler,strength", IMG2IMG_CASES)
 def test_img2img_matches_diffusers(xl, dpipes, sampler, strength):
     noise, seed = _noise(7), 1234
     ours = xl.img2img(_xl_image(), PROMPT, NEGATIVE, strength=strength, steps=8, guidance=7.5, sampler=sampler, seed=seed,
@@ -102,12 +174,14 @@ def test_img2img_matches_diffusers(xl, dpipes, sampler, strength):
     assert _compare(f"SDXL img2img {sampler} strength {strength}", ours, theirs) <= 2
 
 
-@pytest.mark.parametrize("kind", ["tiny-sdxl", "tiny-sdxl-inpaint"])
-@pytest.mark.parametrize("strength", [0.5, 1.0])
-@pytest.mark.parametrize("sampler", ["EulerDiscreteScheduler", "DPMSolverMultistepScheduler(use_karras_sigmas=True)",
-                                     "DDIMScheduler"])
-def test_inpaint_matches_diffusers(models, dpipes, kind, sampler, strength):
-    pipe = load(models.exported(kind), provider="cpu")
+@pytest.mark.parametrize("kind,sampler,strength", [
+    ("tiny-sdxl", "EulerDiscreteScheduler", 0.5),
+    ("tiny-sdxl", "DPMSolverMultistepScheduler(use_karras_sigmas=True)", 1.0),
+    ("tiny-sdxl-inpaint", "EulerDiscreteScheduler", 1.0),
+    ("tiny-sdxl-inpaint", "DDIMScheduler", 0.5),
+])
+def test_inpaint_matches_diffusers(xlpipe, dpipes, kind, sampler, strength):
+    pipe = xlpipe(kind)
     noise, seed = _noise(3), 99
     ours = pipe.inpaint(_xl_image(1), _xl_mask(), PROMPT, NEGATIVE, strength=strength, steps=8, guidance=7.5,
                         sampler=sampler, seed=seed, noise=noise, sample_posterior=False, mask_blur=0, overlay=False,
@@ -118,8 +192,7 @@ def test_inpaint_matches_diffusers(models, dpipes, kind, sampler, strength):
     assert _compare(f"SDXL inpaint {kind} {sampler} strength {strength}", ours, theirs) <= 2
 
 
-@pytest.mark.parametrize("sampler", ["EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "DDIMScheduler",
-                                     "UniPCMultistepScheduler"])
+@pytest.mark.parametrize("sampler", ["EulerAncestralDiscreteScheduler", "UniPCMultistepScheduler"])
 def test_txt2img_matches_diffusers(xl, dpipes, sampler):
     w, h = 40, 56
     noise, seed = _noise(5, w, h), 17
@@ -131,10 +204,10 @@ def test_txt2img_matches_diffusers(xl, dpipes, sampler):
 
 
 @pytest.mark.parametrize("kind", ["tiny-sdxl", "tiny-sdxl-inpaint"])
-def test_only_masked_matches_padding_mask_crop(models, dpipes, kind):
+def test_only_masked_matches_padding_mask_crop(xlpipe, dpipes, kind):
     """only_masked (A1111's "Only masked") against diffusers' SDXL padding_mask_crop: the crop, the
     resize-and-fill, the paste-back with overlay; the work size (the time ids' size) is W x H."""
-    pipe = load(models.exported(kind), provider="cpu")
+    pipe = xlpipe(kind)
     sampler, seed = "EulerDiscreteScheduler", 5
     big = _image().resize((72, 56))
     m = np.zeros((56, 72), np.uint8)
@@ -168,9 +241,9 @@ def test_micro_conditioning_matches_diffusers_and_matters(xl, dpipes):
     assert _compare("micro-conditioning vs default", ours, plain) > 2
 
 
-def test_refiner_img2img_matches_diffusers(models, dpipes):
+def test_refiner_img2img_matches_diffusers(xlpipe, dpipes):
     """A refiner (second text encoder alone, aesthetic-score time ids, no zeros for an empty negative)."""
-    pipe = load(models.exported("tiny-sdxl-refiner"), provider="cpu")
+    pipe = xlpipe("tiny-sdxl-refiner")
     assert pipe.info.text_encoders == ("text_encoder_2",) and pipe.info.xl.requires_aesthetics_score
     sampler, noise, seed = "DPMSolverMultistepScheduler(use_karras_sigmas=True)", _noise(4), 31
     for negative, scores in (("", {}), (NEGATIVE, {"aesthetic_score": 7.0, "negative_aesthetic_score": 1.5})):
@@ -208,7 +281,7 @@ def test_conditioning_matches_diffusers_encode_prompt(xl, dpipes, clip_skip):
     assert c["encoder_hidden_states"].shape[-1] == 32 + 48  # both encoders, in order
 
 
-def test_empty_negative_prompt_by_family_and_model(xl, models, dpipes):
+def test_empty_negative_prompt_by_family_and_model(xl, xlpipe, dpipes):
     """An empty negative prompt: zeros for SDXL base with diffusers names (force_zeros_for_empty_prompt,
     diffusers' negative_prompt=None) and always with A1111 names; the refiner (flag off) encodes ""
     with diffusers names, as diffusers does, and still gets zeros with A1111 names, as A1111 does."""
@@ -216,7 +289,7 @@ def test_empty_negative_prompt_by_family_and_model(xl, models, dpipes):
         _, c, u = xl.xl_conditioning(PROMPT, "", family=family)(0)
         assert not u["encoder_hidden_states"].any() and not u["text_embeds"].any(), family
         assert c["encoder_hidden_states"].any()
-    refiner = load(models.exported("tiny-sdxl-refiner"), provider="cpu")
+    refiner = xlpipe("tiny-sdxl-refiner")
     dp = dpipes.get("StableDiffusionXLImg2ImgPipeline", "tiny-sdxl-refiner", "EulerDiscreteScheduler")
     with torch.no_grad():
         _, ne, _, npp = dp.encode_prompt(PROMPT, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=True,
@@ -316,11 +389,11 @@ TIME_ID_CASES = [
 
 
 @pytest.mark.parametrize("mode,kind,opts", TIME_ID_CASES)
-def test_time_ids_reach_the_unet_as_in_diffusers(models, dpipes, monkeypatch, mode, kind, opts):
+def test_time_ids_reach_the_unet_as_in_diffusers(xlpipe, dpipes, monkeypatch, mode, kind, opts):
     """The time ids of every UNet call (negative rows first), as each diffusers SDXL pipeline passes
     them, including the options it ignores (a lone negative size in txt2img, the negative crop in
     base img2img/inpainting)."""
-    pipe = load(models.exported(kind), provider="cpu")
+    pipe = xlpipe(kind)
     ours = _unet_time_ids(pipe, monkeypatch)
     cls = {"txt2img": "StableDiffusionXLPipeline", "img2img": "StableDiffusionXLImg2ImgPipeline",
            "inpaint": "StableDiffusionXLInpaintPipeline"}[mode]
@@ -346,10 +419,10 @@ def test_time_ids_reach_the_unet_as_in_diffusers(models, dpipes, monkeypatch, mo
 
 
 @pytest.mark.parametrize("mode", ["txt2img", "img2img", "inpaint"])
-def test_a1111_time_ids_are_the_work_size(models, monkeypatch, mode):
+def test_a1111_time_ids_are_the_work_size(xlpipe, monkeypatch, mode):
     """A1111 (sd_models_xl.get_learned_conditioning): original and target size are the size worked
     at (height, width), the crop its sdxl_crop_top/left settings (0, 0), for both sides."""
-    pipe = load(models.exported("tiny-sdxl"), provider="cpu")
+    pipe = xlpipe("tiny-sdxl")
     ours = _unet_time_ids(pipe, monkeypatch)
     if mode == "txt2img":
         pipe.txt2img(PROMPT, NEGATIVE, width=W, height=H, steps=2, sampler="Euler", seed=0)
@@ -417,3 +490,131 @@ def test_a1111_img2img_matches_its_loop(xl, dpipes, sampler, func, schedule, neg
                       noise=noise, sample_posterior=False).images[0]
     theirs = _a1111_img2img_reference(dp, _xl_image(5), PROMPT, negative, 10, 0.6, 7.0, noise, func, schedule)
     assert _compare(f"SDXL A1111 img2img {sampler} negative {negative!r}", ours, theirs) <= 2
+
+
+# ------------------------------------------------------------------------ sizes, bad input, refusals
+def test_default_size_comes_from_the_model_config(xl):
+    """txt2img without width/height works at the model's native size (UNet sample_size x VAE
+    factor: 64 for the tiny model, 1024 for SDXL 1.0's config), and the infotext says so."""
+    from dataclasses import replace
+
+    cfg = xl.info
+    assert cfg.default_size == 32 * 2  # the tiny UNet's sample_size 32, two VAE blocks
+    r = xl.txt2img(PROMPT, steps=1, seed=0, sampler="Euler")
+    assert r.images[0].size == (64, 64) and "Size: 64x64" in r.infotext
+    sdxl10 = replace(cfg, sample_size=128, vae_scale_factor=8)  # SDXL 1.0's unet/vae configs
+    assert sdxl10.default_size == 1024
+    job = xl.txt2img(PROMPT, dry_run=True)
+    assert (job.parameters["width"], job.parameters["height"]) == (64, 64)
+
+
+_SIZE_BAD = [(0, 64), (64,), (64, 64, 64), (64.5, 64), "64x64", (True, 64), (64, 16385), (-8, 64), 64]
+_CROP_BAD = [(-1, 0), (0,), (1.5, 0), "0,0", (0, 16385), (False, 0)]
+_SCORE_BAD = [float("nan"), float("inf"), "high", True, (6.0,)]
+BAD_OPTIONS = ([(k, v) for k in ("original_size", "target_size", "negative_original_size", "negative_target_size")
+                for v in _SIZE_BAD]
+               + [(k, v) for k in ("crops_coords_top_left", "negative_crops_coords_top_left") for v in _CROP_BAD]
+               + [(k, v) for k in ("aesthetic_score", "negative_aesthetic_score") for v in _SCORE_BAD])
+
+
+@pytest.mark.parametrize("mode", ["txt2img", "img2img", "inpaint"])
+def test_bad_micro_conditioning_is_a_clear_error(xl, mode):
+    for name, value in BAD_OPTIONS:
+        with pytest.raises(InputError, match=name):
+            _request(xl, mode, **{name: value})
+
+
+@pytest.mark.parametrize("name", ["denoising_start", "denoising_end"])
+@pytest.mark.parametrize("value", [0.0, 0.5, 0.8, 1.0])
+def test_refiner_hand_off_is_refused_by_name(xl, name, value):
+    """diffusers' base-to-refiner ensemble (denoising_end on the base, denoising_start on the
+    refiner, latents between them) is refused with a message naming it and the alternative."""
+    for mode in ("txt2img", "img2img", "inpaint"):
+        with pytest.raises(InputError, match=f"{name}.*strength"):
+            _request(xl, mode, **{name: value})
+
+
+def test_micro_conditioning_on_an_sd_model_is_refused(models):
+    sd = load(models.exported("tiny-sd1"), provider="cpu")
+    for name in ("original_size", "target_size", "crops_coords_top_left", "aesthetic_score"):
+        value = 6.0 if name == "aesthetic_score" else (64, 64)
+        with pytest.raises(InputError, match=f"{name}.*SDXL models only"):
+            _request(sd, "img2img", **{name: value})
+
+
+def _request(pipe, mode, **opts):
+    common = dict(steps=2, sampler="Euler", seed=0, dry_run=True, **opts)
+    if mode == "txt2img":
+        return pipe.txt2img(PROMPT, width=W, height=H, **common)
+    if mode == "img2img":
+        return pipe.img2img(_xl_image(), PROMPT, **common)
+    return pipe.inpaint(_xl_image(), _xl_mask(), PROMPT, **common)
+
+
+# ------------------------------------------------------------------------- int8 cpu, fp16 cuda
+def _unet_feeds(seed: int, n_ids: int = 6) -> dict:
+    g = np.random.default_rng(seed)
+    return {"sample": g.standard_normal((2, 4, 16, 16), dtype=np.float32),
+            "timestep": np.array(100.0 + 400 * seed, np.float32),
+            "encoder_hidden_states": g.standard_normal((2, 77, 80), dtype=np.float32),
+            "text_embeds": g.standard_normal((2, 40), dtype=np.float32),
+            "time_ids": np.array([[64, 48, 0, 0, 64, 48][:n_ids]] * 2, np.float32)}
+
+
+def test_int8_cpu_export(models, xl):
+    """--precision int8 on an SDXL folder: the UNet (with text_embeds/time_ids) quantized, the
+    two text encoders and the VAE fp32; its fused int8 kernels compute what ONNX Runtime's own
+    unfused QDQ arithmetic of the same graph computes, and the folder runs img2img on the CPU."""
+    import onnx
+    import onnxruntime as ort
+
+    folder = models.exported("tiny-sdxl", precision="int8")
+    pipe = load(folder, provider="cpu")
+    assert pipe.info.precision == {"text_encoder": "fp32", "text_encoder_2": "fp32", "unet": "int8",
+                                   "vae_encoder": "fp32", "vae_decoder": "fp32"}
+    ops = Counter(n.op_type for n in onnx.load(str(folder / "unet" / "model.onnx")).graph.node)
+    assert ops["MatMulInteger"] + ops["DynamicQuantizeMatMul"] >= 8 and ops["QuantizeLinear"] >= 10
+    fp32 = _session(models.exported("tiny-sdxl") / "unet" / "model.onnx")
+    fused = _session(folder / "unet" / "model.onnx")
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    unfused = ort.InferenceSession(str(folder / "unet" / "model.onnx"), so, providers=["CPUExecutionProvider"])
+    err, err_ref = [], []
+    for seed in range(3):
+        feeds = _unet_feeds(seed)
+        ref = fp32.run(None, feeds)[0]
+        err.append(np.abs(fused.run(None, feeds)[0] - ref).mean() / np.abs(ref).mean())
+        err_ref.append(np.abs(unfused.run(None, feeds)[0] - ref).mean() / np.abs(ref).mean())
+    assert np.mean(err) <= 1.1 * np.mean(err_ref)  # as for SD (tests/test_export.py)
+    r = pipe.img2img(_xl_image(), PROMPT, NEGATIVE, steps=4, sampler="Euler", seed=1)
+    assert r.images[0].size == (W, H) and np.asarray(r.images[0]).std() > 0
+
+
+def test_fp16_cuda_export_structure(models):
+    """The fp16 cuda export of an SDXL folder (the CUDA provider runs it; here its structure): both
+    text encoders and the UNet fp16, the UNet's timestep and time_ids fp32 up to the end of their
+    sinusoidal projections (sines of sizes up to 16384 lose their fraction in fp16), the VAE fp32
+    (its config says force_upcast, as SDXL's does), attention fused."""
+    import onnx
+
+    from sdrt.runtime.modelfolder import read_model_folder
+
+    folder = models.exported("tiny-sdxl", target="cuda", precision="fp16")
+    info = read_model_folder(folder, verify="full")
+    assert info.precision == {"text_encoder": "fp16", "text_encoder_2": "fp16", "unet": "fp16",
+                              "vae_encoder": "fp32", "vae_decoder": "fp32"}
+    f16, f32 = onnx.TensorProto.FLOAT16, onnx.TensorProto.FLOAT
+    unet = onnx.load(str(folder / "unet" / "model.onnx"))
+    types = {i.name: i.type.tensor_type.elem_type for i in unet.graph.input}
+    assert types == {"sample": f16, "timestep": f32, "encoder_hidden_states": f16, "text_embeds": f16, "time_ids": f32}
+    inferred = onnx.shape_inference.infer_shapes(unet)
+    out_type = {v.name: v.type.tensor_type.elem_type for v in inferred.graph.value_info}
+    for prefix in ("/unet/time_proj/", "/unet/add_time_proj/"):
+        trig = [n for n in unet.graph.node if n.name.startswith(prefix) and n.op_type in ("Sin", "Cos")]
+        assert len(trig) == 2 and all(out_type[n.output[0]] == f32 for n in trig), prefix
+    ops = Counter(n.op_type for n in unet.graph.node)
+    assert ops["MultiHeadAttention"] >= 4 and ops["Softmax"] == 0
+    for name in ("text_encoder", "text_encoder_2", "vae_encoder", "vae_decoder"):
+        inits = Counter(t.data_type for t in onnx.load(str(folder / name / "model.onnx")).graph.initializer)
+        want = f16 if name.startswith("text_encoder") else f32
+        assert inits[want] > 10 and inits[f16 if want == f32 else f32] <= 2, (name, inits)
