@@ -429,6 +429,7 @@ def main() -> None:
     p.add_argument("--no-docs", action="store_true", help="do not write docs/benchmarks.md and benchmarks/results/")
     p.add_argument("--prepare-only", action="store_true", help="build and export the models, then stop")
     p.add_argument("--sdxl-kind", default="sdxl", help="test model kind of the sdxl workload (tiny-sdxl: a rehearsal)")
+    p.add_argument("--size", type=int, help="work at this size instead of the workloads' (a rehearsal on a tiny model)")
     p.add_argument("--worker", choices=list(WORKERS), help=argparse.SUPPRESS)
     p.add_argument("--model", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--workload", help=argparse.SUPPRESS)
@@ -459,7 +460,7 @@ def main() -> None:
     command = "python benchmarks/cpu.py " + " ".join(sys.argv[1:])
     sections, records = {m: [] for m in models}, []
     for name in names:
-        w = WORKLOADS[name]
+        w = {**WORKLOADS[name], **({"size": args.size} if args.size else {})}
         _, model_label, _, _, only = MODELS[w["model"]]
         repeats = args.repeats or REPEATS[name]
         image = args.work / f"input-{w['size']}.png"
