@@ -618,3 +618,34 @@ def test_fp16_cuda_export_structure(models):
         inits = Counter(t.data_type for t in onnx.load(str(folder / name / "model.onnx")).graph.initializer)
         want = f16 if name.startswith("text_encoder") else f32
         assert inits[want] > 10 and inits[f16 if want == f32 else f32] <= 2, (name, inits)
+
+
+# --------------------------------------------------------------------------------------- CLI
+def test_cli_handles_sdxl_folders(models, tmp_path):
+    """`sdrt info` describes an SDXL folder (its two text encoders, its default size); `sdrt
+    txt2img` without --width/--height makes the model's size and says so in the PNG's infotext;
+    `sdrt img2img` and `sdrt inpaint` run on it."""
+    from typer.testing import CliRunner
+
+    from sdrt.cli.app import app
+    from sdrt.runtime.infotext import read_infotext
+
+    folder = models.exported("tiny-sdxl")
+    run = CliRunner().invoke
+    r = run(app, ["info", str(folder)])
+    assert r.exit_code == 0, r.output
+    rows = {ln.split("  ", 1)[0]: ln.split("  ", 1)[1].strip() for ln in r.output.splitlines() if "  " in ln}
+    assert rows["family"] == "sdxl" and rows["default size"].startswith("64x64")
+    assert rows["text encoders"] == "text_encoder, text_encoder_2"
+    r = run(app, ["txt2img", "-m", str(folder), "-p", PROMPT, "--steps", "2", "--seed", "3", "-o", str(tmp_path / "t")])
+    assert r.exit_code == 0, r.output
+    out = tmp_path / "t" / "txt2img-3.png"
+    assert Image.open(out).size == (64, 64) and "Size: 64x64" in read_infotext(out)
+    _xl_image().save(tmp_path / "in.png")
+    _xl_mask().save(tmp_path / "mask.png")
+    for cmd in (["img2img"], ["inpaint", "--mask", str(tmp_path / "mask.png")]):
+        r = run(app, [*cmd, str(tmp_path / "in.png"), "-m", str(folder), "-p", PROMPT, "--steps", "2", "--seed", "1",
+                      "-o", str(tmp_path / cmd[0])])
+        assert r.exit_code == 0, r.output
+        (png,) = (tmp_path / cmd[0]).glob("*.png")
+        assert Image.open(png).size == (W, H)
