@@ -561,14 +561,17 @@ def _unet_feeds(seed: int, n_ids: int = 6) -> dict:
             "time_ids": np.array([[64, 48, 0, 0, 64, 48][:n_ids]] * 2, np.float32)}
 
 
-def test_int8_cpu_export(models, xl):
-    """--precision int8 on an SDXL folder: the UNet (with text_embeds/time_ids) quantized, the
+def test_int8_cpu_export(models, tmp_path):
+    """--precision int8 on an SDXL fp32 folder (the quantization an export from the diffusers
+    folder runs too, without tracing again): the UNet (with text_embeds/time_ids) quantized, the
     two text encoders and the VAE fp32; its fused int8 kernels compute what ONNX Runtime's own
     unfused QDQ arithmetic of the same graph computes, and the folder runs img2img on the CPU."""
     import onnx
     import onnxruntime as ort
 
-    folder = models.exported("tiny-sdxl", precision="int8")
+    from sdrt.export import export_model
+
+    folder = export_model(models.exported("tiny-sdxl"), tmp_path / "int8", precision="int8", log=lambda m: None)
     pipe = load(folder, provider="cpu")
     assert pipe.info.precision == {"text_encoder": "fp32", "text_encoder_2": "fp32", "unet": "int8",
                                    "vae_encoder": "fp32", "vae_decoder": "fp32"}
