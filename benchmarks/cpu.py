@@ -3,10 +3,12 @@
 
     python benchmarks/cpu.py                       # both workloads, all systems (about 45 min on 2 cores)
     python benchmarks/cpu.py --workloads small     # img2img 256x256 only
+    python benchmarks/cpu.py --workloads sdxl      # the SDXL 1.0 architecture: img2img 512x512, 8 steps (sdrt, diffusers, optimum)
 
 What it does, all offline:
 1. builds a diffusers folder with the Stable Diffusion 1.5 architecture and random weights
-   (python -m sdrt.export.testmodels --kind sd15; speed does not depend on weight values);
+   (python -m sdrt.export.testmodels --kind sd15; speed does not depend on weight values), or
+   SDXL 1.0's for the sdxl workload (--kind sdxl: about 7 GB on disk, its exports 14 GB each);
 2. exports it for sdrt (`sdrt export`, fp32 cpu target, and `--precision int8` with --int8), for
    optimum (`optimum-cli export onnx`, in optimum's own virtual environment: optimum-onnx 0.1.0
    pins transformers<4.58, which sdrt's environment need not share) and for OpenVINO
@@ -42,11 +44,21 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "a photograph of an astronaut riding a horse"
 WORKLOADS = {
-    "small": dict(mode="img2img", size=256, steps=10, strength=0.5, guidance=7.5, sampler="PNDMScheduler"),
-    "large": dict(mode="img2img", size=512, steps=20, strength=0.75, guidance=7.5, sampler="PNDMScheduler"),
+    "small": dict(mode="img2img", size=256, steps=10, strength=0.5, guidance=7.5, sampler="PNDMScheduler", model="sd15"),
+    "large": dict(mode="img2img", size=512, steps=20, strength=0.75, guidance=7.5, sampler="PNDMScheduler", model="sd15"),
+    # SDXL's default scheduler (Euler); 512x512 and 8 steps keep a CPU run to minutes.
+    "sdxl": dict(mode="img2img", size=512, steps=8, strength=0.5, guidance=5.0, sampler="EulerDiscreteScheduler",
+                 model="sdxl"),
 }
 # Timed runs after the warm-up, per workload (--repeats overrides): a large run takes minutes.
-REPEATS = {"small": 2, "large": 1}
+REPEATS = {"small": 2, "large": 1, "sdxl": 1}
+# model -> (test model kind, label, diffusers / optimum img2img pipeline classes, systems it runs)
+MODELS = {
+    "sd15": ("sd15", "Stable Diffusion 1.5 architecture", "StableDiffusionImg2ImgPipeline",
+             "ORTStableDiffusionImg2ImgPipeline", None),
+    "sdxl": ("sdxl", "SDXL 1.0 architecture", "StableDiffusionXLImg2ImgPipeline", "ORTStableDiffusionXLImg2ImgPipeline",
+             ("sdrt", "sdrt int8", "diffusers", "optimum")),
+}
 STAGES = ("text_encoder", "vae_encode", "unet", "vae_decode", "sampler", "other")
 OPTIMUM_PINS = ["optimum-onnx[onnxruntime]==0.1.0", "diffusers", "numpy<2.3"]
 OPENVINO_PINS = ["optimum-intel[openvino]==2.2.0", "openvino==2026.4.1", "nncf", "diffusers", "numpy<2.3"]
@@ -118,18 +130,22 @@ def _peer_runs(call, timer: Timer, repeats: int) -> dict:
 
 
 def worker_diffusers(model: Path, w: dict, image: Path, repeats: int) -> dict:
+    import diffusers
     import torch
-    from diffusers import PNDMScheduler, StableDiffusionImg2ImgPipeline
     from PIL import Image
 
     torch.set_num_threads(physical_cores())
     t = time.perf_counter()
-    pipe = StableDiffusionImg2ImgPipeline.from_pretrained(model, safety_checker=None, requires_safety_checker=False)
-    pipe.scheduler = PNDMScheduler.from_config(pipe.scheduler.config)
+    cls = getattr(diffusers, MODELS[w["model"]][2])
+    extra = {"add_watermarker": False} if w["model"] == "sdxl" else {"safety_checker": None, "requires_safety_checker": False}
+    pipe = cls.from_pretrained(model, **extra)
+    pipe.scheduler = getattr(diffusers, w["sampler"]).from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     load = time.perf_counter() - t
     timer = Timer()
-    pipe.text_encoder.forward = timer.wrap("text_encoder", pipe.text_encoder.forward)
+    for te in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):
+        if te is not None:
+            te.forward = timer.wrap("text_encoder", te.forward)
     pipe.unet.forward = timer.wrap("unet", pipe.unet.forward)
     pipe.vae.encode = timer.wrap("vae_encode", pipe.vae.encode)
     pipe.vae.decode = timer.wrap("vae_decode", pipe.vae.decode)
@@ -150,23 +166,25 @@ def _time_parts(pipe) -> Timer:
     """Time the model parts of an optimum-style pipeline (optimum's ONNX Runtime and optimum-intel's
     OpenVINO ones: each part is called through its forward) and its scheduler's step."""
     timer = Timer()
-    for attr, stage in (("text_encoder", "text_encoder"), ("unet", "unet"), ("vae_encoder", "vae_encode"), ("vae_decoder", "vae_decode")):
-        m = getattr(pipe, attr)
-        m.forward = timer.wrap(stage, m.forward)
+    for attr, stage in (("text_encoder", "text_encoder"), ("text_encoder_2", "text_encoder"), ("unet", "unet"),
+                        ("vae_encoder", "vae_encode"), ("vae_decoder", "vae_decode")):
+        m = getattr(pipe, attr, None)
+        if m is not None:
+            m.forward = timer.wrap(stage, m.forward)
     pipe.scheduler.step = timer.wrap("sampler", pipe.scheduler.step)
     return timer
 
 
 def worker_optimum(model: Path, w: dict, image: Path, repeats: int) -> dict:
+    import diffusers
     import onnxruntime as ort
+    import optimum.onnxruntime
     import torch
-    from diffusers import PNDMScheduler
-    from optimum.onnxruntime import ORTStableDiffusionImg2ImgPipeline
     from PIL import Image
 
     t = time.perf_counter()
-    pipe = ORTStableDiffusionImg2ImgPipeline.from_pretrained(model, provider="CPUExecutionProvider")
-    pipe.scheduler = PNDMScheduler.from_config(pipe.scheduler.config)
+    pipe = getattr(optimum.onnxruntime, MODELS[w["model"]][3]).from_pretrained(model, provider="CPUExecutionProvider")
+    pipe.scheduler = getattr(diffusers, w["sampler"]).from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     load = time.perf_counter() - t
     timer = _time_parts(pipe)
@@ -265,36 +283,38 @@ def sh(cmd: list, **kw) -> None:
     subprocess.run([str(c) for c in cmd], check=True, **kw)
 
 
-def prepare(work: Path, args) -> dict:
+def prepare(work: Path, args, model: str = "sd15") -> dict:
+    """The model folder of each system for `model` (sd15 or sdxl), built and exported once."""
     work.mkdir(parents=True, exist_ok=True)
     py = Path(sys.executable)
     sdrt_cli = py.parent / "sdrt"
-    src = work / "sd15-src"
+    kind = args.sdxl_kind if model == "sdxl" else MODELS[model][0]
+    src = work / f"{kind}-src"
     if not (src / "model_index.json").exists():
-        sh([py, "-m", "sdrt.export.testmodels", src, "--kind", "sd15"])
+        sh([py, "-m", "sdrt.export.testmodels", src, "--kind", kind])
     models = {}
-    sdrt_dir = work / "sd15-sdrt-cpu"
+    sdrt_dir = work / f"{kind}-sdrt-cpu"
     if not (sdrt_dir / "sdrt.json").exists():
         sh([sdrt_cli, "export", src, sdrt_dir])
     models["sdrt"] = sdrt_dir
     if args.int8:
-        q = work / "sd15-sdrt-int8"
+        q = work / f"{kind}-sdrt-int8"
         if not (q / "sdrt.json").exists():
             sh([sdrt_cli, "export", src, q, "--precision", "int8"])
         models["sdrt int8"] = q
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
-    args.peer_py = {}
+    args.peer_py = getattr(args, "peer_py", None) or {}
     if "optimum" in args.systems:
         py_opt = args.peer_py["optimum"] = peer_python(work, args.optimum_python, "optimum")
-        opt_dir = work / "sd15-optimum"
+        opt_dir = work / f"{kind}-optimum"
         if not (opt_dir / "model_index.json").exists():
             sh([py_opt.parent / "optimum-cli", "export", "onnx", "-m", src, "--task", "text-to-image", opt_dir], env=env)
         models["optimum"] = opt_dir
-    if any(s.startswith("openvino") for s in args.systems):
+    if model == "sd15" and any(s.startswith("openvino") for s in args.systems):
         py_ov = args.peer_py["openvino"] = peer_python(work, args.openvino_python, "openvino")
         formats = {"openvino": "fp32", "openvino dynamic": "fp32", "openvino int8": "int8"}
         for system in [s for s in args.systems if s.startswith("openvino")]:
-            ov_dir = work / f"sd15-openvino-{formats[system]}"
+            ov_dir = work / f"{kind}-openvino-{formats[system]}"
             if not (ov_dir / "model_index.json").exists():
                 sh([py_ov.parent / "optimum-cli", "export", "openvino", "-m", src, "--task", "image-to-image",
                     "--weight-format", formats[system], ov_dir], env=env)
@@ -379,9 +399,11 @@ def int8_cost(work: Path, size: int, system: str) -> str:
             f"weights on the same seed and noise (max {d.max():.0f}/255)")
 
 
-def write_docs(sections: list[str], command: str) -> Path:
+def write_docs(sections: list[str], command: str, model: str = "sd15") -> Path:
+    """Write `sections` between the model's CPU markers in docs/benchmarks.md (SD 1.5's and SDXL's apart)."""
     doc = ROOT / "docs" / "benchmarks.md"
-    start, end = "<!-- cpu-benchmark:start -->", "<!-- cpu-benchmark:end -->"
+    name = "cpu-benchmark" if model == "sd15" else f"cpu-benchmark-{model}"
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
     body = f"{start}\n\nCommand: `{command}`\n\n" + "\n\n".join(sections) + f"\n\n{end}"
     text = doc.read_text() if doc.exists() else "# Benchmarks\n\n## CPU\n\n"
     if start in text and end in text:
@@ -406,6 +428,8 @@ def main() -> None:
     p.add_argument("--openvino-python", help="python of an environment with optimum-intel and OpenVINO (default: one is made in --work)")
     p.add_argument("--no-docs", action="store_true", help="do not write docs/benchmarks.md and benchmarks/results/")
     p.add_argument("--prepare-only", action="store_true", help="build and export the models, then stop")
+    p.add_argument("--sdxl-kind", default="sdxl", help="test model kind of the sdxl workload (tiny-sdxl: a rehearsal)")
+    p.add_argument("--size", type=int, help="work at this size instead of the workloads' (a rehearsal on a tiny model)")
     p.add_argument("--worker", choices=list(WORKERS), help=argparse.SUPPRESS)
     p.add_argument("--model", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--workload", help=argparse.SUPPRESS)
@@ -428,37 +452,42 @@ def main() -> None:
     if args.int8 and "openvino" in systems:
         systems.insert(systems.index("openvino") + 1, "openvino int8")
     args.systems = systems
-    models = prepare(args.work, args)
+    names = [s.strip() for s in args.workloads.split(",")]
+    models = {m: prepare(args.work, args, m) for m in dict.fromkeys(WORKLOADS[n]["model"] for n in names)}
     if args.prepare_only:
         return
     date = dt.date.today().isoformat()
     command = "python benchmarks/cpu.py " + " ".join(sys.argv[1:])
-    sections, records = [], []
-    for name in [s.strip() for s in args.workloads.split(",")]:
-        w = WORKLOADS[name]
+    sections, records = {m: [] for m in models}, []
+    for name in names:
+        w = {**WORKLOADS[name], **({"size": args.size} if args.size else {})}
+        _, model_label, _, _, only = MODELS[w["model"]]
         repeats = args.repeats or REPEATS[name]
         image = args.work / f"input-{w['size']}.png"
         test_image(w["size"]).save(image)
         recs = []
-        for system in systems:
+        for system in [s for s in systems if only is None or s in only]:
             python = args.peer_py.get(system.split()[0], Path(sys.executable))
             save = args.work / f"out-{system.replace(' ', '-')}-{w['size']}.png" if system.startswith(("sdrt", "openvino")) else None
-            recs.append(run_worker(system, python, models[system], w, image, repeats, save))
+            recs.append(run_worker(system, python, models[w["model"]][system], w, image, repeats, save))
             print(f"  {system}: {recs[-1]['seconds']:.2f} s", flush=True)
         runs = f"best of {repeats}" if repeats > 1 else "one run"
         label = (f"img2img {w['size']}x{w['size']}, {w['steps']} steps at strength {w['strength']} "
-                 f"({recs[0]['unet_calls']} UNet calls on a CFG batch of 2), guidance {w['guidance']}, PNDM, {runs} after a warm-up")
+                 f"({recs[0]['unet_calls']} UNet calls on a CFG batch of 2), guidance {w['guidance']}, {w['sampler']}, {runs} after a warm-up")
+        if w["model"] != "sd15":
+            label = f"{model_label}: {label}"
         t = table(recs)
         for base in ("sdrt", "openvino"):
-            if f"{base} int8" in systems and base in systems:
+            if f"{base} int8" in systems and base in systems and (only is None or base in only):
                 t += "\n" + int8_cost(args.work, w["size"], base)
         print(f"\n### {label}\n\n{t}\n", flush=True)
-        sections.append(f"### {label}\n\n{t}")
+        sections[w["model"]].append(f"### {label}\n\n{t}")
         for r in recs:
             records.append({"date": date, "device": machine(), "workload": {**w, "name": name, "prompt": PROMPT, "timed_runs": repeats}, **r})
-    sections.insert(0, f"Machine: {machine()}. Model: Stable Diffusion 1.5 architecture, random weights, fp32. Date: {date}.")
     if not args.no_docs:
-        doc = write_docs(sections, command)
+        for m, secs in sections.items():
+            head = f"Machine: {machine()}. Model: {MODELS[m][1]}, random weights, fp32. Date: {date}."
+            doc = write_docs([head, *secs], command, m)
         out = ROOT / "benchmarks" / "results" / f"cpu-{date}.json"
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(records, indent=1) + "\n")

@@ -3,13 +3,16 @@
 
     python benchmarks/gpu.py --out results/                 # a CUDA machine: build, export, measure (about 9 min on an H200)
     python benchmarks/gpu.py --provider cpu --tiny --out r/ # the same code end to end on a tiny model on the CPU
+    python benchmarks/gpu.py --model sdxl --out results/    # the SDXL 1.0 architecture at 1024x1024, 30 steps
     python benchmarks/gpu.py --render results/gpu-DATE.json   # rewrite docs/benchmarks.md's GPU section from results
 
 What it does, all offline (docs/gpu.md has the runbook for a GPU machine without network):
-1. builds a diffusers folder with the Stable Diffusion 1.5 architecture and random weights
-   (`python -m sdrt.export.testmodels --kind sd15`; speed does not depend on weight values);
-2. exports it for sdrt: `--target cuda --precision fp16 --fp32-vae-decoder`, and beside it (in
-   parallel) `--target cuda` fp32, the reference for the fp16 pixel error;
+1. builds a diffusers folder with the Stable Diffusion 1.5 architecture (--model sdxl: SDXL 1.0's)
+   and random weights (`python -m sdrt.export.testmodels --kind sd15`; speed does not depend on
+   weight values);
+2. exports it for sdrt: `--target cuda --precision fp16 --fp32-vae-decoder` (SDXL: its VAE stays
+   fp32, as its config's force_upcast says), and beside it (in parallel) `--target cuda` fp32, the
+   reference for the fp16 pixel error;
 3. runs each system in its own process, one after another, on the same machine: sdrt plain,
    sdrt with IO binding, sdrt with IO binding + CUDA graphs, diffusers fp16 with PyTorch SDPA,
    diffusers + torch.compile (default mode, then max-autotune-no-cudagraphs when the budget
@@ -48,31 +51,45 @@ SAMPLER = "EulerDiscreteScheduler"  # diffusers' Euler: the same arithmetic in e
 GUIDANCE = 7.5
 STAGES = ("text_encoder", "vae_encode", "unet", "vae_decode", "sampler", "other")
 
-# name -> mode, size, steps, strength, batch. txt2img 512x512 50 steps batch 1 is the setting of
-# every published anchor (docs/benchmarks.md).
+# name -> mode, size, steps, strength, batch. txt2img 512x512 50 steps batch 1 (SD 1.5) and
+# 1024x1024 30 steps batch 1 (SDXL) are the settings of the published anchors (docs/benchmarks.md).
 WORKLOADS = {
     "txt2img-b1": dict(mode="txt2img", size=512, steps=50, strength=1.0, batch=1),
     "img2img-b1": dict(mode="img2img", size=512, steps=20, strength=0.75, batch=1),
     "img2img-b4": dict(mode="img2img", size=512, steps=20, strength=0.75, batch=4),
     "inpaint-b1": dict(mode="inpaint", size=512, steps=20, strength=0.75, batch=1),
     "inpaint-b4": dict(mode="inpaint", size=512, steps=20, strength=0.75, batch=4),
+    "xl-txt2img-b1": dict(mode="txt2img", size=1024, steps=30, strength=1.0, batch=1),
+    "xl-img2img-b1": dict(mode="img2img", size=1024, steps=30, strength=0.75, batch=1),
+    "xl-inpaint-b1": dict(mode="inpaint", size=1024, steps=30, strength=0.75, batch=1),
 }
 TINY = {"size": 32, "steps": {"txt2img": 4, "img2img": 4, "inpaint": 4}}
-PIXEL_WORKLOAD = "txt2img-b1"
+# --model -> the test model kind (and its tiny stand-in), its workloads, its diffusers pipelines.
+MODELS = {
+    "sd15": dict(kind="sd15", tiny="tiny-sd1", label="Stable Diffusion 1.5 architecture",
+                 workloads=[w for w in WORKLOADS if not w.startswith("xl-")],
+                 pipelines=("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline")),
+    "sdxl": dict(kind="sdxl", tiny="tiny-sdxl", label="SDXL 1.0 architecture",
+                 workloads=[w for w in WORKLOADS if w.startswith("xl-")],
+                 pipelines=("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline",
+                            "StableDiffusionXLInpaintPipeline")),
+}
+PIXEL_WORKLOADS = ("txt2img-b1", "xl-txt2img-b1")  # the image each system saves for the pixel comparison
 
 # name -> (kind, options, workloads it runs (None: all), needs CUDA, seconds it may take at most)
 # In priority order: when the budget runs short, the last ones are skipped.
 SYSTEMS = {
     "sdrt+cudagraphs": ("sdrt", {"io_binding": True, "cuda_graphs": 4}, None, False, 150),
     "diffusers": ("diffusers", {}, None, False, 150),
-    "diffusers+compile": ("diffusers", {"compile": "default"}, ["txt2img-b1", "img2img-b1", "inpaint-b1"], True, 200),
-    "sdrt fp32": ("sdrt", {"fp32": True}, [PIXEL_WORKLOAD], False, 90),
+    "diffusers+compile": ("diffusers", {"compile": "default"}, ["txt2img-b1", "img2img-b1", "inpaint-b1",
+                                                                       "xl-txt2img-b1", "xl-img2img-b1", "xl-inpaint-b1"], True, 200),
+    "sdrt fp32": ("sdrt", {"fp32": True}, list(PIXEL_WORKLOADS), False, 90),
     "sdrt+iobinding": ("sdrt", {"io_binding": True, "cuda_graphs": 0}, None, False, 120),
     "sdrt": ("sdrt", {"io_binding": False, "cuda_graphs": 0}, None, False, 120),
     # GPU memory: cuDNN's convolution workspace capped (speed against memory, for the 4 GB goal).
     "sdrt+cudagraphs lean": ("sdrt", {"io_binding": True, "cuda_graphs": 4,
-                                      "provider_options": {"cudnn_conv_use_max_workspace": "0"}}, ["txt2img-b1"], True, 90),
-    "diffusers+compile-max-autotune": ("diffusers", {"compile": "max-autotune-no-cudagraphs"}, ["txt2img-b1"], True, 420),
+                                      "provider_options": {"cudnn_conv_use_max_workspace": "0"}}, ["txt2img-b1", "xl-txt2img-b1"], True, 90),
+    "diffusers+compile-max-autotune": ("diffusers", {"compile": "max-autotune-no-cudagraphs"}, ["txt2img-b1", "xl-txt2img-b1"], True, 420),
 }
 DEFAULT_SYSTEMS = list(SYSTEMS)
 
@@ -86,6 +103,10 @@ def workload(name: str, tiny: bool) -> dict:
     if tiny:
         w.update(size=TINY["size"], steps=TINY["steps"][w["mode"]])
     return w
+
+
+def model_of(workload_name: str) -> str:
+    return "sdxl" if workload_name.startswith("xl-") else "sd15"
 
 
 def workload_label(w: dict) -> str:
@@ -179,7 +200,7 @@ def worker_sdrt(system: str, cfg: dict, record: Recorder) -> None:
         if pipe.io_binding:
             rec["graph_ids"] = len(pipe.graphs["unet"].bound.graph_ids())
         rec["gpu_mib_after"] = gpu_used_mib(cfg)
-        if name == PIXEL_WORKLOAD:
+        if name in PIXEL_WORKLOADS:
             r = pipe.txt2img(PROMPT, NEGATIVE, steps=w["steps"], guidance=GUIDANCE, sampler=SAMPLER, seed=0,
                              width=w["size"], height=w["size"], batch_size=w["batch"],
                              noise=initial_noise(w, pipe.info.vae_scale_factor))
@@ -224,8 +245,9 @@ def worker_diffusers(system: str, cfg: dict, record: Recorder) -> None:
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     imported = time.time() - cfg["spawned"]
     t = time.perf_counter()
-    base = diffusers.StableDiffusionPipeline.from_pretrained(cfg["models"]["diffusers"], torch_dtype=dtype,
-                                                             safety_checker=None, requires_safety_checker=False).to(device)
+    txt2img, img2img, inpaint = (getattr(diffusers, c) for c in MODELS[cfg["model"]]["pipelines"])
+    extra = {"add_watermarker": False} if cfg["model"] == "sdxl" else {"safety_checker": None, "requires_safety_checker": False}
+    base = txt2img.from_pretrained(cfg["models"]["diffusers"], torch_dtype=dtype, **extra).to(device)
     base.scheduler = getattr(diffusers, SAMPLER).from_config(base.scheduler.config)
     timer = _Timed(sync)
     unet = base.unet
@@ -233,12 +255,14 @@ def worker_diffusers(system: str, cfg: dict, record: Recorder) -> None:
         unet = torch.compile(unet, mode=None if opts["compile"] == "default" else opts["compile"])
     comps = dict(base.components)
     comps["unet"] = _TimedModule.make(unet, timer)
-    pipes = {"txt2img": diffusers.StableDiffusionPipeline(**comps), "img2img": diffusers.StableDiffusionImg2ImgPipeline(**comps),
-             "inpaint": diffusers.StableDiffusionInpaintPipeline(**comps)}
+    if cfg["model"] == "sdxl":
+        comps["add_watermarker"] = False
+    pipes = {"txt2img": txt2img(**comps), "img2img": img2img(**comps), "inpaint": inpaint(**comps)}
     for p in pipes.values():
         p.set_progress_bar_config(disable=True)
-    for mod, stage in ((base.text_encoder, "text_encoder"),):
-        mod.forward = timer.wrap(stage, mod.forward)
+    for mod in (base.text_encoder, getattr(base, "text_encoder_2", None)):
+        if mod is not None:
+            mod.forward = timer.wrap("text_encoder", mod.forward)
     base.vae.encode = timer.wrap("vae_encode", base.vae.encode)
     base.vae.decode = timer.wrap("vae_decode", base.vae.decode)
     base.scheduler.step = timer.wrap("sampler", base.scheduler.step)
@@ -281,7 +305,7 @@ def worker_diffusers(system: str, cfg: dict, record: Recorder) -> None:
             first = time.perf_counter() - t
             cold = cold if cold is not None else load_s + first
             runs = [timed() for _ in range(cfg["repeats"])]
-            if name == PIXEL_WORKLOAD:
+            if name in PIXEL_WORKLOADS:
                 images = call(latents=noise)
         except Exception as e:
             record({"system": system, "workload": name, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"})
@@ -295,7 +319,7 @@ def worker_diffusers(system: str, cfg: dict, record: Recorder) -> None:
         if cuda:
             rec["torch_max_allocated_mib"] = torch.cuda.max_memory_allocated() / 2**20
         rec["gpu_mib_after"] = gpu_used_mib(cfg)
-        if name == PIXEL_WORKLOAD:
+        if name in PIXEL_WORKLOADS:
             np.save(Path(cfg["images"]) / f"{system}.npy", np.stack([np.asarray(im) for im in images]))
         record(rec)
 
@@ -422,6 +446,7 @@ class Run:
         self.out.mkdir(parents=True, exist_ok=True)
         self.results = {
             "date": self.date, "device": device_name(args.provider), "provider": args.provider, "tiny": args.tiny,
+            "model": args.model,
             "command": "python benchmarks/gpu.py " + " ".join(sys.argv[1:]), "python": platform.python_version(),
             "records": [], "notes": [], "timeline": [], "pixel_error": {},
         }
@@ -439,29 +464,32 @@ class Run:
         self.results["timeline"].append([round(time.time() - self.t0, 1), msg])
 
     def save(self) -> Path:
-        path = self.out / f"gpu-{self.date}.json"
+        tag = "" if self.args.model == "sd15" else f"{self.args.model}-"
+        path = self.out / f"gpu-{tag}{self.date}.json"
         path.write_text(json.dumps(self.results, indent=1) + "\n")
-        (self.out / "gpu-section.md").write_text(render(self.results))
+        (self.out / section_file(self.args.model)).write_text(render(self.results))
         return path
 
 
 def build_and_export(run: Run, work: Path) -> dict:
     a = run.args
     work.mkdir(parents=True, exist_ok=True)
-    src = work / ("tiny-src" if a.tiny else "sd15-src")
+    kind = MODELS[a.model]["tiny" if a.tiny else "kind"]
+    src = work / f"{kind}-src"
     if not (src / "model_index.json").is_file():
-        run.mark(f"building {'tiny-sd1' if a.tiny else 'sd15'} with random weights")
-        subprocess.run([sys.executable, "-m", "sdrt.export.testmodels", str(src), "--kind", "tiny-sd1" if a.tiny else "sd15"],
+        run.mark(f"building {kind} with random weights")
+        subprocess.run([sys.executable, "-m", "sdrt.export.testmodels", str(src), "--kind", kind],
                        check=True, stdout=subprocess.DEVNULL)
     models = {"diffusers": str(src)}
     if a.provider == "cuda":
-        jobs = {"fp16": dict(target="cuda", precision="fp16", fp32_vae_decoder=True),
+        # An SDXL VAE (force_upcast) is exported fp32 in the fp16 folder: no second decoder.
+        jobs = {"fp16": dict(target="cuda", precision="fp16", fp32_vae_decoder=a.model != "sdxl"),
                 "fp32": dict(target="cuda", precision="fp32")}
     else:  # the CPU runs fp32 cpu-target graphs; there is no separate fp16 folder
         jobs = {"fp16": dict(target="cpu", precision="fp32")}
     procs = {}
     for key, job in jobs.items():
-        out = work / f"sdrt-{job['target']}-{job['precision']}{'-tiny' if a.tiny else ''}"
+        out = work / f"sdrt-{kind}-{job['target']}-{job['precision']}"
         models[key] = str(out)
         if (out / "sdrt.json").is_file() and not a.reexport:
             continue
@@ -510,7 +538,7 @@ def run_systems(run: Run, models: dict, work: Path) -> None:
         records = work / f"records-{re.sub('[^a-z0-9]+', '-', system)}.jsonl"
         records.unlink(missing_ok=True)
         mem = GpuMemory(a.provider == "cuda")
-        cfg = {"models": models, "provider": a.provider, "tiny": a.tiny, "workloads": names, "repeats": a.repeats,
+        cfg = {"models": models, "model": a.model, "provider": a.provider, "tiny": a.tiny, "workloads": names, "repeats": a.repeats,
                "images": str(images), "records": str(records), "gpu_baseline": mem.baseline}
         run.mark(f"{system}: {', '.join(names)}")
         with mem:
@@ -543,17 +571,28 @@ def pixel_errors(run: Run, images: Path) -> None:
             run.results["pixel_error"][f"{a} vs {b}"] = {"mean": round(float(d.mean()), 4), "max": float(d.max())}
     for name, im in got.items():
         if float(im.max()) == 0.0:
-            run.note(f"{name}: the {PIXEL_WORKLOAD} image is black")
+            run.note(f"{name}: the txt2img image is black")
     run.save()
 
 
 # ---- the report ---------------------------------------------------------------------------------
 
 
+def markers(model: str) -> tuple[str, str]:
+    """The markers around a model's GPU section in docs/benchmarks.md (SD 1.5's and SDXL's apart)."""
+    name = "gpu-benchmark" if model == "sd15" else f"gpu-benchmark-{model}"
+    return f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+
+
+def section_file(model: str) -> str:
+    return "gpu-section.md" if model == "sd15" else f"gpu-section-{model}.md"
+
+
 def render(res: dict) -> str:
-    """The GPU section of docs/benchmarks.md (between its gpu-benchmark markers) from a results dict."""
-    lines = ["<!-- gpu-benchmark:start -->", "", f"Command: `{res['command']}`", "",
-             f"Device: {res['device']}. Date: {res['date']}. Model: Stable Diffusion 1.5 architecture, random weights"
+    """A model's GPU section of docs/benchmarks.md (between its markers) from a results dict."""
+    start, end = markers(res.get("model", "sd15"))
+    lines = [start, "", f"Command: `{res['command']}`", "",
+             f"Device: {res['device']}. Date: {res['date']}. Model: {MODELS[res.get('model', 'sd15')]['label']}, random weights"
              f"{' (tiny)' if res.get('tiny') else ''}. Prompt and negative prompt on a CFG batch of 2B, guidance {GUIDANCE:g}, "
              f"{SAMPLER} (Euler) in every system. Best of the timed runs after the warm-up.", ""]
     by_workload: dict[str, list] = {}
@@ -584,20 +623,21 @@ def render(res: dict) -> str:
     if details:
         lines += [f"- {k}: {v}" for k, v in details.items()]
     for k, v in res.get("pixel_error", {}).items():
-        lines.append(f"- pixel difference {k} ({PIXEL_WORKLOAD}, same initial noise): mean {v['mean']:.2f}/255, max {v['max']:.0f}/255")
+        lines.append(f"- pixel difference {k} (txt2img, same initial noise): mean {v['mean']:.2f}/255, max {v['max']:.0f}/255")
     lines += [f"- note: {n}" for n in res.get("notes", [])]
-    lines += ["", "<!-- gpu-benchmark:end -->"]
+    lines += ["", end]
     return "\n".join(lines) + "\n"
 
 
-def write_docs(section: str) -> Path:
+def write_docs(section: str, model: str = "sd15") -> Path:
     doc = ROOT / "docs" / "benchmarks.md"
-    start, end = "<!-- gpu-benchmark:start -->", "<!-- gpu-benchmark:end -->"
+    start, end = markers(model)
     text = doc.read_text()
     if start in text and end in text:
         text = re.sub(re.escape(start) + ".*?" + re.escape(end) + "\n?", lambda _: section, text, flags=re.S)
     else:
-        text = text.rstrip() + "\n\n## GPU\n\n" + section
+        title = "## GPU" if model == "sd15" else f"## GPU, {MODELS[model]['label']}"
+        text = text.rstrip() + f"\n\n{title}\n\n" + section
     doc.write_text(text)
     return doc
 
@@ -607,9 +647,11 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results", help="where results go")
     p.add_argument("--work", type=Path, default=ROOT / ".bench" / "gpu", help="models and logs (re-used between runs)")
     p.add_argument("--provider", choices=("cuda", "cpu"), default="cuda")
-    p.add_argument("--tiny", action="store_true", help="a tiny model at 64x64 with a few steps (rehearsal)")
+    p.add_argument("--model", choices=list(MODELS), default="sd15", help="the architecture benchmarked (its own workloads)")
+    p.add_argument("--tiny", action="store_true", help="a tiny model at 32x32 with a few steps (rehearsal)")
     p.add_argument("--systems", default=",".join(DEFAULT_SYSTEMS), help=f"comma-separated, in order: {', '.join(SYSTEMS)}")
-    p.add_argument("--workloads", default=",".join(WORKLOADS), help=f"comma-separated: {', '.join(WORKLOADS)}")
+    p.add_argument("--workloads", help="comma-separated, of the model's: "
+                   + "; ".join(f"{m}: {', '.join(v['workloads'])}" for m, v in MODELS.items()) + " (default: all of them)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per workload after the warm-up (the best is reported)")
     p.add_argument("--budget", type=float, default=470, help="seconds for the whole run; systems that do not fit are skipped")
     p.add_argument("--reexport", action="store_true", help="export again even when the model folders exist in --work")
@@ -626,16 +668,18 @@ def main() -> None:
         cfg = json.loads(args.config)
         return WORKERS[args.worker](args.system, cfg, Recorder(Path(cfg["records"])))
     if args.render:
-        print(write_docs(render(json.loads(args.render.read_text()))))
+        res = json.loads(args.render.read_text())
+        print(write_docs(render(res), res.get("model", "sd15")))
         return
     args.systems = [s.strip() for s in args.systems.split(",") if s.strip()]
-    args.workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
+    own = MODELS[args.model]["workloads"]
+    args.workloads = [w.strip() for w in args.workloads.split(",") if w.strip()] if args.workloads else own
     for s in args.systems:
         if s not in SYSTEMS:
             p.error(f"unknown system {s!r}; accepted: {', '.join(SYSTEMS)}")
     for w in args.workloads:
-        if w not in WORKLOADS:
-            p.error(f"unknown workload {w!r}; accepted: {', '.join(WORKLOADS)}")
+        if w not in own:
+            p.error(f"unknown workload {w!r} for --model {args.model}; accepted: {', '.join(own)}")
     t0 = time.time()
     run = Run(args, t0)
     run.mark(f"device: {run.results['device']}")
@@ -643,8 +687,8 @@ def main() -> None:
     run_systems(run, models, args.work)
     path = run.save()
     if args.docs:
-        write_docs(render(run.results))
-    log(t0, f"wrote {path} and {args.out / 'gpu-section.md'}")
+        write_docs(render(run.results), args.model)
+    log(t0, f"wrote {path} and {args.out / section_file(args.model)}")
     print(render(run.results))
 
 

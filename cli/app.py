@@ -82,7 +82,7 @@ DEFAULTS = {
     "mask_blur": None,  # 4 (A1111's) for A1111 and ComfyUI names, 0 for diffusers names
     "fill": "original",
     "padding": 32,
-    "txt2img_size": 512,
+    "txt2img_size": None,  # the model's default size: 1024 for SDXL models (from their config), 512 otherwise
 }
 
 
@@ -203,6 +203,8 @@ def info(
             ("UNet input channels", f"{i.unet_in_channels}{' (inpainting model)' if i.is_inpainting_model else ''}"),
             ("latent channels", str(i.latent_channels)),
             ("VAE scale factor", f"{i.vae_scale_factor} (native size {i.native_size}x{i.native_size})"),
+            ("default size", f"{i.default_size}x{i.default_size} (txt2img)"),
+            ("text encoders", ", ".join(i.text_encoders)),
             ("target", i.target),
             ("precision", ", ".join(f"{k} {v}" for k, v in i.precision.items())),
             ("files", f"{size / 2**20:.1f} MiB" + ("" if i.manifest else " (no sdrt.json: not checked)")),
@@ -631,8 +633,8 @@ def txt2img(
     prompt: Prompt = None,
     negative: Negative = None,
     model: Model = None,
-    width: Annotated[Optional[int], typer.Option("--width", "-W", help=f"Image width (rounded to the model's multiple). (default: {_d['txt2img_size']})", rich_help_panel=_GEN, show_default=False)] = None,
-    height: Annotated[Optional[int], typer.Option("--height", "-H", help=f"Image height. (default: {_d['txt2img_size']})", rich_help_panel=_GEN, show_default=False)] = None,
+    width: Annotated[Optional[int], typer.Option("--width", "-W", help="Image width (rounded to the model's multiple). (default: the model's size: 1024 for SDXL models, from their config; 512 for SD 1.x/2.x)", rich_help_panel=_GEN, show_default=False)] = None,
+    height: Annotated[Optional[int], typer.Option("--height", "-H", help="Image height. (default: as --width)", rich_help_panel=_GEN, show_default=False)] = None,
     steps: Steps = None,
     cfg: Cfg = None,
     sampler: Sampler = None,

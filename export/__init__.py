@@ -21,7 +21,7 @@ from typing import Callable
 
 from sdrt.runtime.modelfolder import FORMAT_VERSION, FP32_VAE_DECODER, GRAPHS, INCOMPLETE_MARKER, MANIFEST, sha256_file
 
-from . import memory
+from . import memory, sdxl
 
 PRECISIONS = ("fp32", "fp16", "int8")
 TARGETS = ("cpu", "cuda")
@@ -59,8 +59,13 @@ def _read_index(src: Path) -> dict:
         raise ExportError(f"{index} is not valid JSON ({e})") from None
     cls = data.get("_class_name", "")
     supported = ("StableDiffusionPipeline", "StableDiffusionInpaintPipeline", "StableDiffusionImg2ImgPipeline")
+    if sdxl.is_sdxl(data):
+        sdxl.check_index(src, data, ExportError)
+        if not (src / "scheduler" / "scheduler_config.json").is_file():
+            raise ExportError(f"{src}: scheduler/scheduler_config.json is missing")
+        return data
     if cls not in supported:
-        raise ExportError(f"{src} holds a {cls or 'unknown'} pipeline; sdrt exports {', '.join(supported)}")
+        raise ExportError(f"{src} holds a {cls or 'unknown'} pipeline; sdrt exports {', '.join(supported + sdxl.PIPELINES)}")
     expected = {
         "unet": "UNet2DConditionModel",
         "vae": "AutoencoderKL",
@@ -88,13 +93,13 @@ class DiffusersSource:
     """
 
     COMPONENTS = ("text_encoder", "unet", "vae")
+    sdxl = False
 
     def __init__(self, src: Path, index: dict, prediction_type: str | None = None):
         from diffusers import AutoencoderKL, UNet2DConditionModel
         from transformers import CLIPTextConfig, CLIPTokenizer
 
-        self.src, self.index = src, index
-        self.name = src.name
+        self._init_scheduler(src, index, prediction_type)
         self.unet_config = dict(UNet2DConditionModel.load_config(src, subfolder="unet", local_files_only=True))
         self.vae_config = dict(AutoencoderKL.load_config(src, subfolder="vae", local_files_only=True))
         self.text_config = CLIPTextConfig.from_pretrained(src, subfolder="text_encoder", local_files_only=True)
@@ -104,6 +109,10 @@ class DiffusersSource:
         if self.unet_config.get("addition_embed_type") or self.unet_config.get("time_cond_proj_dim"):
             raise ExportError(f"{src}: the UNet takes extra conditioning (SDXL/LCM-distilled); sdrt accepts SD 1.x/2.x UNets")
         self.tokenizer = CLIPTokenizer.from_pretrained(src, subfolder="tokenizer", local_files_only=True)
+
+    def _init_scheduler(self, src: Path, index: dict, prediction_type: str | None) -> None:
+        self.src, self.index = src, index
+        self.name = src.name
         self.scheduler_config = json.loads((src / "scheduler" / "scheduler_config.json").read_text(encoding="utf-8"))
         self._override = prediction_type is not None
         if self._override:
@@ -128,6 +137,49 @@ class DiffusersSource:
             (dst / "scheduler_config.json").write_text(json.dumps(self.scheduler_config, indent=2) + "\n")
         else:
             shutil.copy2(self.src / "scheduler" / "scheduler_config.json", dst / "scheduler_config.json")
+
+
+class SDXLSource(DiffusersSource):
+    """An SDXL diffusers folder: one or two text encoders (a refiner has the second alone), a UNet
+    with text_embeds/time_ids conditioning, a VAE (see export/sdxl.py)."""
+
+    sdxl = True
+
+    def __init__(self, src: Path, index: dict, prediction_type: str | None = None):
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+
+        self._init_scheduler(src, index, prediction_type)
+        self.COMPONENTS = (*sdxl.text_encoders(index), "unet", "vae")
+        self.unet_config = dict(UNet2DConditionModel.load_config(src, subfolder="unet", local_files_only=True))
+        self.vae_config = dict(AutoencoderKL.load_config(src, subfolder="vae", local_files_only=True))
+        if self.unet_config.get("in_channels", 4) not in (4, 9):
+            raise ExportError(f"{src}: the UNet has {self.unet_config['in_channels']} input channels; sdrt accepts 4 "
+                              "(or 9 for inpainting)")
+        sdxl.check_unet(src, self.unet_config, ExportError)
+        sdxl.check_vae(src, self.vae_config, ExportError)
+        self.tokenizers = sdxl.load_tokenizers(src, index)
+
+    def load(self, component: str):
+        if component.startswith("text_encoder"):
+            return sdxl.load_text_encoder(self.src, component)
+        return super().load(component)
+
+
+def _source_components(index: dict) -> tuple[str, ...]:
+    return (*sdxl.text_encoders(index), "unet", "vae") if sdxl.is_sdxl(index) else DiffusersSource.COMPONENTS
+
+
+def _graph_specs(source, component: str, module) -> list:
+    """The graphs of one model of `source`."""
+    from .graphs import text_encoder_spec, unet_spec, vae_specs
+
+    if component == "vae":
+        return vae_specs(module)
+    if getattr(source, "sdxl", False):
+        if component == "unet":
+            return [sdxl.unet_spec(module, sdxl.time_ids(source.index))]
+        return [sdxl.text_encoder_spec(module, source.tokenizers[component], component)]
+    return [unet_spec(module)] if component == "unet" else [text_encoder_spec(module, source.tokenizer)]
 
 
 def _folder_weight_bytes(folder: Path) -> int:
@@ -320,7 +372,7 @@ def export_model(
         weights = {"unet": 4 * tensors.numel(UNET), "vae": 4 * tensors.numel(VAE),
                    "text_encoder": 4 * (tensors.numel(CLIP_L) + tensors.numel(OPEN_CLIP))}
     else:
-        weights = {c: _folder_weight_bytes(src / c) for c in DiffusersSource.COMPONENTS}
+        weights = {c: _folder_weight_bytes(src / c) for c in _source_components(index)}
     if vae_file is not None:
         weights["vae"] = vae_file.fp32_bytes()
     need, avail, short = memory.shortfall(weights, precision, with_torch=not from_folder)
@@ -343,7 +395,7 @@ def export_model(
 
                 source = CheckpointSource(src, prediction_type, log=log, tensors=tensors)
             else:
-                source = DiffusersSource(src, index, prediction_type)
+                source = (SDXLSource if sdxl.is_sdxl(index) else DiffusersSource)(src, index, prediction_type)
             source.vae_file = vae_file
             manifest = _export_into(source, tmp, precision, target, opset, fp32_ops, fp32_vae_decoder, check,
                                     int8_weight_max, log)
@@ -387,7 +439,7 @@ def _export_into(source, tmp, precision, target, opset, fp32_ops, fp32_vae_decod
     then check, fuse and convert each graph one at a time with its weights on disk."""
     import torch
 
-    from .graphs import check_graph, export_graph, reference_outputs, text_encoder_spec, unet_spec, vae_specs
+    from .graphs import check_graph, export_graph, reference_outputs
     from .optimize import optimize_graph
 
     torch.set_grad_enabled(False)
@@ -398,25 +450,37 @@ def _export_into(source, tmp, precision, target, opset, fp32_ops, fp32_vae_decod
         raise ExportError(f"{src}: prediction_type {prediction_type!r} is not supported; accepted: epsilon, v_prediction")
     from sdrt.runtime.modelfolder import _family as family_of
 
-    family = family_of(int(source.unet_config.get("cross_attention_dim", 1280)), source.tokenizer.pad_token, prediction_type)
+    xl = getattr(source, "sdxl", False)
+    vae_file = getattr(source, "vae_file", None)
+    if xl:
+        family = "sdxl"
+        if vae_file is not None:
+            sdxl.check_vae(vae_file.name, vae_file.config, ExportError)
+    else:
+        family = family_of(int(source.unet_config.get("cross_attention_dim", 1280)), source.tokenizer.pad_token,
+                           prediction_type)
+    # An SDXL VAE that overflows in fp16 (its config says force_upcast) stays fp32 in an fp16 folder,
+    # as in diffusers; a VAE made for fp16 (--vae, force_upcast false) is converted like the others.
+    vae_config = vae_file.config if vae_file is not None else source.vae_config
+    fp32_graphs = {"vae_encoder", "vae_decoder"} if xl and precision == "fp16" and not sdxl.vae_in_fp16(vae_config) else set()
+    if fp32_vae_decoder and fp32_graphs:
+        raise ExportError("--fp32-vae-decoder: this SDXL VAE is kept fp32 already (its config says force_upcast)")
     kept_fp32 = {}
     checks, fused, precisions = {}, {}, {}
     configs = {}
     for component in source.COMPONENTS:
-        vae_file = getattr(source, "vae_file", None)
         module = vae_file.load() if component == "vae" and vae_file is not None else source.load(component)
-        if component == "text_encoder":
-            specs = [text_encoder_spec(module, source.tokenizer)]
-            (tmp / "text_encoder").mkdir()
-            module.config.to_json_file(tmp / "text_encoder" / "config.json")
-        elif component == "unet":
-            specs = [unet_spec(module)]
-            module.save_config(tmp / "unet")
+        specs = _graph_specs(source, component, module)
+        if component.startswith("text_encoder"):
+            (tmp / component).mkdir()
+            module.config.to_json_file(tmp / component / "config.json")
+            configs[component] = module.config.to_dict()
         else:
-            specs = vae_specs(module)
-            for d in ("vae_encoder", "vae_decoder") + ((FP32_VAE_DECODER,) if fp32_vae_decoder else ()):
+            dirs = ("unet",) if component == "unet" else (
+                ("vae_encoder", "vae_decoder") + ((FP32_VAE_DECODER,) if fp32_vae_decoder else ()))
+            for d in dirs:
                 module.save_config(tmp / d)
-        configs[component] = dict(module.config) if component != "text_encoder" else module.config.to_dict()
+            configs[component] = dict(module.config)
         staged = []
         for spec in specs:
             t = time.time()
@@ -436,11 +500,11 @@ def _export_into(source, tmp, precision, target, opset, fp32_ops, fp32_vae_decod
                 checks[name] = check_graph(name, stage, inputs, outputs, ref)
                 log(f"  {name}: fp32 ONNX vs PyTorch max abs diff {checks[name]:.3g}")
             # int8 graphs are quantized from their fused fp32 graph once the folder is complete (below).
-            graph_precision = "fp32" if precision == "int8" else precision
+            graph_precision = "fp32" if precision == "int8" or name in fp32_graphs else precision
             runs_here = check and target == "cpu" and graph_precision == "fp32"
             probe = stage.with_name("fused.onnx")
             fused[name] = optimize_graph(stage, dst, name, target, graph_precision, ops, probe if runs_here else None)
-            precisions[name] = precision if precision != "int8" or name in INT8_GRAPHS else "fp32"
+            precisions[name] = graph_precision if precision != "int8" or name not in INT8_GRAPHS else "int8"
             if runs_here:
                 # The fused CPU graph must still compute the module's output.
                 check_graph(name, probe if probe.exists() else dst, inputs, outputs, ref)
@@ -456,15 +520,23 @@ def _export_into(source, tmp, precision, target, opset, fp32_ops, fp32_vae_decod
 
     # Scheduler and tokenizer, in optimum's layout.
     source.write_scheduler(tmp / "scheduler")
-    _write_tokenizer(source.tokenizer, tmp / "tokenizer")
-    new_index = {k: v for k, v in index.items() if k != "vae"}
-    new_index["vae_encoder"] = ["sdrt", "OnnxGraph"]
-    new_index["vae_decoder"] = ["sdrt", "OnnxGraph"]
-    for k in ("unet", "text_encoder"):
-        new_index[k] = ["sdrt", "OnnxGraph"]
+    if xl:
+        for name, tokenizer in source.tokenizers.items():
+            _write_tokenizer(tokenizer, tmp / sdxl.tokenizer_folder(name))
+        new_index = sdxl.index_entries(index)
+    else:
+        _write_tokenizer(source.tokenizer, tmp / "tokenizer")
+        new_index = {k: v for k, v in index.items() if k != "vae"}
+        for k in ("unet", "text_encoder", "vae_encoder", "vae_decoder"):
+            new_index[k] = ["sdrt", "OnnxGraph"]
     (tmp / "model_index.json").write_text(json.dumps(new_index, indent=2) + "\n")
 
-    unet_cfg, vae_cfg, text_cfg = configs["unet"], configs["vae"], configs["text_encoder"]
+    unet_cfg, vae_cfg = configs["unet"], configs["vae"]
+    if xl:
+        text_fields = sdxl.manifest_fields(index, configs)
+    else:
+        text_fields = {"text_hidden_size": int(configs["text_encoder"]["hidden_size"]),
+                       "text_layers": int(configs["text_encoder"]["num_hidden_layers"])}
     manifest = {
         "format_version": FORMAT_VERSION,
         "family": family,
@@ -474,8 +546,7 @@ def _export_into(source, tmp, precision, target, opset, fp32_ops, fp32_vae_decod
         "vae_scale_factor": 2 ** (len(vae_cfg["block_out_channels"]) - 1),
         "vae_scaling_factor": float(vae_cfg["scaling_factor"]),
         "sample_size": int(unet_cfg["sample_size"]),
-        "text_hidden_size": int(text_cfg["hidden_size"]),
-        "text_layers": int(text_cfg["num_hidden_layers"]),
+        **text_fields,
         "target": target,
         "precision": precisions,
         "opset": opset,
@@ -495,7 +566,7 @@ def _export_into(source, tmp, precision, target, opset, fp32_ops, fp32_vae_decod
     if getattr(source, "vae_file", None) is not None:
         v = source.vae_file
         manifest["vae"] = {"name": v.name, "sha256": v.sha256, "short_hash": v.short_hash}
-    assert set(GRAPHS) <= set(precisions)
+    assert set(GRAPHS[1:]) <= set(precisions)
     if precision == "int8":
         from .quantize import quantize_unet
 

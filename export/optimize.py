@@ -25,7 +25,7 @@ from .onnxfile import (
 )
 
 # Graph name -> the model type of onnxruntime.transformers.optimizer.
-MODEL_TYPES = {"text_encoder": "clip", "unet": "unet", "vae_encoder": "vae", "vae_decoder": "vae"}
+MODEL_TYPES = {"text_encoder": "clip", "text_encoder_2": "clip", "unet": "unet", "vae_encoder": "vae", "vae_decoder": "vae"}
 
 # Fused ops the CPU provider has no kernel for: they are turned off for the cpu target.
 CUDA_ONLY_FUSIONS = (
@@ -39,14 +39,25 @@ CUDA_ONLY_FUSIONS = (
 )
 
 # The sinusoidal timestep embedding stays fp32 (diffusers computes it in fp32 even in fp16
-# pipelines); fractional timesteps would lose their fraction in fp16 otherwise.
+# pipelines); fractional timesteps would lose their fraction in fp16 otherwise. So does SDXL's
+# embedding of its size/crop micro-conditioning (time_ids: sines of values up to the image size).
 TIME_PROJ_PREFIX = "/unet/time_proj/"
+# fp32 inputs of an fp16 UNet -> the prefix of the sinusoidal projection each feeds.
+FP32_INPUTS = {"timestep": TIME_PROJ_PREFIX, "time_ids": "/unet/add_time_proj/"}
 
 
 def timestep_nodes(graph) -> list[str]:
-    """Names of the nodes from the `timestep` input up to the end of the timestep projection."""
-    proj = [n for n in graph.node if n.name.startswith(TIME_PROJ_PREFIX)]
-    if not proj or not any(i.name == "timestep" for i in graph.input):
+    """Names of the nodes from each FP32_INPUTS input up to the end of its sinusoidal projection."""
+    names: set[str] = set()
+    for name, prefix in FP32_INPUTS.items():
+        names.update(_projection_nodes(graph, name, prefix))
+    return sorted(names)
+
+
+def _projection_nodes(graph, input_name: str, prefix: str) -> list[str]:
+    """Names of the nodes from the input `input_name` up to the end of the projection at `prefix`."""
+    proj = [n for n in graph.node if n.name.startswith(prefix)]
+    if not proj or not any(i.name == input_name for i in graph.input):
         return []
     producer = {o: n for n in graph.node for o in n.output}
     ancestors, stack = set(), [i for n in proj for i in n.input]
@@ -59,7 +70,7 @@ def timestep_nodes(graph) -> list[str]:
     for n in graph.node:
         for i in n.input:
             consumers.setdefault(i, []).append(n)
-    descendants, stack = set(), ["timestep"]
+    descendants, stack = set(), [input_name]
     while stack:
         for node in consumers.get(stack.pop(), []):
             if node.name not in descendants:
@@ -212,7 +223,7 @@ def optimize_graph(src: Path, dst: Path, graph: str, target: str, precision: str
                 use_gpu=target == "cuda",
             )
             if precision == "fp16":
-                keep = [i.name for i in m.model.graph.input if i.name == "timestep"]
+                keep = [i.name for i in m.model.graph.input if i.name in FP32_INPUTS]
                 m.convert_float_to_float16(
                     keep_io_types=keep,
                     op_block_list=list(fp32_ops),

@@ -1,12 +1,14 @@
 """Stable Diffusion pipelines with random weights, built offline, for tests and benchmarks.
 
-    python -m sdrt.export.testmodels OUT [--kind tiny-sd1|tiny-inpaint|tiny-sd2-v|mid|sd15|sd15-inpaint] [--seed N]
+    python -m sdrt.export.testmodels OUT [--kind tiny-sd1|tiny-inpaint|tiny-sd2-v|mid|sd15|sd15-inpaint|
+                                              tiny-sdxl|tiny-sdxl-inpaint|tiny-sdxl-refiner|sdxl|sdxl-inpaint] [--seed N]
 
 Each kind is a diffusers folder (`StableDiffusionPipeline` or `StableDiffusionInpaintPipeline`
-layout) with deterministic random weights and the real CLIP tokenizer vocabulary from
-`models/clip-tokenizer/`. The tiny kinds are small enough to export and run in seconds; `sd15`
-has the SD 1.5 architecture and sizes (speed does not depend on weight values); `mid` sits
-between them, for memory measurements.
+layout, `StableDiffusionXL*Pipeline` for the SDXL kinds) with deterministic random weights and
+the real CLIP tokenizer vocabulary from `models/clip-tokenizer/`. The tiny kinds are small enough
+to export and run in seconds; `sd15` has the SD 1.5 architecture and sizes, `sdxl` SDXL 1.0's
+(speed and memory do not depend on weight values); `mid` sits between tiny and sd15, for memory
+measurements.
 """
 
 from __future__ import annotations
@@ -239,6 +241,8 @@ def _prefix_text_encoder_keys(path: Path) -> None:
 def build(out: str | Path, kind: str = "tiny-sd1", seed: int = 0) -> Path:
     """Build a pipeline of `kind` and save it as a diffusers folder at `out`."""
     out = Path(out)
+    if kind in XL_KINDS:
+        return build_sdxl(out, kind, seed)
     pipe = build_pipeline(kind, seed)
     pipe.save_pretrained(out, safe_serialization=True)
     _prefix_text_encoder_keys(out / "text_encoder" / "model.safetensors")
@@ -250,10 +254,159 @@ def build(out: str | Path, kind: str = "tiny-sd1", seed: int = 0) -> Path:
     return out
 
 
+# ----------------------------------------------------------------------------------------- SDXL
+# SDXL 1.0's scheduler_config.json (EulerDiscreteScheduler, "leading" timestep spacing).
+SDXL_SCHEDULER = {
+    **SD15_SCHEDULER,
+    "interpolation_type": "linear",
+    "prediction_type": "epsilon",
+    "sample_max_value": 1.0,
+    "timestep_spacing": "leading",
+    "use_karras_sigmas": False,
+}
+
+
+@dataclass(frozen=True)
+class XLKind:
+    unet: dict
+    vae: dict
+    text: dict | None  # CLIP ViT-L (text_encoder); None for a refiner, which has only the second encoder
+    text_2: dict  # OpenCLIP ViT-bigG with projection (text_encoder_2)
+    pipeline: str  # the diffusers pipeline class of model_index.json
+    requires_aesthetics_score: bool = False
+    force_zeros_for_empty_prompt: bool = True
+    dtype: str = "float32"  # weights as saved (the architecture-sized kinds are stored in fp16: half the disk)
+
+
+# Tiny SDXL models, in the manner of diffusers' own SDXL pipeline tests, with the two text
+# encoders of different widths (32 and 48) and projection sizes, so that mixing them up cannot
+# go unnoticed. Their configs carry SDXL's token ids (eos 2: pooling at the highest token id).
+_XL_TEXT = dict(_TINY_TEXT, bos_token_id=0, eos_token_id=2, pad_token_id=1)
+_XL_TEXT_2 = dict(_XL_TEXT, hidden_size=48, intermediate_size=53, num_hidden_layers=4, projection_dim=40, hidden_act="gelu")
+_XL_TIME_DIM = 8
+_TINY_XL_UNET = dict(
+    sample_size=32,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=1,
+    block_out_channels=(32, 64),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    attention_head_dim=(2, 4),
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=_XL_TIME_DIM,
+    transformer_layers_per_block=(1, 2),
+    projection_class_embeddings_input_dim=6 * _XL_TIME_DIM + 40,  # six time ids + the pooled text
+    cross_attention_dim=32 + 48,  # both encoders' hidden states side by side
+    norm_num_groups=32,
+)
+_TINY_XL_VAE = dict(_TINY_VAE, scaling_factor=0.13025, force_upcast=True)
+_SDXL_UNET = dict(
+    sample_size=128,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=2,
+    block_out_channels=(320, 640, 1280),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    attention_head_dim=(5, 10, 20),
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=256,
+    transformer_layers_per_block=(1, 2, 10),
+    projection_class_embeddings_input_dim=2816,
+    cross_attention_dim=2048,
+    norm_num_groups=32,
+)
+_SDXL_VAE = dict(
+    block_out_channels=[128, 256, 512, 512],
+    down_block_types=["DownEncoderBlock2D"] * 4,
+    up_block_types=["UpDecoderBlock2D"] * 4,
+    latent_channels=4,
+    layers_per_block=2,
+    sample_size=1024,
+    scaling_factor=0.13025,
+    force_upcast=True,
+)
+_SDXL_TEXT = dict(KINDS["sd15"].text, bos_token_id=0, eos_token_id=2, pad_token_id=1)
+_SDXL_TEXT_2 = dict(_SDXL_TEXT, hidden_size=1280, intermediate_size=5120, num_attention_heads=20, num_hidden_layers=32,
+                    projection_dim=1280, hidden_act="gelu")
+
+XL_KINDS: dict[str, XLKind] = {
+    "tiny-sdxl": XLKind(_TINY_XL_UNET, _TINY_XL_VAE, _XL_TEXT, _XL_TEXT_2, "StableDiffusionXLPipeline"),
+    "tiny-sdxl-inpaint": XLKind({**_TINY_XL_UNET, "in_channels": 9}, _TINY_XL_VAE, _XL_TEXT, _XL_TEXT_2,
+                                "StableDiffusionXLInpaintPipeline"),
+    # The refiner: the second text encoder alone, five time ids (sizes, crop and aesthetic score).
+    "tiny-sdxl-refiner": XLKind(
+        {**_TINY_XL_UNET, "cross_attention_dim": 48, "projection_class_embeddings_input_dim": 5 * _XL_TIME_DIM + 40},
+        _TINY_XL_VAE, None, _XL_TEXT_2, "StableDiffusionXLImg2ImgPipeline", requires_aesthetics_score=True,
+        force_zeros_for_empty_prompt=False),
+    "sdxl": XLKind(_SDXL_UNET, _SDXL_VAE, _SDXL_TEXT, _SDXL_TEXT_2, "StableDiffusionXLPipeline", dtype="float16"),
+    "sdxl-inpaint": XLKind({**_SDXL_UNET, "in_channels": 9}, _SDXL_VAE, _SDXL_TEXT, _SDXL_TEXT_2,
+                           "StableDiffusionXLInpaintPipeline", dtype="float16"),
+}
+
+
+def build_sdxl(out: Path, kind: str, seed: int = 0) -> Path:
+    """An SDXL diffusers folder, one model at a time (each is built, saved and freed before the
+    next: the architecture-sized UNet alone is 10 GB in fp32)."""
+    import gc
+
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    import diffusers
+
+    k = XL_KINDS[kind]
+    out.mkdir(parents=True, exist_ok=True)
+    dtype = getattr(torch, k.dtype)
+    parts = [("unet", lambda: UNet2DConditionModel(**k.unet)), ("vae", lambda: AutoencoderKL(**k.vae)),
+             ("text_encoder_2", lambda: CLIPTextModelWithProjection(CLIPTextConfig(**k.text_2)))]
+    if k.text is not None:
+        parts.append(("text_encoder", lambda: CLIPTextModel(CLIPTextConfig(**k.text))))
+    for i, (name, make) in enumerate(parts):
+        m = make()
+        _init_weights(m, seed * 7919 + 100 + i)
+        (m if dtype == torch.float32 else m.to(dtype)).save_pretrained(out / name, safe_serialization=True)
+        del m
+        gc.collect()
+        if name.startswith("text_encoder"):
+            _prefix_text_encoder_keys(out / name / "model.safetensors")
+    tokenizers = [("tokenizer_2", "!")] + ([("tokenizer", "<|endoftext|>")] if k.text is not None else [])
+    for name, pad in tokenizers:  # SDXL's second tokenizer pads with "!" (id 0), as SD 2.x's does
+        tok = CLIPTokenizer(str(CLIP_TOKENIZER_DIR / "vocab.json"), str(CLIP_TOKENIZER_DIR / "merges.txt"),
+                            pad_token=pad, model_max_length=77)
+        tok.save_pretrained(out / name)
+        for f in ("vocab.json", "merges.txt"):
+            shutil.copy2(CLIP_TOKENIZER_DIR / f, out / name / f)
+    EulerDiscreteScheduler.from_config(SDXL_SCHEDULER).save_pretrained(out / "scheduler")
+    none = [None, None]
+    index = {
+        "_class_name": k.pipeline,
+        "_diffusers_version": diffusers.__version__,
+        "force_zeros_for_empty_prompt": k.force_zeros_for_empty_prompt,
+        "feature_extractor": none,
+        "image_encoder": none,
+        "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"] if k.text is not None else none,
+        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+        "tokenizer": ["transformers", "CLIPTokenizer"] if k.text is not None else none,
+        "tokenizer_2": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+    if k.pipeline != "StableDiffusionXLPipeline":
+        index["requires_aesthetics_score"] = k.requires_aesthetics_score
+    (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    (out / "sdrt-testmodel.json").write_text(json.dumps({"kind": kind, "seed": seed}) + "\n")
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out")
-    ap.add_argument("--kind", default="tiny-sd1", choices=sorted(KINDS))
+    ap.add_argument("--kind", default="tiny-sd1", choices=sorted(KINDS) + sorted(XL_KINDS))
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
     print(build(a.out, a.kind, a.seed))

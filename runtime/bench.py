@@ -20,7 +20,7 @@ import numpy as np
 
 STAGES = ("text_encoder", "vae_encode", "unet", "vae_decode", "sampler", "other")
 # Graph of the model folder -> stage.
-GRAPH_STAGES = {"text_encoder": "text_encoder", "vae_encoder": "vae_encode", "unet": "unet", "vae_decoder": "vae_decode",
+GRAPH_STAGES = {"text_encoder": "text_encoder", "text_encoder_2": "text_encoder", "vae_encoder": "vae_encode", "unet": "unet", "vae_decoder": "vae_decode",
                 "vae_decoder_fp32": "vae_decode"}
 PROMPT = "a photograph of an astronaut riding a horse"
 

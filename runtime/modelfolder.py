@@ -1,7 +1,9 @@
 """The model folder: its layout, its manifest (sdrt.json) and its validation. No torch here.
 
 A model folder holds four ONNX graphs (text_encoder, unet, vae_encoder, vae_decoder) plus the
-tokenizer and the scheduler configuration, in the layout `optimum-cli export onnx` writes.
+tokenizer and the scheduler configuration, in the layout `optimum-cli export onnx` writes; an
+SDXL folder has a second text encoder and tokenizer (text_encoder_2/, tokenizer_2/; a refiner has
+only those).
 Folders exported by sdrt carry `sdrt.json`, which records what the graphs are and a sha256 per
 file; folders written by other tools have no manifest and are described from their configs.
 """
@@ -23,6 +25,7 @@ from sdrt.schedulers.training import check_training_schedule
 MANIFEST = "sdrt.json"
 FORMAT_VERSION = 1
 GRAPHS = ("text_encoder", "unet", "vae_encoder", "vae_decoder")
+FAMILIES = ("sd1", "sd2", "sdxl")
 # An fp32 copy of the VAE decoder next to an fp16 one (sdrt export --fp32-vae-decoder): the
 # pipeline decodes with it when the fp16 decoder overflows (NaN/Inf).
 FP32_VAE_DECODER = "vae_decoder_fp32"
@@ -43,11 +46,26 @@ class ModelFolderError(ValueError):
 
 
 @dataclass(frozen=True)
+class XLConfig:
+    """What an SDXL folder adds: the UNet's extra conditioning and the pipeline's rules for it."""
+
+    time_ids: int = 6  # original size, crop, target size; a refiner: original size, crop, aesthetic score (5)
+    pooled_size: int = 1280  # the second text encoder's projection (the UNet's text_embeds)
+    force_zeros_for_empty_prompt: bool = True  # diffusers: an empty negative prompt conditions on zeros
+    requires_aesthetics_score: bool = False  # a refiner
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "XLConfig":
+        return cls(int(d.get("time_ids", 6)), int(d.get("pooled_size", 1280)),
+                   bool(d.get("force_zeros_for_empty_prompt", True)), bool(d.get("requires_aesthetics_score", False)))
+
+
+@dataclass(frozen=True)
 class ModelInfo:
     """What the runtime needs to know about a model folder."""
 
     path: Path
-    family: str  # "sd1" | "sd2"
+    family: str  # "sd1" | "sd2" | "sdxl"
     prediction_type: str  # "epsilon" | "v_prediction"
     unet_in_channels: int  # 4, or 9 for inpainting models
     latent_channels: int
@@ -78,14 +96,32 @@ class ModelInfo:
             return sum(f.stat().st_size for f in p.parent.iterdir() if f.is_file() and f.suffix != ".json")
         except OSError:
             return 0
+    # The text encoder graphs, in the order their hidden states are concatenated (SDXL: two).
+    text_encoders: tuple[str, ...] = ("text_encoder",)
+    xl: XLConfig | None = None  # SDXL folders only
 
     @property
     def is_inpainting_model(self) -> bool:
         return self.unet_in_channels == 9
 
     @property
+    def is_sdxl(self) -> bool:
+        return self.family == "sdxl"
+
+    @property
     def native_size(self) -> int:
         return self.sample_size * self.vae_scale_factor
+
+    @property
+    def default_size(self) -> int:
+        """txt2img's default width and height: an SDXL model's native size (its UNet's sample
+        size x the VAE factor: 1024 for SDXL 1.0), 512 for SD 1.x/2.x (A1111's default)."""
+        return self.native_size if self.is_sdxl else 512
+
+    @property
+    def tokenizers(self) -> tuple[str, ...]:
+        """The tokenizer folder of each text encoder."""
+        return tuple(t.replace("text_encoder", "tokenizer") for t in self.text_encoders)
 
     @property
     def name(self) -> str:
@@ -276,12 +312,18 @@ def verify_files(root: Path, files: dict[str, dict[str, Any]], mode: str = "auto
     return v
 
 
-def _graph_files(root: Path) -> dict[str, Path]:
+def graph_names(text_encoders: tuple[str, ...] = ("text_encoder",)) -> tuple[str, ...]:
+    """The graphs a folder with these text encoders must have."""
+    return (*text_encoders, *GRAPHS[1:])
+
+
+def _graph_files(root: Path, text_encoders: tuple[str, ...] = ("text_encoder",)) -> dict[str, Path]:
     out = {}
-    for g in GRAPHS:
+    names = graph_names(text_encoders)
+    for g in names:
         p = root / g / "model.onnx"
         if not p.is_file():
-            raise ModelFolderError(f"model folder {root} has no {g}/model.onnx (expected graphs: {', '.join(GRAPHS)})")
+            raise ModelFolderError(f"model folder {root} has no {g}/model.onnx (expected graphs: {', '.join(names)})")
         out[g] = p
     fallback = root / FP32_VAE_DECODER / "model.onnx"
     if fallback.is_file():
@@ -389,11 +431,18 @@ def _from_manifest(root: Path, verify: str, partial: bool = False, wait: bool = 
     if missing:
         raise ModelFolderError(f"{root / MANIFEST} is incomplete or malformed (missing {', '.join(missing)}); "
                                "export the model again")
+    if m["family"] not in FAMILIES:
+        raise ModelFolderError(f"{root / MANIFEST} describes a {m['family']!r} model; this sdrt runs {', '.join(FAMILIES)}")
     files = _manifest_files(root, m["files"], partial)
     precision = m["precision"]
     if not isinstance(precision, dict):
         raise ModelFolderError(f"{root / MANIFEST} is malformed: precision must map each graph to fp32, fp16 or int8, "
                                f"got {precision!r}; export the model again")
+    try:
+        xl = XLConfig.from_dict(m["sdxl"]) if m["family"] == "sdxl" else None
+        text_encoders = tuple(m.get("text_encoders", ("text_encoder",)))
+    except (KeyError, TypeError, ValueError) as e:
+        raise ModelFolderError(f"{root / MANIFEST} is incomplete or malformed ({e!r}); export the model again") from None
     info = ModelInfo(
         path=root,
         family=m["family"],
@@ -409,12 +458,15 @@ def _from_manifest(root: Path, verify: str, partial: bool = False, wait: bool = 
         scheduler_config={},
         graph_files={},
         manifest=m,
+        text_encoders=text_encoders,
+        xl=xl,
     )
     _check_values(info, f"{root / MANIFEST}", manifest=True)
     configs = _component_configs(root)
     _check_against_configs(info, configs)
     verification = verify_files(root, files, verify, background=not wait)
-    return _replace(info, scheduler_config=_scheduler_config(root), graph_files=_graph_files(root), configs=configs,
+    return _replace(info, scheduler_config=_scheduler_config(root), graph_files=_graph_files(root, info.text_encoders),
+                    configs=configs,
                     verification=verification)
 
 
@@ -451,7 +503,7 @@ def _check_values(info: ModelInfo, where: str, manifest: bool) -> None:
     if manifest:
         if info.target not in TARGETS:
             raise bad("target", info.target, ", ".join(TARGETS))
-        for g in GRAPHS:
+        for g in graph_names(info.text_encoders):
             if info.precision.get(g) not in PRECISIONS:
                 raise bad(f"precision of {g}", info.precision.get(g), ", ".join(PRECISIONS))
 
@@ -476,7 +528,9 @@ def _check_against_configs(info: ModelInfo, configs: dict[str, dict[str, Any]]) 
     pairs = [
         ("unet_in_channels", info.unet_in_channels, "unet/config.json in_channels", unet.get("in_channels")),
         ("latent_channels", info.latent_channels, "VAE config latent_channels", vae.get("latent_channels")),
-        ("text_hidden_size", info.text_hidden_size, "text_encoder/config.json hidden_size", text.get("hidden_size")),
+        ("text_hidden_size", info.text_hidden_size, *(("unet/config.json cross_attention_dim", unet.get("cross_attention_dim"))
+                                                      if info.is_sdxl else
+                                                      ("text_encoder/config.json hidden_size", text.get("hidden_size")))),
     ]
     blocks = vae.get("block_out_channels")
     if isinstance(blocks, list) and blocks:
@@ -506,15 +560,17 @@ def _from_configs(root: Path) -> ModelInfo:
             f"{root} is not a model folder: it has neither {MANIFEST} nor model_index.json "
             "(export one with `sdrt export SRC OUT`)"
         )
-    graphs = _graph_files(root)
     unet = _read_json(root / "unet" / "config.json", "UNet config")
+    xl = _xl_from_configs(root, unet) if unet.get("addition_embed_type") == "text_time" else None
+    encoders = tuple(t for t in ("text_encoder", "text_encoder_2") if (root / t / "model.onnx").is_file()) if xl else ("text_encoder",)
+    graphs = _graph_files(root, encoders or ("text_encoder", "text_encoder_2"))
     vae_cfg_path = next(
         (root / d / "config.json" for d in ("vae_decoder", "vae_encoder", "vae") if (root / d / "config.json").is_file()),
         root / "vae_decoder" / "config.json",
     )
     vae = _read_json(vae_cfg_path, "VAE config")
     sched = _scheduler_config(root)
-    text_cfg = root / "text_encoder" / "config.json"
+    text_cfg = root / encoders[0] / "config.json"
     text = _read_json(text_cfg, "text encoder config") if text_cfg.is_file() else {}
     prediction_type = sched.get("prediction_type", "epsilon")
     cross = unet.get("cross_attention_dim", 768)
@@ -524,14 +580,14 @@ def _from_configs(root: Path) -> ModelInfo:
                                f"block_out_channels {blocks!r}); export the model again")
     info = ModelInfo(
         path=root,
-        family=_family(cross, _pad_token(root), prediction_type),
+        family="sdxl" if xl else _family(cross, _pad_token(root), prediction_type),
         prediction_type=prediction_type,
         unet_in_channels=unet.get("in_channels", 4),
         latent_channels=vae.get("latent_channels", 4),
         vae_scale_factor=2 ** (len(blocks) - 1),
         vae_scaling_factor=vae.get("scaling_factor", 0.18215),
         sample_size=unet.get("sample_size", 64),
-        text_hidden_size=text.get("hidden_size", cross),
+        text_hidden_size=cross if xl else text.get("hidden_size", cross),
         # Not recorded by other exporters: the sessions read the graphs' input types when they load.
         target="unknown",
         precision={g: "unknown" for g in graphs},
@@ -539,6 +595,20 @@ def _from_configs(root: Path) -> ModelInfo:
         graph_files=graphs,
         manifest=None,
         configs={"unet": unet, "vae": vae, **({"text_encoder": text} if text else {})},
+        text_encoders=encoders,
+        xl=xl,
     )
     _check_values(info, f"model folder {root} (from its configs)", manifest=False)
     return info
+
+
+def _xl_from_configs(root: Path, unet: dict[str, Any]) -> XLConfig:
+    """An SDXL folder of another exporter: the pipeline's flags from model_index.json, the sizes
+    from the UNet's config (its added embedding takes time_ids x addition_time_embed_dim + pooled)."""
+    index_path = root / "model_index.json"
+    index = _read_json(index_path, "model index") if index_path.is_file() else {}
+    aesthetic = bool(index.get("requires_aesthetics_score", False))
+    n = 5 if aesthetic else 6
+    pooled = int(unet.get("projection_class_embeddings_input_dim", 2816)) - n * int(unet.get("addition_time_embed_dim", 256))
+    return XLConfig(n, pooled, bool(index.get("force_zeros_for_empty_prompt", True)), aesthetic)
+

@@ -25,7 +25,7 @@ import numpy as np
 from sdrt import schedulers
 from sdrt.schedulers import options as option_domains
 
-from . import prepare, prompts
+from . import prepare, prompts, sdxl
 from .errors import InputError
 from .modelfolder import CLIP_SKIP_OUTPUT, FP32_VAE_DECODER, ModelFolderError, ModelInfo, read_model_folder
 from .sessions import Graph, check_threads, resolve_provider
@@ -134,11 +134,13 @@ class Pipeline:
         }
         from .text import ClipTokenizer
 
+        # One tokenizer per text encoder (SDXL: tokenizer/ and tokenizer_2/; a refiner: tokenizer_2/ alone).
         try:
-            self.tokenizer = ClipTokenizer.from_folder(info.path / "tokenizer")
+            self.tokenizers = {name: ClipTokenizer.from_folder(info.path / name) for name in info.tokenizers}
         except ModelFolderError:
             info.wait_verified()  # a damaged file is the cause to report, when it is one
             raise
+        self.tokenizer = self.tokenizers[info.tokenizers[0]]
         self._embeddings = _EmbeddingCache()
         self.fp32_decodes = 0  # images decoded again by the fp32 VAE decoder (fp16 overflow)
 
@@ -158,7 +160,8 @@ class Pipeline:
             "vae_encoder": {"sample": (1, 3), "latent_parameters": (1, 2 * i.latent_channels)},
             "vae_decoder": {"latent_sample": (1, i.latent_channels), "sample": (1, 3)},
             FP32_VAE_DECODER: {"latent_sample": (1, i.latent_channels), "sample": (1, 3)},
-            "text_encoder": {"last_hidden_state": (2, i.text_hidden_size)},
+            # SDXL's encoders each give a part of text_hidden_size (the UNet's check covers the sum).
+            **({} if i.is_sdxl else {"text_encoder": {"last_hidden_state": (2, i.text_hidden_size)}}),
         }.get(graph.name, {})
         declared = {a.name: a.shape for a in list(session.get_inputs()) + list(session.get_outputs())}
         for name, (axis, want) in expect.items():
@@ -177,21 +180,29 @@ class Pipeline:
                     "describe these graphs; export the model again"
                 )
 
-    def load_graphs(self, names=("text_encoder", "vae_encoder", "unet", "vae_decoder")) -> "Pipeline":
-        """Create the sessions of `names` now (they are created on first use otherwise).
+    def load_graphs(self, names=None) -> "Pipeline":
+        """Create the sessions of `names` (default: every graph but the fp32 VAE decoder fallback)
+        now (they are created on first use otherwise).
 
         Order: ONNX Runtime reads a graph whose weights are inside its .onnx file whole, a transient
         copy of its size, so those load first, largest first, while little else is resident; graphs
         with external weight files (the UNet of an SD-sized model) load last."""
+        if names is None:
+            names = (*self.info.text_encoders, "vae_encoder", "unet", "vae_decoder")
         graphs = [self.graphs[n] for n in names if n in self.graphs]
         for g in sorted(graphs, key=lambda g: -g.path.stat().st_size):
             g.load()
         return self
 
     # ----------------------------------------------------------------------------------- text
-    def _check_clip_skip(self, clip_skip: int) -> None:
+    def _check_clip_skip(self, clip_skip: int, family: str | None = None) -> None:
         """clip_skip against the text encoder graph's outputs (loads the session, runs nothing)."""
         if clip_skip == 1:
+            return
+        if self.info.is_sdxl:
+            if sdxl.layers(family, clip_skip)[0] != sdxl.PENULTIMATE:
+                for e in self._xl_encoders():
+                    e.layer(clip_skip + 1)
             return
         g = self.graphs["text_encoder"].load()
         shape = next((o.shape for o in g.session.get_outputs() if o.name == CLIP_SKIP_OUTPUT), None)
@@ -212,6 +223,38 @@ class Pipeline:
         if clip_skip > layers.shape[1]:
             raise InputError(f"clip_skip must be from 1 to {layers.shape[1]} for this model, got {clip_skip}")
         return layers[:, clip_skip - 1].astype(np.float32, copy=False)
+
+    def _xl_encoders(self) -> list:
+        """The SDXL text encoders as sdxl.conditioning reads them (sessions loaded, nothing run)."""
+        out = []
+        for name, tok in zip(self.info.text_encoders, self.info.tokenizers):
+            g = self.graphs[name].load()
+            states = [o for o in g.output_names if o.startswith("hidden_states.")]
+            if not states:
+                raise InputError(f"the {name} graph of {self.info.path} has no hidden_states.* outputs (SDXL conditions on "
+                                 "the penultimate layer); export the model with `sdrt export` or optimum's SDXL export")
+            pooled = "text_embeds" if name == "text_encoder_2" else None
+
+            def run(ids, names, g=g):
+                return g.run({"input_ids": ids}, names)
+
+            out.append(sdxl.Encoder(self.tokenizers[tok], run, len(states), pooled))
+        return out
+
+    def xl_conditioning(self, prompt: str, negative_prompt: str = "", clip_skip: int = 1, *, family: str | None = "a1111",
+                        height: int = 1024, width: int = 1024, mode: str = "img2img", steps: int = 1, **options):
+        """An SDXL model's UNet inputs for a prompt: call index -> (key, cond, uncond), each a dict
+        of encoder_hidden_states, text_embeds and time_ids (sdxl.conditioning). `options`: SDXL's
+        micro-conditioning (original_size, crops_coords_top_left, target_size, the negative ones,
+        aesthetic scores); `family` the sampler family whose rules apply."""
+        if not self.info.is_sdxl:
+            raise InputError(f"{self.info.path} is a {self.info.family} model; SDXL conditioning needs an SDXL model")
+        xl_opts = sdxl.take_options(dict(options), True)
+        ids = sdxl.time_ids(self.info.xl, xl_opts, height, width, family=family, mode=mode)
+        cond_schedule = prompts.prompt_schedule(prompts.composable_prompt(prompt), steps)
+        uncond_schedule = prompts.prompt_schedule(negative_prompt, steps)
+        return sdxl.conditioning(self._xl_encoders(), self.info.xl, cond_schedule, uncond_schedule, negative_prompt,
+                                 family=family, clip_skip=clip_skip, ids=ids)
 
     def encode_prompt(self, prompt: str, negative_prompt: str = "", clip_skip: int = 1, emphasis: bool = True):
         """(cond, uncond) embeddings (1, 77*k, D), cached per (prompt, negative, clip_skip)."""
@@ -289,14 +332,15 @@ class Pipeline:
         return np.concatenate(out).astype(np.float32, copy=False)
 
     # ------------------------------------------------------------------------------------ UNet
-    def _unet(self, x_in: np.ndarray, t: float, emb: np.ndarray) -> np.ndarray:
+    def _unet(self, x_in: np.ndarray, t: float, text: dict[str, np.ndarray]) -> np.ndarray:
+        """One UNet call; `text`: its text-side inputs (encoder_hidden_states, and SDXL's
+        text_embeds and time_ids), the same arrays at every step of a prompt."""
         g = self.graphs["unet"]
         g.load()
         rank = g.input_ranks.get("timestep", 0)
         ts = np.array(t, dtype=np.float64) if rank == 0 else np.full((x_in.shape[0],) if rank == 1 else (1,), t)
-        # The embeddings are the same array at every step: with IO binding they cross once per call.
-        return g.run({"sample": x_in, "timestep": ts, "encoder_hidden_states": emb}, ["out_sample"],
-                     keep=("encoder_hidden_states",))[0]
+        # With IO binding the text-side inputs cross to the device once per prompt, not per call.
+        return g.run({"sample": x_in, "timestep": ts, **text}, ["out_sample"], keep=tuple(text))[0]
 
     def _check_unet_output(self, out: np.ndarray, b: int) -> None:
         """NaN/Inf in the UNet's output, per image (rows i and b+i of a CFG batch are image i)."""
@@ -316,20 +360,24 @@ class Pipeline:
     def make_denoiser(self, plan, cond, uncond, guidance: float, conditioning: np.ndarray | None = None):
         """denoise(x, sigma) -> x0 estimate, with CFG as one UNet call on a 2B batch.
 
-        `cond` may instead be a function of the model call's index (0 first) returning
-        (key, cond, uncond), for text embeddings that change between calls (prompt editing);
-        `uncond` is then unused."""
+        `cond` and `uncond`: the text embeddings (1, L, D), or dicts of the UNet's text-side inputs
+        (SDXL: encoder_hidden_states, text_embeds, time_ids). `cond` may instead be a function of
+        the model call's index (0 first) returning (key, cond, uncond), for conditioning that
+        changes between calls (prompt editing); `uncond` is then unused."""
         prediction_type = self.info.prediction_type
         cfg = guidance > 1.0
         emb_cache: dict = {}
         per_call = cond if callable(cond) else (lambda i: (None, cond, uncond))
         calls = itertools.count()
 
-        def embeddings(b: int) -> np.ndarray:
+        def embeddings(b: int) -> dict[str, np.ndarray]:
             key, c_, u_ = per_call(next(calls))
             if (b, key) not in emb_cache:
-                c = np.repeat(c_, b, axis=0)
-                emb_cache[b, key] = np.concatenate([np.repeat(u_, b, axis=0), c]) if cfg else c
+                c_, u_ = _text_inputs(c_), _text_inputs(u_) if cfg else None
+                emb_cache[b, key] = {
+                    k: np.concatenate([np.repeat(u_[k], b, axis=0), np.repeat(v, b, axis=0)]) if cfg else np.repeat(v, b, axis=0)
+                    for k, v in c_.items()
+                }
             return emb_cache[b, key]
 
         buf: dict[str, np.ndarray] = {}
@@ -500,8 +548,8 @@ class Pipeline:
         schedule: str | None = None,
         seed: int | None = None,
         batch_size: int = 1,
-        width: int = 512,
-        height: int = 512,
+        width: int | None = None,
+        height: int | None = None,
         clip_skip: int = 1,
         noise: np.ndarray | None = None,
         output: str = "pil",
@@ -509,8 +557,11 @@ class Pipeline:
         dry_run: bool = False,
         **sampler_options,
     ) -> Result:
-        """Generate from `prompt` alone (the latents start as pure noise)."""
-        job = prepare.txt2img_job(self.info, width=width, height=height, batch_size=batch_size,
+        """Generate from `prompt` alone (the latents start as pure noise). width/height default to
+        the model's default size: 1024 for SDXL models (from their config), 512 otherwise."""
+        size = self.info.default_size
+        job = prepare.txt2img_job(self.info, width=size if width is None else width,
+                                  height=size if height is None else height, batch_size=batch_size,
                                   admit=self._admit(guidance, encodes=self.info.is_inpainting_model))
         return self._generate(
             job,
@@ -556,10 +607,11 @@ class Pipeline:
         _check_number("steps", steps, 1, 10000, integer=True)
         _check_number("guidance", guidance, 0.0, 100.0)
         _check_number("clip_skip", clip_skip, 1, 24, integer=True)
-        self._check_clip_skip(clip_skip)
         if output not in OUTPUTS:
             raise InputError(f"output must be one of {', '.join(OUTPUTS)}, got {output!r}")
         family = _family(sampler)
+        self._check_clip_skip(clip_skip, family)
+        xl_options = sdxl.take_options(sampler_options, self.info.is_sdxl)
         # A1111 clamps img2img strength to 0.999: at 1.0 its img2img path still starts from the image.
         plan_strength = min(strength, 0.999) if family == "a1111" and mode != "txt2img" else strength
         plan = _make_plan(sampler, steps, plan_strength, schedule, self.info.scheduler_config, sampler_options)
@@ -577,15 +629,19 @@ class Pipeline:
         seeds = _seeds(seed, b)
         if dry_run:  # the request is valid: report what it would make, run nothing
             params = self._parameters(mode, job, plan, prompt, negative_prompt, steps, guidance, clip_skip, strength, seeds, sampler)
+            params.update(xl_options)
             return Result([], seeds, params, self._infotexts(params, seeds))
         rand = BatchNoise(seeds)
         encodes = job.pixels is not None or self.info.is_inpainting_model
-        self.load_graphs(("text_encoder", "unet", "vae_decoder") + (("vae_encoder",) if encodes else ()))
+        self.load_graphs((*self.info.text_encoders, "unet", "vae_decoder") + (("vae_encoder",) if encodes else ()))
 
         self.info.wait_verified()  # the graphs loaded while the files were hashed: all must match
 
         t = time.perf_counter()
-        if len(cond_schedule) == len(uncond_schedule) == 1:
+        if self.info.is_sdxl:
+            ids = sdxl.time_ids(self.info.xl, xl_options, job.height, job.width, family=plan.family, mode=mode)
+            cond, uncond = self._xl_per_call(cond_schedule, uncond_schedule, negative_prompt, plan.family, clip_skip, ids), None
+        elif len(cond_schedule) == len(uncond_schedule) == 1:
             cond, uncond = self.encode_prompt(cond_schedule[0][1], uncond_schedule[0][1], clip_skip)
             _check_encoding(cond, uncond)
         else:  # prompt editing: the embeddings change between model calls
@@ -647,6 +703,7 @@ class Pipeline:
             latents = blend.finish(latents)
 
         params = self._parameters(mode, job, plan, prompt, negative_prompt, steps, guidance, clip_skip, strength, seeds, sampler)
+        params.update(xl_options)
         if output == "latent":
             timings["total"] = time.perf_counter() - t_start
             return Result([], seeds, params, self._infotexts(params, seeds), arrays=latents, timings=timings)
@@ -687,6 +744,14 @@ class Pipeline:
             return ((i, j), *pairs[i, j])
 
         return at
+
+    def _xl_per_call(self, cond_schedule, uncond_schedule, negative_prompt, family, clip_skip, ids):
+        """sdxl.conditioning for this request, cached like SD's embeddings (one encoding per prompt)."""
+        key = ("sdxl", tuple(cond_schedule), tuple(uncond_schedule), negative_prompt, family, clip_skip,
+               ids[0].tobytes(), ids[1].tobytes())
+        return self._embeddings.get(key, lambda: sdxl.conditioning(
+            self._xl_encoders(), self.info.xl, cond_schedule, uncond_schedule, negative_prompt, family=family,
+            clip_skip=clip_skip, ids=ids))
 
     def _inpaint_conditioning(self, job, rand, sample_posterior, b, lat_shape) -> np.ndarray:
         """The 5 extra channels of a 9-channel inpainting UNet: mask ++ masked-image latents."""
@@ -860,6 +925,11 @@ def _make_plan(sampler, steps, strength, schedule, config, options: dict):
         raise InputError(f"sampler {sampler!r}: noise_sampler_seed must be a whole number from 0 to 2**63 - 1, "
                          f"got {seed!r}")
     return plan
+
+
+def _text_inputs(x) -> dict[str, np.ndarray]:
+    """The UNet's text-side inputs: a dict as given (SDXL), or SD's embeddings array."""
+    return x if isinstance(x, dict) else {"encoder_hidden_states": x}
 
 
 def _family(sampler) -> str | None:

@@ -477,8 +477,9 @@ def estimate_memory(info: ModelInfo, width: int, height: int, batch_size: int, c
     f = info.vae_scale_factor
     hl, wl = height // f, width // f
     ew, eh = encode_size or (width, height)
-    weights = sum(info.graph_bytes(g) for g in ("text_encoder", "unet", "vae_encoder", "vae_decoder"))
-    inline = max((info.graph_files[g].stat().st_size for g in ("text_encoder", "unet", "vae_encoder", "vae_decoder")
+    graphs = (*info.text_encoders, "unet", "vae_encoder", "vae_decoder")
+    weights = sum(info.graph_bytes(g) for g in graphs)
+    inline = max((info.graph_files[g].stat().st_size for g in graphs
                   if g in info.graph_files and info.graph_files[g].exists()), default=0)
     stages = {
         "unet": _unet_bytes(info, hl, wl, (2 if cfg else 1) * batch_size),

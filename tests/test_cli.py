@@ -187,6 +187,8 @@ def test_help_defaults_and_choices_are_the_apis():
     for key in ("mask_blur", "fill", "padding"):
         assert DEFAULTS[key] == sig["inpaint"][key].default, key
     assert DEFAULTS["txt2img_size"] == sig["txt2img"]["width"].default == sig["txt2img"]["height"].default
+    text = ANSI.sub("", cli("txt2img", "--help").stdout)
+    assert "1024 for SDXL" in " ".join(text.split())
     text = ANSI.sub("", cli("inpaint", "--help").stdout)
     for mode in (*prepare.RESIZE_MODES, *prepare.FILL_MODES):
         assert mode in text

@@ -508,7 +508,10 @@ def test_export_errors(models, tmp_path):
     xl = tmp_path / "xl"
     xl.mkdir()
     (xl / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
-    with pytest.raises(ExportError, match="StableDiffusionXLPipeline"):
+    with pytest.raises(ExportError, match="model_index.json lists no unet"):
+        export_model(xl, tmp_path / "o")
+    (xl / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLControlNetPipeline"}))
+    with pytest.raises(ExportError, match="StableDiffusionXLControlNetPipeline pipeline; sdrt exports .*StableDiffusionXLPipeline"):
         export_model(xl, tmp_path / "o")
     # A UNet of another architecture.
     odd = tmp_path / "odd"

@@ -48,6 +48,30 @@ def test_gpu_benchmark_rehearsal_on_cpu(tmp_path):
     assert section.startswith("<!-- gpu-benchmark:start -->") and "| sdrt+cudagraphs | **" in section
 
 
+def test_gpu_benchmark_sdxl_rehearsal_on_cpu(tmp_path):
+    """The SDXL workloads (1024x1024, 30 steps, batch 1 on a GPU) run end to end on the tiny SDXL
+    model: sdrt and diffusers' SDXL pipelines, same noise, their own section of the docs."""
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--model", "sdxl", "--provider", "cpu", "--tiny",
+           "--repeats", "1", "--systems", "sdrt+cudagraphs,diffusers", "--work", str(tmp_path / "work"), "--out", str(out),
+           "--budget", "1500"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    (results,) = out.glob("gpu-sdxl-*.json")
+    res = json.loads(results.read_text())
+    got = {(r["system"], r["workload"]): r for r in res["records"]}
+    for s in ("sdrt+cudagraphs", "diffusers"):
+        for w in ("xl-txt2img-b1", "xl-img2img-b1", "xl-inpaint-b1"):
+            r = got[(s, w)]
+            assert "error" not in r, r
+            assert r["unet_calls"] == (4 if w == "xl-txt2img-b1" else 3), (s, w, r["unet_calls"])
+            assert r["stages"]["text_encoder"] > 0 and abs(sum(r["stages"].values()) - r["seconds"]) < 0.05 * r["seconds"] + 0.01
+    assert res["pixel_error"]["sdrt+cudagraphs vs diffusers"]["max"] <= 2
+    section = (out / "gpu-section-sdxl.md").read_text()
+    assert section.startswith("<!-- gpu-benchmark-sdxl:start -->") and "SDXL 1.0 architecture" in section
+    assert "xl-" not in section and "txt2img 32x32, 4 steps, batch 1" in section
+
+
 @pytest.mark.parametrize("choice, want, not_want", [("", "onnxruntime>=", "onnxruntime-gpu"),
                                                    ("cpu", "onnxruntime>=", "onnxruntime-gpu"),
                                                    ("gpu", "onnxruntime-gpu>=", "onnxruntime>=")])
