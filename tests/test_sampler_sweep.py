@@ -4,8 +4,8 @@ tiny model, each run succeeding with finite output.
 The grid is generated from the names sdrt lists (`list_samplers`, `list_schedules`): every name
 with each schedule of its family that it takes (A1111's combined legacy names imply theirs; a
 diffusers class takes a schedule where it has the option the schedule sets), at 1, 2 and 3 steps
-and strengths 0.5 and 1, driven by the tiny model's UNet; then every name through the API's
-img2img at 1 and 10 steps and txt2img at one step. What the one-step runs compute is
+(and 10 with the name's default schedule) and strengths 0.5 and 1, driven by the tiny model's
+UNet; then every name through the API's img2img at 1 and 2 steps and txt2img at one step. What the one-step runs compute is
 checked against k-diffusion and diffusers in test_schedulers_kdiffusion.py and
 test_schedulers_diffusers.py (test_*_one_step).
 """
@@ -81,7 +81,7 @@ def unet_run(sd1):
 def test_every_schedule_step_count_and_strength(unet_run, name):
     failed = []
     for schedule in GRID[name]:
-        for steps in (1, 2, 3):
+        for steps in (1, 2, 3) if schedule is not None else (1, 2, 3, 10):
             for strength in (0.5, 1.0):
                 try:
                     out = unet_run(name, schedule, steps, strength)
@@ -97,7 +97,7 @@ def test_every_schedule_step_count_and_strength(unet_run, name):
 @pytest.mark.parametrize("name", NAMES)
 def test_every_sampler_through_the_api(sd1, name):
     img = _image()
-    for steps in (1, 10):
+    for steps in (1, 2):
         r = sd1.img2img(img, PROMPT, strength=0.6, steps=steps, sampler=name, seed=2, output="latent")
         assert r.arrays.shape == (1, 4, SIZE // 2, SIZE // 2) and np.isfinite(r.arrays).all(), steps
     r = sd1.txt2img(PROMPT, steps=1, sampler=name, seed=3, width=SIZE, height=SIZE, output="np")
