@@ -23,7 +23,7 @@ import numpy as np
 
 from sdrt import schedulers
 
-from . import prepare, prompts
+from . import lora, prepare, prompts
 from .errors import InputError
 from .modelfolder import CLIP_SKIP_OUTPUT, FP32_VAE_DECODER, ModelInfo, read_model_folder
 from .sessions import Graph, resolve_provider
@@ -32,6 +32,9 @@ OUTPUTS = ("pil", "np", "latent")
 MAX_SEED = 2**32 - 1
 # Input shapes (batch, height, width) of the UNet that may hold a captured CUDA graph at once.
 DEFAULT_CUDA_GRAPHS = 4
+# Sets of merged LoRA weights kept per graph (the one in use and the previous one): switching back
+# to the previous set does not compute its weights again.
+LORA_CACHE = 2
 
 
 @dataclass
@@ -108,7 +111,7 @@ class Pipeline:
 
     def __init__(self, info: ModelInfo, provider: str = "auto", threads: int | None = None, *,
                  io_binding: bool | None = None, cuda_graphs: int | None = None,
-                 provider_options: dict[str, Any] | None = None):
+                 provider_options: dict[str, Any] | None = None, lora_dir: str | Path | None = None):
         self.info = info
         self.provider = resolve_provider(provider, info)
         self.io_binding = self.provider == "cuda" if io_binding is None else bool(io_binding)
@@ -127,6 +130,12 @@ class Pipeline:
 
         self.tokenizer = ClipTokenizer.from_folder(info.path / "tokenizer")
         self._embeddings = _EmbeddingCache()
+        self.lora_dir = Path(lora_dir).expanduser() if lora_dir is not None else lora.default_dir(info.path)
+        self._lora_lock = threading.RLock()
+        self._lora_used = False
+        self._lora_files: OrderedDict = OrderedDict()  # (path, size, mtime) -> (graph -> module -> Layer, hash)
+        self._lora_merged: OrderedDict = OrderedDict()  # (graph, key) -> merged initializers
+        self.lora_cache = LORA_CACHE
         self.fp32_decodes = 0  # images decoded again by the fp32 VAE decoder (fp16 overflow)
 
     def __repr__(self) -> str:
@@ -174,7 +183,7 @@ class Pipeline:
         """(cond, uncond) embeddings (1, 77*k, D), cached per (prompt, negative, clip_skip)."""
         from .text import encode_prompts
 
-        key = (prompt, negative_prompt, clip_skip, emphasis)
+        key = (prompt, negative_prompt, clip_skip, emphasis, self.graphs["text_encoder"].initializers_key)
         return self._embeddings.get(
             key,
             lambda: tuple(
@@ -184,6 +193,59 @@ class Pipeline:
                 )
             ),
         )
+
+    # ----------------------------------------------------------------------------------- LoRA
+    def _resolve_loras(self, uses: list) -> list:
+        """[(use, path, graph -> module -> Layer, short hash)] for the LoRAs of a request: every file found,
+        read and checked against this model before anything runs."""
+        if not uses:
+            return []
+        precision = self.info.precision
+        if any(precision.get(g) != "fp32" for g in lora.GRAPHS):
+            got = ", ".join(f"{g} {precision.get(g)}" for g in lora.GRAPHS)
+            raise InputError(f"LoRAs are applied to fp32 graphs; {self.info.path} has {got} graphs (int8 layers are not "
+                             "re-quantized): use the fp32 export of this model")
+        maps = {g: lora.read_map(self.info.graph_files[g]) for g in lora.GRAPHS}
+        if any(m is None for m in maps.values()):
+            raise InputError(f"{self.info.path} has no LoRA map ({lora.MAP_FILE}): it was exported before sdrt applied "
+                             "LoRAs, or by another tool; export it again with `sdrt export` to use LoRAs")
+        out = []
+        for use in uses:
+            path = lora.find(use.name, self.lora_dir)
+            st = path.stat()
+            key = (str(path), st.st_size, st.st_mtime_ns)
+            if key not in self._lora_files:
+                layers = lora.parse_layers(use.name, lora.read_safetensors(path), maps)
+                self._lora_files[key] = (layers, lora.short_hash(path))
+                while len(self._lora_files) > 8:
+                    self._lora_files.popitem(last=False)
+            layers, short = self._lora_files[key]
+            out.append((use, path, layers, short))
+        return out
+
+    def _apply_loras(self, resolved: list) -> None:
+        """Give the text encoder and UNet sessions the weights of `resolved` (none: the model's own)."""
+        self._lora_used = self._lora_used or bool(resolved)
+        for graph in lora.GRAPHS:
+            field_ = "te" if graph == "text_encoder" else "unet"
+            parts = [(str(path), getattr(use, field_)) for use, path, layers, _ in resolved
+                     if graph in layers and getattr(use, field_) != 0]
+            key = tuple(sorted(parts)) or None
+            g = self.graphs[graph]
+            if key == g.initializers_key:
+                continue
+            cache_key = (graph, key)
+            arrays = self._lora_merged.get(cache_key)
+            if arrays is None and key is not None:
+                g.set_initializers(None, {})  # the old merged weights go before the new ones are made
+                updates = [(layers[graph], getattr(use, field_)) for use, path, layers, _ in resolved if graph in layers]
+                arrays = lora.merge(g.path, lora.read_map(g.path), updates)
+                self._lora_merged[cache_key] = arrays
+            if key is not None:
+                self._lora_merged.move_to_end(cache_key)
+                while len(self._lora_merged) > max(1, self.lora_cache) * len(lora.GRAPHS):
+                    self._lora_merged.popitem(last=False)
+            g.set_initializers(key, arrays or {})
 
     # ------------------------------------------------------------------------------------ VAE
     def encode_images(self, pixels: np.ndarray, noise: BatchNoise | None, sample_posterior: bool = True) -> np.ndarray:
@@ -321,6 +383,7 @@ class Pipeline:
         output: str = "pil",
         progress: Callable[[int, int], None] | None = None,
         dry_run: bool = False,
+        loras: dict[str, Any] | None = None,
         **sampler_options,
     ) -> Result:
         """Transform `image` towards `prompt`. strength 0 returns the VAE round trip of the input,
@@ -347,6 +410,7 @@ class Pipeline:
             output=output,
             progress=progress,
             dry_run=dry_run,
+            loras=loras,
             sampler_options=sampler_options,
         )
 
@@ -381,6 +445,7 @@ class Pipeline:
         overlay: bool = True,
         progress: Callable[[int, int], None] | None = None,
         dry_run: bool = False,
+        loras: dict[str, Any] | None = None,
         **sampler_options,
     ) -> Result:
         """Repaint the white part of `mask` in `image` (A1111's inpainting options).
@@ -425,6 +490,7 @@ class Pipeline:
             output=output,
             progress=progress,
             dry_run=dry_run,
+            loras=loras,
             sampler_options=sampler_options,
         )
 
@@ -445,6 +511,7 @@ class Pipeline:
         output: str = "pil",
         progress: Callable[[int, int], None] | None = None,
         dry_run: bool = False,
+        loras: dict[str, Any] | None = None,
         **sampler_options,
     ) -> Result:
         """Generate from `prompt` alone (the latents start as pure noise)."""
@@ -466,12 +533,39 @@ class Pipeline:
             output=output,
             progress=progress,
             dry_run=dry_run,
+            loras=loras,
             sampler_options=sampler_options,
         )
 
     # ------------------------------------------------------------------------------- the loop
     def _generate(self, job, *, mode, prompt, negative_prompt, strength, steps, guidance, sampler, schedule, seed,
-                  clip_skip, noise, sample_posterior, output, progress, sampler_options, dry_run=False) -> Result:
+                  clip_skip, noise, sample_posterior, output, progress, sampler_options, dry_run=False,
+                  loras=None) -> Result:
+        if not isinstance(prompt, str):
+            raise InputError(f"prompt must be a string, got {type(prompt).__name__}")
+        text, uses = lora.parse_prompt(prompt)
+        uses = uses + lora.uses_from_dict(loras)
+        if loras:  # the infotext's prompt reproduces the call
+            prompt = prompt + lora.as_tags(lora.uses_from_dict(loras))
+        if not uses and not self._lora_used:
+            return self._generate_with(job, mode=mode, prompt=prompt, text=text, negative_prompt=negative_prompt,
+                                       strength=strength, steps=steps, guidance=guidance, sampler=sampler, schedule=schedule,
+                                       seed=seed, clip_skip=clip_skip, noise=noise, sample_posterior=sample_posterior,
+                                       output=output, progress=progress, sampler_options=sampler_options, dry_run=dry_run)
+        resolved = self._resolve_loras(uses)
+        # One set of LoRA weights is loaded at a time: calls with LoRAs run one after another.
+        with self._lora_lock:
+            if not dry_run:
+                self._apply_loras(resolved)
+            return self._generate_with(job, mode=mode, prompt=prompt, text=text, negative_prompt=negative_prompt,
+                                       strength=strength, steps=steps, guidance=guidance, sampler=sampler, schedule=schedule,
+                                       seed=seed, clip_skip=clip_skip, noise=noise, sample_posterior=sample_posterior,
+                                       output=output, progress=progress, sampler_options=sampler_options, dry_run=dry_run,
+                                       lora_params=[(u.name, u.te, u.unet, h) for u, _, _, h in resolved])
+
+    def _generate_with(self, job, *, mode, prompt, text, negative_prompt, strength, steps, guidance, sampler, schedule,
+                       seed, clip_skip, noise, sample_posterior, output, progress, sampler_options, dry_run,
+                       lora_params=()) -> Result:
         t_start = time.perf_counter()
         timings: dict[str, float] = {}
         # Everything that can be wrong with the request is checked before any model runs.
@@ -497,7 +591,7 @@ class Pipeline:
             raise InputError(str(e)) from None
         except (TypeError, ValueError) as e:
             raise InputError(f"sampler {sampler!r}: {e}") from None
-        cond_schedule = prompts.prompt_schedule(prompts.composable_prompt(prompt), plan.prompt_steps)
+        cond_schedule = prompts.prompt_schedule(prompts.composable_prompt(text), plan.prompt_steps)
         uncond_schedule = prompts.prompt_schedule(negative_prompt, plan.prompt_steps)
         b = job.batch_size
         lat_shape = (self.info.latent_channels, job.height // self.info.vae_scale_factor, job.width // self.info.vae_scale_factor)
@@ -508,7 +602,8 @@ class Pipeline:
         prepare.check_memory(self.info, job, self.provider, cfg=guidance > 1.0)
         seeds = _seeds(seed, b)
         if dry_run:  # the request is valid: report what it would make, run nothing
-            params = self._parameters(mode, job, plan, prompt, negative_prompt, steps, guidance, clip_skip, strength, seeds, sampler)
+            params = self._parameters(mode, job, plan, prompt, negative_prompt, steps, guidance, clip_skip, strength, seeds, sampler,
+                                      lora_params)
             return Result([], seeds, params, self._infotexts(params, seeds))
         rand = BatchNoise(seeds)
         encodes = job.pixels is not None or self.info.is_inpainting_model
@@ -575,7 +670,8 @@ class Pipeline:
         if blend is not None:
             latents = blend.finish(latents)
 
-        params = self._parameters(mode, job, plan, prompt, negative_prompt, steps, guidance, clip_skip, strength, seeds, sampler)
+        params = self._parameters(mode, job, plan, prompt, negative_prompt, steps, guidance, clip_skip, strength, seeds, sampler,
+                                      lora_params)
         if output == "latent":
             timings["total"] = time.perf_counter() - t_start
             return Result([], seeds, params, self._infotexts(params, seeds), arrays=latents, timings=timings)
@@ -626,7 +722,8 @@ class Pipeline:
         mask = np.broadcast_to(mask, (b, 1, *lat.shape[2:]))
         return np.concatenate([mask, lat], axis=1).astype(np.float32)
 
-    def _parameters(self, mode, job, plan, prompt, negative_prompt, steps, guidance, clip_skip, strength, seeds, sampler):
+    def _parameters(self, mode, job, plan, prompt, negative_prompt, steps, guidance, clip_skip, strength, seeds, sampler,
+                    lora_params=()):
         p = {
             "mode": mode,
             "prompt": prompt,
@@ -648,6 +745,8 @@ class Pipeline:
             p["vae"], p["vae_hash"] = self.info.vae.get("name"), self.info.vae.get("short_hash")
         if mode != "txt2img":
             p["strength"] = strength
+        if lora_params:  # (name, text encoder weight, UNet weight, file's short hash)
+            p["loras"] = [list(x) for x in lora_params]
         p.update(job.parameters)
         return p
 
@@ -685,17 +784,19 @@ def _family(sampler) -> str | None:
 
 def load(path: str | Path | None = None, provider: str = "auto", *, verify: str = "auto", threads: int | None = None,
          io_binding: bool | None = None, cuda_graphs: int | None = None,
-         provider_options: dict[str, Any] | None = None) -> Pipeline:
+         provider_options: dict[str, Any] | None = None, lora_dir: str | Path | None = None) -> Pipeline:
     """Load a model folder (sdrt export or optimum export). path=None loads the embedded default model.
 
     io_binding: run the graphs on buffers that stay put between calls (on the device with CUDA);
     default: on for CUDA, off for the CPU. cuda_graphs: how many UNet input shapes (batch, size)
     may hold a captured CUDA graph (default 4 with CUDA and IO binding, 0 otherwise).
     provider_options: ONNX Runtime CUDA provider options over sdrt's (e.g.
-    {"cudnn_conv_use_max_workspace": "0"}, which trades convolution speed for GPU memory)."""
+    {"cudnn_conv_use_max_workspace": "0"}, which trades convolution speed for GPU memory).
+    lora_dir: the folder of the LoRAs named in prompts (<lora:NAME:WEIGHT>) or in loras={...};
+    default: SDRT_LORA_DIR, else `Lora` beside the model folder."""
     if path is None:
         from sdrt.models import default_model_path
 
         path = default_model_path()
     return Pipeline(read_model_folder(path, verify=verify), provider=provider, threads=threads,
-                    io_binding=io_binding, cuda_graphs=cuda_graphs, provider_options=provider_options)
+                    io_binding=io_binding, cuda_graphs=cuda_graphs, provider_options=provider_options, lora_dir=lora_dir)
