@@ -421,7 +421,8 @@ def _export_into(source, tmp, precision, target, opset, fp32_ops, fp32_vae_decod
                 module.save_config(tmp / d)
         configs[component] = dict(module.config) if component != "text_encoder" else module.config.to_dict()
         # LoRA-able weights of the UNet and text encoder, located in the final graphs below.
-        prints = fingerprints(module) if component in LORA_GRAPHS else None
+        prints = fingerprints(module, "text_model." if component == "text_encoder" else "") \
+            if component in LORA_GRAPHS else None
         staged = []
         for spec in specs:
             t = time.time()

@@ -31,15 +31,19 @@ def _hash(a: np.ndarray) -> str:
     return hashlib.sha1(np.ascontiguousarray(a, dtype=np.float32).tobytes()).hexdigest()
 
 
-def fingerprints(module) -> dict[str, dict]:
+def fingerprints(module, prefix: str = "") -> dict[str, dict]:
     """name -> {shape, hash of the [out, rest] view, hash of its transpose, first column} for every
-    Linear and Conv2d weight of `module` (small: the weights themselves are not kept)."""
+    Linear and Conv2d weight of `module` (small: the weights themselves are not kept). Names start
+    with `prefix` when they do not already (the text encoder's layers are named as LoRA files name
+    them, text_model.encoder..., whether or not the transformers version wraps them in text_model)."""
     import torch
 
     out = {}
     for name, m in module.named_modules():
         if not isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
             continue
+        if not name.startswith(prefix):
+            name = prefix + name
         w = m.weight.detach().float().cpu().numpy()
         w2 = w.reshape(w.shape[0], -1)
         out[name] = {"shape": list(w.shape), "h": _hash(w2), "ht": _hash(w2.T), "col0": w2[:, 0].copy()}

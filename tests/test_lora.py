@@ -16,7 +16,7 @@ from sdrt.runtime import InputError, load
 from test_pipeline_parity import NEGATIVE, SIZE, _compare, _diffusers_noise, _image, _step_noise_source
 
 PROMPT = "a red circle on a white background"
-STEPS, SEED, STRENGTH = 6, 1234, 0.75
+STEPS, SEED, STRENGTH = 4, 1234, 0.75
 SAMPLER = "EulerDiscreteScheduler"
 ATTN = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out")
 TE = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
@@ -42,6 +42,8 @@ def make_lora(src, fmt: str, *, unet=True, te=True, conv=False, rank=4, alpha=2.
         comps.append(("text_encoder", CLIPTextModel.from_pretrained(src, subfolder="text_encoder"), TE))
     for comp, module, suffixes in comps:
         for name, m in _targets(module, suffixes):
+            if comp == "text_encoder" and not name.startswith("text_model."):
+                name = "text_model." + name  # as LoRA files name the layers (transformers 5 has no text_model)
             w = m.weight
             if w.ndim == 4:
                 down = torch.randn(rank, w.shape[1], *w.shape[2:], generator=g) * scale
@@ -85,22 +87,31 @@ def ours(pipe, prompt=PROMPT, **kw):
                         noise=_noise(), sample_posterior=False, **kw).images[0]
 
 
-def theirs(src, folder, loras: dict[str, float]):
+@pytest.fixture(scope="module")
+def reference(tiny):
+    """diffusers' img2img with `loras` loaded (load_lora_weights) and fused (fuse_lora)."""
     from diffusers import EulerDiscreteScheduler, StableDiffusionImg2ImgPipeline
 
+    _, src, folder = tiny
     dp = StableDiffusionImg2ImgPipeline.from_pretrained(src, safety_checker=None, requires_safety_checker=False)
     dp.scheduler = EulerDiscreteScheduler.from_config(dp.scheduler.config)
     dp.set_progress_bar_config(disable=True)
-    if loras:
+
+    def run(loras: dict[str, float]):
         for name in loras:
             dp.load_lora_weights(str(folder), weight_name=f"{name}.safetensors", adapter_name=name)
         dp.set_adapters(list(loras), adapter_weights=list(loras.values()))
         dp.fuse_lora(adapter_names=list(loras))
-        dp.unload_lora_weights()  # the fused weights stay
-    mods = ["diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img"]
-    with _diffusers_noise(mods, _noise(), _step_noise_source(SEED)):
-        return dp(PROMPT, image=_image(), negative_prompt=NEGATIVE, strength=STRENGTH, num_inference_steps=STEPS,
-                  guidance_scale=7.5).images[0]
+        try:
+            mods = ["diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img"]
+            with _diffusers_noise(mods, _noise(), _step_noise_source(SEED)):
+                return dp(PROMPT, image=_image(), negative_prompt=NEGATIVE, strength=STRENGTH,
+                          num_inference_steps=STEPS, guidance_scale=7.5).images[0]
+        finally:
+            dp.unfuse_lora()
+            dp.unload_lora_weights()
+
+    return run
 
 
 CASES = [
@@ -116,11 +127,11 @@ CASES = [
 
 
 @pytest.mark.parametrize("loras,what", CASES, ids=[c[1].replace(" ", "-") for c in CASES])
-def test_lora_matches_diffusers(tiny, loras, what):
+def test_lora_matches_diffusers(tiny, reference, loras, what):
     pipe, src, folder = tiny
     tags = "".join(f"<lora:{n}:{w}>" for n, w in loras.items())
     got = ours(pipe, PROMPT + tags)
-    ref = theirs(src, folder, loras)
+    ref = reference(loras)
     assert _compare(what, got, ref) <= 2
     # The LoRA changes the image: the comparison above could fail.
     assert _compare(f"{what} vs no LoRA", got, ours(pipe)) > 8
@@ -195,3 +206,164 @@ def test_map_covers_every_layer(tiny):
         lmap = lora.read_map(pipe.graphs[graph].path)
         assert lmap["missing"] == []
         assert any(at["layout"] == "T" and at["offset"] > 0 for e in lmap["modules"].values() for at in e["at"]) or graph != "unet"
+
+
+# ------------------------------------------------------------------------------------ bad inputs
+def _t(*shape):
+    return torch.randn(*shape)
+
+
+def _sdxl():
+    return {"lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": _t(4, 768),
+            "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": _t(768, 4),
+            "lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": _t(4, 1280),
+            "lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": _t(1280, 4)}
+
+
+def _sgm_unet():
+    s = "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q"
+    return {f"{s}.lora_down.weight": _t(4, 640), f"{s}.lora_up.weight": _t(640, 4)}
+
+
+def _wrong_shape():  # an SD 2.x-sized text encoder layer under an SD 1.x name
+    s = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
+    return {f"{s}.lora_down.weight": _t(4, 1024), f"{s}.lora_up.weight": _t(1024, 4), f"{s}.alpha": torch.tensor(4.0)}
+
+
+def _unknown_layer():
+    s = "lora_unet_down_blocks_7_attentions_0_proj_in"
+    return {f"{s}.lora_down.weight": _t(4, 32), f"{s}.lora_up.weight": _t(32, 4)}
+
+
+def _lycoris(suffix):
+    s = "lora_unet_down_blocks_0_attentions_0_proj_in"
+    return {f"{s}.{suffix}": _t(4, 32), f"{s}.alpha": torch.tensor(1.0)}
+
+
+def _no_up():
+    s = "lora_unet_down_blocks_0_attentions_0_proj_in"
+    return {f"{s}.lora_down.weight": _t(4, 32, 1, 1)}
+
+
+def _rank_mismatch():
+    s = "lora_unet_down_blocks_0_attentions_0_proj_in"
+    return {f"{s}.lora_down.weight": _t(4, 32, 1, 1), f"{s}.lora_up.weight": _t(32, 3, 1, 1)}
+
+
+def _kernel_mismatch():
+    s = "lora_unet_down_blocks_0_resnets_0_conv1"
+    return {f"{s}.lora_down.weight": _t(4, 32, 1, 1), f"{s}.lora_up.weight": _t(32, 4, 1, 1)}
+
+
+FILES = {  # file stem -> tensors (None: raw bytes below)
+    "sdxl_lora": (_sdxl, "SDXL"),
+    "sgm_names": (_sgm_unet, "input_blocks"),
+    "sd2_lora": (_wrong_shape, "does not fit"),
+    "unknown_layer": (_unknown_layer, "lacks"),
+    "loha": (lambda: _lycoris("hada_w1_a"), "LoHa"),
+    "lokr": (lambda: _lycoris("lokr_w1"), "LoKr"),
+    "cp_locon": (lambda: _lycoris("lora_mid.weight"), "lora_mid"),
+    "ia3": (lambda: _lycoris("on_input"), "(IA)^3"),
+    "dora": (lambda: _lycoris("dora_scale"), "DoRA"),
+    "not_a_lora": (lambda: {"model.diffusion_model.input_blocks.0.0.weight": _t(8, 4, 3, 3)}, "not a LoRA"),
+    "no_up": (_no_up, "no lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight"),
+    "rank_mismatch": (_rank_mismatch, "does not fit"),
+    "kernel_mismatch": (_kernel_mismatch, "does not fit"),
+}
+RAW = {
+    "text_file": (b"hello, this is not a safetensors file at all\n" * 4, "not a safetensors file"),
+    "empty": (b"", "not a safetensors file"),
+    "bad_json": (struct_header := (16).to_bytes(8, "little") + b"{not json at all", "not JSON"),
+    "truncated": (b"", "outside the file"),  # filled in by the fixture
+}
+PROMPTS = [
+    ("<lora:k_bth:1>", "close names: k_both"),
+    ("<lora:K_BOTH:1>", "not found"),
+    ("<lora:nothing_like_it:1>", "not found"),
+    ("<lora:../k_both:1>", "not a path"),
+    ("<lora:sub/k_both:1>", "not a path"),
+    ("<lora:k_both:abc>", "not a number"),
+    ("<lora:k_both:1:x>", "not a number"),
+    ("<lora:k_both:te=x>", "not a number"),
+    ("<lora: :1>", "names no LoRA"),
+    ("<hypernet:k_both:1>", "not supported"),
+    ("<lora:pickled:1>", "pickle"),
+] + [(f"<lora:{n}:1>", msg) for n, (_, msg) in {**FILES, **RAW}.items()]
+ARGS = [
+    ("not a dict", ["k_both"]),
+    ("weight a string", {"k_both": "1"}),
+    ("weight NaN", {"k_both": float("nan")}),
+    ("weight a triple", {"k_both": (1, 2, 3)}),
+    ("name empty", {"": 1.0}),
+    ("name not a string", {3: 1.0}),
+]
+
+
+@pytest.fixture(scope="module")
+def bad_folder(tiny):
+    _, _, folder = tiny
+    for name, (make, _) in FILES.items():
+        save_file(make(), str(folder / f"{name}.safetensors"))
+    for name, (data, _) in RAW.items():
+        (folder / f"{name}.safetensors").write_bytes(data)
+    good = (folder / "k_both.safetensors").read_bytes()
+    (folder / "truncated.safetensors").write_bytes(good[: len(good) // 2])
+    (folder / "pickled.pt").write_bytes(b"\x80\x04not really a pickle")
+    return folder
+
+
+def _refused(pipe, **kw):
+    steps = []
+    with pytest.raises(InputError) as e:
+        pipe.img2img(_image(), progress=lambda i, n: steps.append(i), steps=2, **kw)
+    assert steps == []  # nothing ran
+    msg = str(e.value)
+    assert "\n" not in msg and len(msg) < 400, msg
+    return msg
+
+
+@pytest.mark.parametrize("tag,expect", PROMPTS, ids=[p[0] for p in PROMPTS])
+def test_bad_lora_in_prompt_is_one_clear_line(tiny, bad_folder, tag, expect):
+    pipe, _, _ = tiny
+    msg = _refused(pipe, prompt=PROMPT + tag)
+    assert expect in msg, msg
+
+
+@pytest.mark.parametrize("what,loras", ARGS, ids=[a[0] for a in ARGS])
+def test_bad_loras_argument(tiny, what, loras):
+    pipe, _, _ = tiny
+    assert "loras" in _refused(pipe, prompt=PROMPT, loras=loras)
+
+
+def test_int8_and_old_folders_refuse_loras(tiny, models, tmp_path):
+    import dataclasses
+    import shutil
+
+    from sdrt.runtime.pipeline import Pipeline
+
+    pipe, _, folder = tiny
+    int8 = Pipeline(dataclasses.replace(pipe.info, precision={**pipe.info.precision, "unet": "int8"}), "cpu",
+                    lora_dir=folder)
+    assert "int8" in _refused(int8, prompt=PROMPT + "<lora:k_both:1>")
+    old = tmp_path / "old"
+    shutil.copytree(pipe.info.path, old)
+    for graph in ("unet", "text_encoder"):
+        (old / graph / "lora_map.json").unlink()
+    msg = _refused(load(old, provider="cpu", verify="none", lora_dir=folder), prompt=PROMPT + "<lora:k_both:1>")
+    assert "export it again" in msg
+
+
+def test_cli_refuses_missing_lora_and_writes_nothing(tiny, tmp_path):
+    from typer.testing import CliRunner
+
+    from sdrt.cli.app import app
+
+    pipe, _, folder = tiny
+    src = tmp_path / "in.png"
+    _image().save(src)
+    out = tmp_path / "out"
+    r = CliRunner().invoke(app, ["img2img", str(src), "-p", "a cat <lora:k_bth:0.8>", "-m", str(pipe.info.path),
+                                 "--lora-dir", str(folder), "--steps", "2", "-o", str(out), "--provider", "cpu"])
+    assert r.exit_code != 0
+    assert "k_both" in r.output and "Traceback" not in r.output
+    assert not out.exists()
