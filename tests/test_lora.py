@@ -258,7 +258,7 @@ def _kernel_mismatch():
 FILES = {  # file stem -> tensors (None: raw bytes below)
     "sdxl_lora": (_sdxl, "SDXL"),
     "sgm_names": (_sgm_unet, "input_blocks"),
-    "sd2_lora": (_wrong_shape, "does not fit"),
+    "sd2_lora": (_wrong_shape, "is [32, 32] here"),
     "unknown_layer": (_unknown_layer, "lacks"),
     "loha": (lambda: _lycoris("hada_w1_a"), "LoHa"),
     "lokr": (lambda: _lycoris("lokr_w1"), "LoKr"),
