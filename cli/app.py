@@ -169,6 +169,7 @@ ResizeMode = Annotated[Optional[str], typer.Option("--resize-mode", help=f"just_
 ClipSkip = Annotated[Optional[int], typer.Option("--clip-skip", help=f"Use the text encoder's n-th layer from the end (A1111's Clip skip). (default: {_d['clip_skip']})", rich_help_panel=_GEN, show_default=False)]
 FromPng = Annotated[Optional[Path], typer.Option("--from-png", help="Take prompt, negative prompt, steps, sampler, schedule, CFG, seed, size, strength and clip skip from the parameters of a PNG written by sdrt or A1111; options given here override them.", rich_help_panel=_GEN, show_default=False)]
 LoraDir = Annotated[Optional[Path], typer.Option("--lora-dir", help="Folder of the LoRAs named in the prompt as <lora:NAME:WEIGHT> (A1111's syntax; <lora:NAME:TE_WEIGHT:UNET_WEIGHT> weighs the text encoder and UNet apart). Default: SDRT_LORA_DIR, else Lora/ beside the model folder.", rich_help_panel=_GEN, show_default=False)]
+EmbeddingsDir = Annotated[Optional[Path], typer.Option("--embeddings-dir", help="Folder of textual-inversion embeddings (A1111's .safetensors), used by writing a file's name in a prompt. Default: SDRT_EMBEDDINGS_DIR, else embeddings/ beside the model folder.", rich_help_panel=_GEN, show_default=False)]
 Out = Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder (created if missing), or a .png file name when the run makes one image. Files are named <input stem>-<seed>.png. Default: the current folder.", rich_help_panel=_OUT, show_default=False)]
 Provider = Annotated[str, typer.Option("--provider", help="Execution provider: auto (CUDA when usable), cpu or cuda.", rich_help_panel=_OUT)]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace existing output files (otherwise an existing file stops the run before anything runs).", rich_help_panel=_OUT)]
@@ -208,7 +209,8 @@ def _masks_for(images: list[Path], mask: Path) -> list[Path]:
     return out
 
 
-def _load_pipeline(model: Optional[Path], provider: str, lora_dir: Optional[Path] = None):
+def _load_pipeline(model: Optional[Path], provider: str, lora_dir: Optional[Path] = None,
+                   embeddings_dir: Optional[Path] = None):
     from sdrt.runtime import load
 
     if model is None:
@@ -219,7 +221,7 @@ def _load_pipeline(model: Optional[Path], provider: str, lora_dir: Optional[Path
         except FileNotFoundError:
             fail("no --model given and the embedded default model is not installed; pass --model DIR, "
                  "or export a model folder with `sdrt export SRC OUT` (see `sdrt export --help`)")
-    return load(model, provider=provider, lora_dir=lora_dir)
+    return load(model, provider=provider, lora_dir=lora_dir, embeddings_dir=embeddings_dir)
 
 
 def _out_paths(out: Optional[Path], jobs: list, overwrite: bool) -> tuple[list[list[Path]], Optional[Path]]:
@@ -299,7 +301,7 @@ def _jsonable(x):
 
 def _generate(mode: str, images: Optional[List[Path]], mask: Optional[Path], options: dict, *, from_png: Optional[Path],
               model: Optional[Path], out: Optional[Path], provider: str, overwrite: bool, quiet: bool, as_json: bool,
-              lora_dir: Optional[Path] = None) -> None:
+              lora_dir: Optional[Path] = None, embeddings_dir: Optional[Path] = None) -> None:
     from sdrt.runtime.errors import InputError
     from sdrt.runtime.infotext import arguments_from_infotext, read_infotext, save_png
 
@@ -324,7 +326,7 @@ def _generate(mode: str, images: Optional[List[Path]], mask: Optional[Path], opt
         pairs = list(zip(files, _masks_for(files, mask) if mask is not None else [None] * len(files)))
 
     t = time.perf_counter()
-    pipe = _load_pipeline(model, provider, lora_dir)
+    pipe = _load_pipeline(model, provider, lora_dir, embeddings_dir)
     t_load = time.perf_counter() - t
     run = getattr(pipe, mode)
 
@@ -395,6 +397,7 @@ def img2img(
     negative: Negative = None,
     model: Model = None,
     lora_dir: LoraDir = None,
+    embeddings_dir: EmbeddingsDir = None,
     strength: Strength = None,
     steps: Steps = None,
     cfg: Cfg = None,
@@ -421,7 +424,7 @@ def img2img(
     """
     opts = _common(prompt, negative, steps, cfg, sampler, schedule, seed, batch_size, width, height, clip_skip)
     opts.update(strength=strength, resize_mode=resize_mode)
-    _run_guarded(_generate, "img2img", images, None, opts, from_png=from_png, model=model, lora_dir=lora_dir, out=out,
+    _run_guarded(_generate, "img2img", images, None, opts, from_png=from_png, model=model, lora_dir=lora_dir, embeddings_dir=embeddings_dir, out=out,
                  provider=provider, overwrite=overwrite, quiet=quiet, as_json=json_)
 
 
@@ -433,6 +436,7 @@ def inpaint(
     negative: Negative = None,
     model: Model = None,
     lora_dir: LoraDir = None,
+    embeddings_dir: EmbeddingsDir = None,
     mask_blur: Optional[int] = typer.Option(None, "--mask-blur", help="Blur of the mask edge in pixels: A1111's Gaussian for A1111 and ComfyUI samplers (default 4), diffusers' mask_processor.blur for diffusers samplers (default 0).", rich_help_panel=_INP, show_default=False),
     invert_mask: Optional[bool] = typer.Option(None, "--invert-mask/--no-invert-mask", help="Repaint the black part of the mask instead (A1111's 'Inpaint not masked').", rich_help_panel=_INP, show_default=False),
     fill: Optional[str] = typer.Option(None, "--fill", help=f"What the masked area starts from: fill, original, latent_noise or latent_nothing. (default: {_d['fill']})", rich_help_panel=_INP, show_default=False),
@@ -466,7 +470,7 @@ def inpaint(
     opts = _common(prompt, negative, steps, cfg, sampler, schedule, seed, batch_size, width, height, clip_skip)
     opts.update(strength=strength, resize_mode=resize_mode, mask_blur=mask_blur, invert_mask=invert_mask, fill=fill,
                 only_masked=only_masked, padding=padding, overlay=False if no_overlay else None)
-    _run_guarded(_generate, "inpaint", images, mask, opts, from_png=from_png, model=model, lora_dir=lora_dir, out=out,
+    _run_guarded(_generate, "inpaint", images, mask, opts, from_png=from_png, model=model, lora_dir=lora_dir, embeddings_dir=embeddings_dir, out=out,
                  provider=provider, overwrite=overwrite, quiet=quiet, as_json=json_)
 
 
@@ -476,6 +480,7 @@ def txt2img(
     negative: Negative = None,
     model: Model = None,
     lora_dir: LoraDir = None,
+    embeddings_dir: EmbeddingsDir = None,
     width: Annotated[Optional[int], typer.Option("--width", "-W", help=f"Image width (rounded to the model's multiple). (default: {_d['txt2img_size']})", rich_help_panel=_GEN, show_default=False)] = None,
     height: Annotated[Optional[int], typer.Option("--height", "-H", help=f"Image height. (default: {_d['txt2img_size']})", rich_help_panel=_GEN, show_default=False)] = None,
     steps: Steps = None,
@@ -499,7 +504,7 @@ def txt2img(
     Example: sdrt txt2img -p "a lighthouse at dusk" --width 512 --height 512 --seed 7
     """
     opts = _common(prompt, negative, steps, cfg, sampler, schedule, seed, batch_size, width, height, clip_skip)
-    _run_guarded(_generate, "txt2img", None, None, opts, from_png=from_png, model=model, lora_dir=lora_dir, out=out,
+    _run_guarded(_generate, "txt2img", None, None, opts, from_png=from_png, model=model, lora_dir=lora_dir, embeddings_dir=embeddings_dir, out=out,
                  provider=provider, overwrite=overwrite, quiet=quiet, as_json=json_)
 
 

@@ -24,6 +24,7 @@ import numpy as np
 from sdrt import schedulers
 
 from . import lora, prepare, prompts
+from .embeddings import default_dir as embeddings_default_dir
 from .errors import InputError
 from .modelfolder import CLIP_SKIP_OUTPUT, FP32_VAE_DECODER, ModelInfo, read_model_folder
 from .sessions import Graph, resolve_provider
@@ -111,7 +112,8 @@ class Pipeline:
 
     def __init__(self, info: ModelInfo, provider: str = "auto", threads: int | None = None, *,
                  io_binding: bool | None = None, cuda_graphs: int | None = None,
-                 provider_options: dict[str, Any] | None = None, lora_dir: str | Path | None = None):
+                 provider_options: dict[str, Any] | None = None, lora_dir: str | Path | None = None,
+                 embeddings_dir: str | Path | None = None):
         self.info = info
         self.provider = resolve_provider(provider, info)
         self.io_binding = self.provider == "cuda" if io_binding is None else bool(io_binding)
@@ -133,6 +135,10 @@ class Pipeline:
         self.lora_dir = Path(lora_dir).expanduser() if lora_dir is not None else lora.default_dir(info.path)
         self._lora_lock = threading.RLock()
         self._lora_used = False
+        self.embeddings_dir = (Path(embeddings_dir).expanduser() if embeddings_dir is not None
+                               else embeddings_default_dir(info.path))
+        self._emb_set = None
+        self._emb_table = None
         self._lora_files: OrderedDict = OrderedDict()  # (path, size, mtime) -> (graph -> module -> Layer, hash)
         self._lora_merged: OrderedDict = OrderedDict()  # (graph, key) -> merged initializers
         self.lora_cache = LORA_CACHE
@@ -189,7 +195,8 @@ class Pipeline:
             lambda: tuple(
                 x[:1]
                 for x in encode_prompts(
-                    [prompt], [negative_prompt], self.tokenizer, self._text_encoder, clip_skip=clip_skip, emphasis=emphasis
+                    [prompt], [negative_prompt], self.tokenizer, self._text_encoder, clip_skip=clip_skip, emphasis=emphasis,
+                    embeddings=self._embedding_matcher(),
                 )
             ),
         )
@@ -224,15 +231,19 @@ class Pipeline:
         return out
 
     def _apply_loras(self, resolved: list) -> None:
-        """Give the text encoder and UNet sessions the weights of `resolved` (none: the model's own)."""
+        """Give the text encoder and UNet sessions the weights of `resolved` (none: the model's own),
+        and the text encoder the token-embedding table extended by the folder's embeddings."""
         self._lora_used = self._lora_used or bool(resolved)
+        emb = self.embedding_set()
         for graph in lora.GRAPHS:
             field_ = "te" if graph == "text_encoder" else "unet"
             parts = [(str(path), getattr(use, field_)) for use, path, layers, _ in resolved
                      if graph in layers and getattr(use, field_) != 0]
             key = tuple(sorted(parts)) or None
             g = self.graphs[graph]
-            if key == g.initializers_key:
+            table = graph == "text_encoder" and emb.embeddings
+            full_key = (key, emb.key) if table else key
+            if full_key == g.initializers_key:
                 continue
             cache_key = (graph, key)
             arrays = self._lora_merged.get(cache_key)
@@ -245,7 +256,43 @@ class Pipeline:
                 self._lora_merged.move_to_end(cache_key)
                 while len(self._lora_merged) > max(1, self.lora_cache) * len(lora.GRAPHS):
                     self._lora_merged.popitem(last=False)
-            g.set_initializers(key, arrays or {})
+            arrays = dict(arrays or {})
+            if table:
+                arrays.update(self._token_table(emb))
+            g.set_initializers(full_key, arrays)
+
+    # ----------------------------------------------------------------------------- embeddings
+    def embedding_set(self):
+        """The textual-inversion embeddings of the embeddings folder (read again when a file changes)."""
+        from . import embeddings
+
+        with self._lora_lock:
+            self._emb_set = embeddings.scan(self.embeddings_dir, self.info.text_hidden_size, self.tokenizer.vocab_size,
+                                            self._emb_set)
+            return self._emb_set
+
+    def _embedding_matcher(self):
+        emb = self.embedding_set()
+        if not emb.embeddings and not emb.skipped:
+            return None
+        return emb.lookup(self.tokenizer), emb.replacement
+
+    def _token_table(self, emb) -> dict[str, np.ndarray]:
+        """{initializer: the token-embedding table with the embeddings' vectors appended}."""
+        if self._emb_table is not None and self._emb_table[0] == emb.key:
+            return self._emb_table[1]
+        from .onnxinit import initializers
+
+        path = self.graphs["text_encoder"].path
+        want = (self.tokenizer.vocab_size, self.info.text_hidden_size)
+        found = [t for t in initializers(path).values() if t.dims == want and t.dtype in (1, 10)]
+        if len(found) != 1:
+            raise InputError(f"the text encoder graph {path} has no single token-embedding table of shape {list(want)} "
+                             "to extend, so textual-inversion embeddings cannot be used with it")
+        base = found[0].read()
+        table = np.concatenate([base, emb.rows().astype(base.dtype)])
+        self._emb_table = (emb.key, {found[0].name: table})
+        return self._emb_table[1]
 
     # ------------------------------------------------------------------------------------ VAE
     def encode_images(self, pixels: np.ndarray, noise: BatchNoise | None, sample_posterior: bool = True) -> np.ndarray:
@@ -547,7 +594,13 @@ class Pipeline:
         uses = uses + lora.uses_from_dict(loras)
         if loras:  # the infotext's prompt reproduces the call
             prompt = prompt + lora.as_tags(lora.uses_from_dict(loras))
-        if not uses and not self._lora_used:
+        matcher = self._embedding_matcher()
+        if matcher is not None:  # an embedding that cannot be used, named in a prompt, stops the call here
+            for t in (text, negative_prompt if isinstance(negative_prompt, str) else ""):
+                from .text import prompt_chunks
+
+                prompt_chunks(t, self.tokenizer, embeddings=matcher)
+        if not uses and not self._lora_used and matcher is None:
             return self._generate_with(job, mode=mode, prompt=prompt, text=text, negative_prompt=negative_prompt,
                                        strength=strength, steps=steps, guidance=guidance, sampler=sampler, schedule=schedule,
                                        seed=seed, clip_skip=clip_skip, noise=noise, sample_posterior=sample_posterior,
@@ -700,7 +753,7 @@ class Pipeline:
 
         conds, unconds = encode_schedules(
             [[t for _, t in cond_schedule], [t for _, t in uncond_schedule]], self.tokenizer, self._text_encoder,
-            clip_skip=clip_skip)
+            clip_skip=clip_skip, embeddings=self._embedding_matcher())
         pairs: dict = {}
 
         def at(call: int):
@@ -784,7 +837,8 @@ def _family(sampler) -> str | None:
 
 def load(path: str | Path | None = None, provider: str = "auto", *, verify: str = "auto", threads: int | None = None,
          io_binding: bool | None = None, cuda_graphs: int | None = None,
-         provider_options: dict[str, Any] | None = None, lora_dir: str | Path | None = None) -> Pipeline:
+         provider_options: dict[str, Any] | None = None, lora_dir: str | Path | None = None,
+         embeddings_dir: str | Path | None = None) -> Pipeline:
     """Load a model folder (sdrt export or optimum export). path=None loads the embedded default model.
 
     io_binding: run the graphs on buffers that stay put between calls (on the device with CUDA);
@@ -793,10 +847,13 @@ def load(path: str | Path | None = None, provider: str = "auto", *, verify: str 
     provider_options: ONNX Runtime CUDA provider options over sdrt's (e.g.
     {"cudnn_conv_use_max_workspace": "0"}, which trades convolution speed for GPU memory).
     lora_dir: the folder of the LoRAs named in prompts (<lora:NAME:WEIGHT>) or in loras={...};
-    default: SDRT_LORA_DIR, else `Lora` beside the model folder."""
+    default: SDRT_LORA_DIR, else `Lora` beside the model folder. embeddings_dir: the folder of the
+    textual-inversion embeddings prompts name by file name (A1111's .safetensors embeddings);
+    default: SDRT_EMBEDDINGS_DIR, else `embeddings` beside the model folder."""
     if path is None:
         from sdrt.models import default_model_path
 
         path = default_model_path()
     return Pipeline(read_model_folder(path, verify=verify), provider=provider, threads=threads,
-                    io_binding=io_binding, cuda_graphs=cuda_graphs, provider_options=provider_options, lora_dir=lora_dir)
+                    io_binding=io_binding, cuda_graphs=cuda_graphs, provider_options=provider_options, lora_dir=lora_dir,
+                    embeddings_dir=embeddings_dir)
