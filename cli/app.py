@@ -303,10 +303,11 @@ def _generate(mode: str, images: Optional[List[Path]], mask: Optional[Path], opt
               model: Optional[Path], out: Optional[Path], provider: str, overwrite: bool, quiet: bool, as_json: bool,
               lora_dir: Optional[Path] = None, embeddings_dir: Optional[Path] = None) -> None:
     from sdrt.runtime.errors import InputError
-    from sdrt.runtime.infotext import arguments_from_infotext, read_infotext, save_png
+    from sdrt.runtime.infotext import arguments_from_infotext, parse_infotext, read_infotext, save_png
 
     t_start = time.perf_counter()
     kwargs: dict = {}
+    lora_hashes = None
     if from_png is not None:
         try:
             text = read_infotext(from_png)
@@ -315,6 +316,7 @@ def _generate(mode: str, images: Optional[List[Path]], mask: Optional[Path], opt
         if not text:
             fail(f"--from-png: {from_png} holds no generation parameters (no PNG 'parameters' text from sdrt or A1111)")
         kwargs.update(arguments_from_infotext(text, mode))
+        lora_hashes = parse_infotext(text)[2].get("Lora hashes")
     kwargs.update({k: v for k, v in options.items() if v is not None})
     if kwargs.get("prompt") is None:
         fail("missing option --prompt/-p (or --from-png FILE to take it from a PNG)", 2)
@@ -327,6 +329,10 @@ def _generate(mode: str, images: Optional[List[Path]], mask: Optional[Path], opt
 
     t = time.perf_counter()
     pipe = _load_pipeline(model, provider, lora_dir, embeddings_dir)
+    if lora_hashes:  # a LoRA renamed since the PNG was made is found by its hash, as A1111 does
+        from sdrt.runtime.lora import rename_by_hash
+
+        kwargs["prompt"] = rename_by_hash(kwargs["prompt"], lora_hashes, pipe.lora_dir)
     t_load = time.perf_counter() - t
     run = getattr(pipe, mode)
 

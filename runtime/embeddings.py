@@ -66,6 +66,18 @@ class EmbeddingSet:
         return self.ids[name]
 
 
+def short_hash(path: Path) -> str:
+    """A1111's short hash of an embedding file (the infotext's "TI hashes"): the first 12 hex
+    digits of the file's sha256."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:12]
+
+
 def default_dir(model_path: Path) -> Path:
     """The embeddings folder: SDRT_EMBEDDINGS_DIR, else `embeddings` beside the model folder."""
     env = os.environ.get(ENV_DIR)

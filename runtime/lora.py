@@ -99,6 +99,30 @@ def as_tags(uses: list[LoraUse]) -> str:
     return "".join(f"<lora:{u.name}:{u.te:g}>" if u.te == u.unet else f"<lora:{u.name}:{u.te:g}:{u.unet:g}>" for u in uses)
 
 
+def rename_by_hash(prompt: str, lora_hashes: str, folder: Path) -> str:
+    """A prompt read back from an infotext, its `<lora:NAME...>` tags renamed where NAME is not in
+    `folder` but a file there has the short hash the infotext's "Lora hashes" gives NAME (as
+    A1111 does when parameters are pasted)."""
+    wanted = {}
+    for part in lora_hashes.split(","):
+        name, sep, h = part.strip().rpartition(":")
+        if sep:
+            wanted[name.strip()] = h.strip()
+    files = available(folder)
+    by_hash: dict[str, str] = {}
+
+    def fix(m: re.Match) -> str:
+        items = m.group(2).split(":")
+        if m.group(1) != "lora" or items[0] in files or items[0] not in wanted:
+            return m.group(0)
+        if not by_hash:
+            by_hash.update((short_hash(p), n) for n, p in files.items())
+        new = by_hash.get(wanted[items[0]])
+        return m.group(0) if new is None else "<lora:" + ":".join([new] + items[1:]) + ">"
+
+    return _EXTRA_NETWORK.sub(fix, prompt)
+
+
 def default_dir(model_path: Path) -> Path:
     """The LoRA folder: SDRT_LORA_DIR, else `Lora` beside the model folder."""
     env = os.environ.get(ENV_DIR)

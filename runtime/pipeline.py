@@ -25,6 +25,7 @@ from sdrt import schedulers
 
 from . import lora, prepare, prompts
 from .embeddings import default_dir as embeddings_default_dir
+from .embeddings import short_hash as embeddings_short_hash
 from .errors import InputError
 from .modelfolder import CLIP_SKIP_OUTPUT, FP32_VAE_DECODER, ModelInfo, read_model_folder
 from .sessions import Graph, resolve_provider
@@ -595,11 +596,16 @@ class Pipeline:
         if loras:  # the infotext's prompt reproduces the call
             prompt = prompt + lora.as_tags(lora.uses_from_dict(loras))
         matcher = self._embedding_matcher()
-        if matcher is not None:  # an embedding that cannot be used, named in a prompt, stops the call here
-            for t in (text, negative_prompt if isinstance(negative_prompt, str) else ""):
-                from .text import prompt_chunks
+        networks: dict[str, list] = {}
+        if matcher is not None:  # which embeddings the prompts use (one that cannot be used stops the call here)
+            from .text import prompt_chunks
 
-                prompt_chunks(t, self.tokenizer, embeddings=matcher)
+            used: list[str] = []
+            lookup, replacement = matcher
+            for t in (text, negative_prompt if isinstance(negative_prompt, str) else ""):
+                prompt_chunks(t, self.tokenizer, embeddings=(lookup, lambda n: used.append(n) or replacement(n)))
+            emb = self.embedding_set()
+            networks["embeddings"] = [[n, embeddings_short_hash(emb.embeddings[n].path)] for n in dict.fromkeys(used)]
         if not uses and not self._lora_used and matcher is None:
             return self._generate_with(job, mode=mode, prompt=prompt, text=text, negative_prompt=negative_prompt,
                                        strength=strength, steps=steps, guidance=guidance, sampler=sampler, schedule=schedule,
@@ -614,11 +620,11 @@ class Pipeline:
                                        strength=strength, steps=steps, guidance=guidance, sampler=sampler, schedule=schedule,
                                        seed=seed, clip_skip=clip_skip, noise=noise, sample_posterior=sample_posterior,
                                        output=output, progress=progress, sampler_options=sampler_options, dry_run=dry_run,
-                                       lora_params=[(u.name, u.te, u.unet, h) for u, _, _, h in resolved])
+                                       networks={**networks, "loras": [[u.name, u.te, u.unet, h] for u, _, _, h in resolved]})
 
     def _generate_with(self, job, *, mode, prompt, text, negative_prompt, strength, steps, guidance, sampler, schedule,
                        seed, clip_skip, noise, sample_posterior, output, progress, sampler_options, dry_run,
-                       lora_params=()) -> Result:
+                       networks=None) -> Result:
         t_start = time.perf_counter()
         timings: dict[str, float] = {}
         # Everything that can be wrong with the request is checked before any model runs.
@@ -656,7 +662,7 @@ class Pipeline:
         seeds = _seeds(seed, b)
         if dry_run:  # the request is valid: report what it would make, run nothing
             params = self._parameters(mode, job, plan, prompt, negative_prompt, steps, guidance, clip_skip, strength, seeds, sampler,
-                                      lora_params)
+                                      networks)
             return Result([], seeds, params, self._infotexts(params, seeds))
         rand = BatchNoise(seeds)
         encodes = job.pixels is not None or self.info.is_inpainting_model
@@ -724,7 +730,7 @@ class Pipeline:
             latents = blend.finish(latents)
 
         params = self._parameters(mode, job, plan, prompt, negative_prompt, steps, guidance, clip_skip, strength, seeds, sampler,
-                                      lora_params)
+                                      networks)
         if output == "latent":
             timings["total"] = time.perf_counter() - t_start
             return Result([], seeds, params, self._infotexts(params, seeds), arrays=latents, timings=timings)
@@ -776,7 +782,7 @@ class Pipeline:
         return np.concatenate([mask, lat], axis=1).astype(np.float32)
 
     def _parameters(self, mode, job, plan, prompt, negative_prompt, steps, guidance, clip_skip, strength, seeds, sampler,
-                    lora_params=()):
+                    networks=None):
         p = {
             "mode": mode,
             "prompt": prompt,
@@ -798,8 +804,8 @@ class Pipeline:
             p["vae"], p["vae_hash"] = self.info.vae.get("name"), self.info.vae.get("short_hash")
         if mode != "txt2img":
             p["strength"] = strength
-        if lora_params:  # (name, text encoder weight, UNet weight, file's short hash)
-            p["loras"] = [list(x) for x in lora_params]
+        # loras: [name, text encoder weight, UNet weight, short hash]; embeddings: [name, short hash]
+        p.update({k: v for k, v in (networks or {}).items() if v})
         p.update(job.parameters)
         return p
 
@@ -823,6 +829,11 @@ class Pipeline:
                 "Clip skip": params["clip_skip"] if params["clip_skip"] > 1 else None,
             }
             fields.update(params.get("infotext_extra", {}))
+            # A1111's extra-network keys: the name as the prompt writes it (without ':' and ','), the file's short hash
+            for key, items in (("Lora hashes", params.get("loras")), ("TI hashes", params.get("embeddings"))):
+                if items:
+                    named = dict((x[0].replace(":", "").replace(",", ""), x[-1]) for x in items)
+                    fields[key] = ", ".join(f"{n}: {h}" for n, h in named.items())
             fields["Version"] = f"sdrt {sdrt_version()}"  # A1111 writes its own version here
             out.append(format_infotext(params["prompt"], params["negative_prompt"], {k: v for k, v in fields.items() if v is not None}))
         return out

@@ -124,3 +124,17 @@ def test_pt_converter(tmp_path):
     with pytest.raises(EmbeddingError, match="weights-only"):
         convert(tmp_path / "evil.pt", tmp_path / "evil.safetensors")
     assert not (tmp_path / "evil.safetensors").exists()
+
+
+def test_infotext_ti_hashes(tiny):
+    import hashlib
+
+    from sdrt.runtime.infotext import parse_infotext
+
+    pipe, _, folder = tiny
+    r = pipe.img2img(_image(), "a tiemb circle, multiemb, tiemb", "negemb", steps=2, dry_run=True)
+    _, _, params = parse_infotext(r.infotexts[0])
+    want = ", ".join(f"{n}: {hashlib.sha256((folder / f'{n}.safetensors').read_bytes()).hexdigest()[:12]}"
+                     for n in ("tiemb", "multiemb", "negemb"))
+    assert params["TI hashes"] == want
+    assert "TI hashes" not in parse_infotext(pipe.img2img(_image(), "a circle", steps=2, dry_run=True).infotexts[0])[2]

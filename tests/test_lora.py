@@ -367,3 +367,52 @@ def test_cli_refuses_missing_lora_and_writes_nothing(tiny, tmp_path):
     assert r.exit_code != 0
     assert "k_both" in r.output and "Traceback" not in r.output
     assert not out.exists()
+
+
+# ------------------------------------------------------------------------------------ infotext
+def _addnet_hash(path) -> str:
+    """A1111's hashes.addnet_hash_safetensors: sha256 of the bytes after the header, 12 digits."""
+    import hashlib
+
+    data = path.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    return hashlib.sha256(data[8 + n:]).hexdigest()[:12]
+
+
+def test_infotext_lora_hashes(tiny):
+    from sdrt.runtime.infotext import parse_infotext
+
+    pipe, _, folder = tiny
+    r = pipe.img2img(_image(), PROMPT + "<lora:k_unet:0.5>", loras={"k_te": 1.0}, steps=2, dry_run=True)
+    prompt, _, params = parse_infotext(r.infotexts[0])
+    assert prompt == PROMPT + "<lora:k_unet:0.5><lora:k_te:1>"
+    want = ", ".join(f"{n}: {_addnet_hash(folder / f'{n}.safetensors')}" for n in ("k_unet", "k_te"))
+    assert params["Lora hashes"] == want
+    assert f'Lora hashes: "{want}"' in r.infotexts[0]
+    keys = list(params)
+    assert keys.index("Lora hashes") < keys.index("Version")
+
+
+def test_from_png_finds_a_renamed_lora_by_hash(tiny, tmp_path):
+    from typer.testing import CliRunner
+
+    from sdrt.cli.app import app
+    from sdrt.runtime.infotext import read_infotext, save_png
+    from PIL import Image
+
+    pipe, _, folder = tiny
+    src = tmp_path / "in.png"
+    _image().save(src)
+    common = ["-m", str(pipe.info.path), "--lora-dir", str(folder), "--steps", "2", "--seed", "5", "--provider", "cpu",
+              "--sampler", SAMPLER, "-q"]
+    r = CliRunner().invoke(app, ["img2img", str(src), "-p", "a cat <lora:k_both:0.7>", "-o", str(tmp_path / "a.png"), *common])
+    assert r.exit_code == 0, r.output
+    text = read_infotext(tmp_path / "a.png").replace("<lora:k_both:", "<lora:renamed_since:").replace(
+        "k_both: ", "renamed_since: ")
+    save_png(Image.open(tmp_path / "a.png"), tmp_path / "old.png", text)
+    r = CliRunner().invoke(app, ["img2img", str(src), "--from-png", str(tmp_path / "old.png"), "-o", str(tmp_path / "b.png"),
+                                 *common])
+    assert r.exit_code == 0, r.output
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "a.png")), np.asarray(Image.open(tmp_path / "b.png")))
+    without = ours(pipe, "a cat")
+    assert not np.array_equal(np.asarray(without), np.asarray(Image.open(tmp_path / "b.png")))
