@@ -515,6 +515,80 @@ def txt2img(
 
 
 @app.command()
+def grid(
+    image: Optional[Path] = typer.Argument(None, metavar="[IMAGE]", help="Input image (none: txt2img).", show_default=False),
+    x: str = typer.Option(..., "--x", help='X axis, KIND=V1,V2,...: strength, cfg, steps, sampler, schedule, seed, clip_skip, lora:NAME (its weight), "prompt S/R" (the first value searched in the prompt, replaced by each). Values with commas in double quotes.', rich_help_panel=_GEN, show_default=False),
+    y: Optional[str] = typer.Option(None, "--y", help="Y axis (as --x).", rich_help_panel=_GEN, show_default=False),
+    z: Optional[str] = typer.Option(None, "--z", help="Z axis (as --x): one sub-grid per value, side by side.", rich_help_panel=_GEN, show_default=False),
+    mask: Optional[Path] = typer.Option(None, "--mask", help="Mask (white = repaint): inpaint instead of img2img.", rich_help_panel=_GEN, show_default=False),
+    prompt: Prompt = None,
+    negative: Negative = None,
+    model: Model = None,
+    lora_dir: LoraDir = None,
+    embeddings_dir: EmbeddingsDir = None,
+    strength: Strength = None,
+    steps: Steps = None,
+    cfg: Cfg = None,
+    sampler: Sampler = None,
+    schedule: Schedule = None,
+    seed: Seed = None,
+    width: Width = None,
+    height: Height = None,
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="The grid's PNG file (default: grid-<seed>.png); each cell goes with its own parameters into <name>-cells/ beside it.", rich_help_panel=_OUT, show_default=False),
+    provider: Provider = "auto",
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+) -> None:
+    """An X/Y/Z grid of images, as A1111's X/Y/Z plot: one cell per combination of axis values, labelled.
+
+    Every cell has the same seed unless seed is an axis. The grid PNG carries the parameters of its first cell and the axes; each cell is also saved with its own.
+
+    Example: sdrt grid in.png -p "a cat <lora:style:1>" --x "lora:style=0.4,0.8,1.0" --y "strength=0.3,0.5,0.7" --seed 1
+    """
+    opts = {k: v for k, v in dict(prompt=prompt, negative_prompt=negative, strength=strength, steps=steps, guidance=cfg,
+                                  sampler=sampler, schedule=schedule, seed=seed, width=width, height=height).items()
+            if v is not None}
+    _run_guarded(_grid, image, mask, [a for a in (x, y, z) if a is not None], opts, model=model, lora_dir=lora_dir,
+                 embeddings_dir=embeddings_dir, out=out, provider=provider, overwrite=overwrite, quiet=quiet)
+
+
+def _grid(image, mask, axes_specs, opts, *, model, lora_dir, embeddings_dir, out, provider, overwrite, quiet) -> None:
+    from sdrt.runtime.grid import parse_axis, run_grid
+    from sdrt.runtime.infotext import save_png
+
+    if opts.get("prompt") is None:
+        fail("missing option --prompt/-p", 2)
+    if mask is not None and image is None:
+        fail("--mask needs an IMAGE to inpaint", 2)
+    axes = [parse_axis(a) for a in axes_specs]
+    mode = "txt2img" if image is None else "inpaint" if mask is not None else "img2img"
+    if mode == "txt2img":
+        opts.pop("strength", None)
+    base = {**opts, **({"image": image} if image is not None else {}), **({"mask": mask} if mask is not None else {})}
+    pipe = _load_pipeline(model, provider, lora_dir, embeddings_dir)
+    if base.get("seed") in (None, -1) and not any(a.kind == "seed" for a in axes):
+        base["seed"] = getattr(pipe, mode)(**base, dry_run=True).seeds[0]
+    path = out if out is not None else Path(f"grid-{base.get('seed', 'seeds')}.png")
+    cells_dir = path.with_name(path.stem + "-cells")
+    if not overwrite and (path.exists() or cells_dir.exists()):
+        fail(f"{path if path.exists() else cells_dir} already exists; pass --overwrite to replace it")
+    show = not quiet and sys.stderr.isatty()
+
+    def progress(done: int, total: int) -> None:
+        if show:
+            typer.echo(f"\rcell {done}/{total}", err=True, nl=done == total)
+
+    g = run_grid(pipe, mode, base, axes, progress)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cells_dir.mkdir(exist_ok=True)
+    for i, (r, (xi, yi, zi)) in enumerate(g.cells):
+        save_png(r.images[0], cells_dir / f"{i:04d}-x{xi}-y{yi}-z{zi}.png", r.infotexts[0], overwrite=overwrite)
+    save_png(g.image, path, g.infotext, overwrite=overwrite)
+    if not quiet:
+        typer.echo(str(path))
+
+
+@app.command()
 def samplers(json_: bool = typer.Option(False, "--json", help="Print the list as JSON.")) -> None:
     """List every accepted sampler name (with aliases and default schedule) and the schedules of each family."""
     from sdrt.schedulers import list_samplers, list_schedules
