@@ -206,9 +206,10 @@ def short_hash(path: Path) -> str:
     import hashlib
 
     h = hashlib.sha256()
+    size = path.stat().st_size
     with open(path, "rb") as f:
         n = int.from_bytes(f.read(8), "little")
-        f.seek(8 + n)
+        f.seek(8 + n if 8 + n <= size else 0)  # not a safetensors file: the whole file
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()[:12]

@@ -611,9 +611,9 @@ class Pipeline:
                                        strength=strength, steps=steps, guidance=guidance, sampler=sampler, schedule=schedule,
                                        seed=seed, clip_skip=clip_skip, noise=noise, sample_posterior=sample_posterior,
                                        output=output, progress=progress, sampler_options=sampler_options, dry_run=dry_run)
-        resolved = self._resolve_loras(uses)
         # One set of LoRA weights is loaded at a time: calls with LoRAs run one after another.
         with self._lora_lock:
+            resolved = self._resolve_loras(uses)
             if not dry_run:
                 self._apply_loras(resolved)
             return self._generate_with(job, mode=mode, prompt=prompt, text=text, negative_prompt=negative_prompt,

@@ -8,7 +8,6 @@ import torch
 from safetensors.torch import save_file
 
 from sdrt.runtime import InputError, load
-from test_lora import ours
 from test_pipeline_parity import NEGATIVE, SIZE, _compare, _diffusers_noise, _image, _step_noise_source
 
 STEPS, SEED, STRENGTH = 4, 1234, 0.75
@@ -29,19 +28,38 @@ def tiny(models, tmp_path_factory):
     return pipe, models.source("tiny-sd1"), folder
 
 
-def _theirs(src, folder, prompt, negative):
+@pytest.fixture(scope="module")
+def theirs(tiny):
+    """diffusers' img2img with the embeddings loaded by load_textual_inversion."""
     from diffusers import EulerDiscreteScheduler, StableDiffusionImg2ImgPipeline
 
+    _, src, folder = tiny
     dp = StableDiffusionImg2ImgPipeline.from_pretrained(src, safety_checker=None, requires_safety_checker=False)
     dp.scheduler = EulerDiscreteScheduler.from_config(dp.scheduler.config)
     dp.set_progress_bar_config(disable=True)
     for name in EMBEDDINGS:
         dp.load_textual_inversion(str(folder / f"{name}.safetensors"), token=name)
+
+    def run(prompt, negative):
+        noise = np.random.default_rng(7).standard_normal((1, 4, SIZE // 2, SIZE // 2)).astype(np.float32)
+        with _diffusers_noise(["diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img"], noise,
+                              _step_noise_source(SEED)):
+            return dp(prompt, image=_image(), negative_prompt=negative, strength=STRENGTH, num_inference_steps=STEPS,
+                      guidance_scale=7.5).images[0]
+
+    return run
+
+
+@pytest.fixture(scope="module")
+def plain(tiny):
+    """The same model without embeddings: the names are plain words."""
+    return load(tiny[0].info.path, provider="cpu", embeddings_dir=tiny[2] / "none")
+
+
+def _ours(pipe, prompt, negative):
     noise = np.random.default_rng(7).standard_normal((1, 4, SIZE // 2, SIZE // 2)).astype(np.float32)
-    with _diffusers_noise(["diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img"], noise,
-                          _step_noise_source(SEED)):
-        return dp(prompt, image=_image(), negative_prompt=negative, strength=STRENGTH, num_inference_steps=STEPS,
-                  guidance_scale=7.5).images[0]
+    return pipe.img2img(_image(), prompt, negative, strength=STRENGTH, steps=STEPS, sampler="EulerDiscreteScheduler",
+                        seed=SEED, noise=noise, sample_posterior=False).images[0]
 
 
 CASES = [
@@ -52,18 +70,11 @@ CASES = [
 
 
 @pytest.mark.parametrize("prompt,negative,what", CASES, ids=[c[2].replace(" ", "-") for c in CASES])
-def test_embedding_matches_diffusers(tiny, prompt, negative, what):
-    pipe, src, folder = tiny
-    got = pipe.img2img(_image(), prompt, negative, strength=STRENGTH, steps=STEPS, sampler="EulerDiscreteScheduler",
-                       seed=SEED, noise=np.random.default_rng(7).standard_normal((1, 4, SIZE // 2, SIZE // 2)).astype(
-                           np.float32), sample_posterior=False).images[0]
-    assert _compare(what, got, _theirs(src, folder, prompt, negative)) <= 2
+def test_embedding_matches_diffusers(tiny, theirs, plain, prompt, negative, what):
+    got = _ours(tiny[0], prompt, negative)
+    assert _compare(what, got, theirs(prompt, negative)) <= 2
     # Without the folder the names are plain words: the embeddings changed the image.
-    plain = load(pipe.info.path, provider="cpu", embeddings_dir=folder / "none")
-    other = plain.img2img(_image(), prompt, negative, strength=STRENGTH, steps=STEPS, sampler="EulerDiscreteScheduler",
-                          seed=SEED, noise=np.random.default_rng(7).standard_normal((1, 4, SIZE // 2, SIZE // 2)).astype(
-                              np.float32), sample_posterior=False).images[0]
-    assert _compare(f"{what} vs plain words", got, other) > 4
+    assert _compare(f"{what} vs plain words", got, _ours(plain, prompt, negative)) > 4
 
 
 def test_token_table_is_a_gather_initializer(tiny):
