@@ -212,7 +212,7 @@ class Pipeline:
         if any(precision.get(g) != "fp32" for g in lora.GRAPHS):
             got = ", ".join(f"{g} {precision.get(g)}" for g in lora.GRAPHS)
             raise InputError(f"LoRAs are applied to fp32 graphs; {self.info.path} has {got} graphs (int8 layers are not "
-                             "re-quantized): use the fp32 export of this model")
+                             "re-quantized, fp16 graphs not merged): use an fp32 export of this model")
         maps = {g: lora.read_map(self.info.graph_files[g]) for g in lora.GRAPHS}
         if any(m is None for m in maps.values()):
             raise InputError(f"{self.info.path} has no LoRA map ({lora.MAP_FILE}): it was exported before sdrt applied "
