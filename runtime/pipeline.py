@@ -34,8 +34,9 @@ OUTPUTS = ("pil", "np", "latent")
 MAX_SEED = 2**32 - 1
 # Input shapes (batch, height, width) of the UNet that may hold a captured CUDA graph at once.
 DEFAULT_CUDA_GRAPHS = 4
-# Sets of merged LoRA weights kept per graph (the one in use and the previous one): switching back
-# to the previous set does not compute its weights again.
+# Sets of merged LoRA weights kept per graph, the one in use among them (2: it and the previous
+# one, so switching back does not merge again; each kept set costs the bytes of the weights it
+# changes). Pipeline.lora_cache may change it (1: only the set in use).
 LORA_CACHE = 2
 
 
@@ -255,8 +256,10 @@ class Pipeline:
                 self._lora_merged[cache_key] = arrays
             if key is not None:
                 self._lora_merged.move_to_end(cache_key)
-                while len(self._lora_merged) > max(1, self.lora_cache) * len(lora.GRAPHS):
-                    self._lora_merged.popitem(last=False)
+            # Sets kept: lora_cache in all, the one in use among them.
+            mine = [k for k in self._lora_merged if k[0] == graph]
+            for k in mine[:max(0, len(mine) - max(0, self.lora_cache - (key is None)))]:
+                del self._lora_merged[k]
             arrays = dict(arrays or {})
             if table:
                 arrays.update(self._token_table(emb))
