@@ -243,6 +243,8 @@ Height = Annotated[Optional[int], typer.Option("--height", "-H", help="Height to
 ResizeMode = Annotated[Optional[str], typer.Option("--resize-mode", help=f"just_resize, crop_and_resize, resize_and_fill or latent_upscale (img2img only), as A1111. (default: {_d['resize_mode']})", rich_help_panel=_GEN, show_default=False)]
 ClipSkip = Annotated[Optional[int], typer.Option("--clip-skip", help=f"Use the text encoder's n-th layer from the end (A1111's Clip skip). (default: {_d['clip_skip']})", rich_help_panel=_GEN, show_default=False)]
 FromPng = Annotated[Optional[Path], typer.Option("--from-png", help="Take prompt, negative prompt, steps, sampler, schedule, CFG, seed, size, strength and clip skip from the parameters of a PNG written by sdrt or A1111; options given here override them.", rich_help_panel=_GEN, show_default=False)]
+LoraDir = Annotated[Optional[Path], typer.Option("--lora-dir", help="Folder of the LoRAs named in the prompt as <lora:NAME:WEIGHT> (A1111's syntax; <lora:NAME:TE_WEIGHT:UNET_WEIGHT> weighs the text encoder and UNet apart). Default: SDRT_LORA_DIR, else Lora/ beside the model folder.", rich_help_panel=_GEN, show_default=False)]
+EmbeddingsDir = Annotated[Optional[Path], typer.Option("--embeddings-dir", help="Folder of textual-inversion embeddings (A1111's .safetensors), used by writing a file's name in a prompt. Default: SDRT_EMBEDDINGS_DIR, else embeddings/ beside the model folder.", rich_help_panel=_GEN, show_default=False)]
 Out = Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder (created if missing), or a .png file name when the run makes one image. Files are named <input stem>-<seed>.png. Default: the current folder.", rich_help_panel=_OUT, show_default=False)]
 Provider = Annotated[str, typer.Option("--provider", help="Execution provider: auto (CUDA when usable), cpu or cuda.", rich_help_panel=_OUT)]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace existing output files (otherwise an existing file stops the run before anything runs).", rich_help_panel=_OUT)]
@@ -282,7 +284,8 @@ def _masks_for(images: list[Path], mask: Path) -> list[Path]:
     return out
 
 
-def _load_pipeline(model: Optional[Path], provider: str):
+def _load_pipeline(model: Optional[Path], provider: str, lora_dir: Optional[Path] = None,
+                   embeddings_dir: Optional[Path] = None):
     from sdrt.runtime import load
 
     if model is None:
@@ -293,7 +296,7 @@ def _load_pipeline(model: Optional[Path], provider: str):
         except FileNotFoundError:
             fail("no --model given and the embedded default model is not installed; pass --model DIR, "
                  "or export a model folder with `sdrt export SRC OUT` (see `sdrt export --help`)")
-    return load(model, provider=provider)
+    return load(model, provider=provider, lora_dir=lora_dir, embeddings_dir=embeddings_dir)
 
 
 def _check_out_folder(folder: Path, what: str) -> None:
@@ -419,12 +422,14 @@ def _jsonable(x):
 
 
 def _generate(mode: str, images: Optional[List[Path]], mask: Optional[Path], options: dict, *, from_png: Optional[Path],
-              model: Optional[Path], out: Optional[Path], provider: str, overwrite: bool, quiet: bool, as_json: bool) -> None:
+              model: Optional[Path], out: Optional[Path], provider: str, overwrite: bool, quiet: bool, as_json: bool,
+              lora_dir: Optional[Path] = None, embeddings_dir: Optional[Path] = None) -> None:
     from sdrt.runtime.errors import InputError
-    from sdrt.runtime.infotext import arguments_from_infotext, read_infotext, save_png
+    from sdrt.runtime.infotext import arguments_from_infotext, parse_infotext, read_infotext, save_png
 
     t_start = time.perf_counter()
     kwargs: dict = {}
+    lora_hashes = None
     if from_png is not None:
         try:
             text = read_infotext(from_png)
@@ -433,6 +438,7 @@ def _generate(mode: str, images: Optional[List[Path]], mask: Optional[Path], opt
         if not text:
             fail(f"--from-png: {from_png} holds no generation parameters (no PNG 'parameters' text from sdrt or A1111)")
         kwargs.update(arguments_from_infotext(text, mode))
+        lora_hashes = parse_infotext(text)[2].get("Lora hashes")
     from_png_keys = set(kwargs)
     kwargs.update({k: v for k, v in options.items() if v is not None})
     from_png_keys -= {k for k, v in options.items() if v is not None}
@@ -446,7 +452,11 @@ def _generate(mode: str, images: Optional[List[Path]], mask: Optional[Path], opt
         pairs = list(zip(files, _masks_for(files, mask) if mask is not None else [None] * len(files)))
 
     t = time.perf_counter()
-    pipe = _load_pipeline(model, provider)
+    pipe = _load_pipeline(model, provider, lora_dir, embeddings_dir)
+    if lora_hashes:  # a LoRA renamed since the PNG was made is found by its hash, as A1111 does
+        from sdrt.runtime.lora import rename_by_hash
+
+        kwargs["prompt"] = rename_by_hash(kwargs["prompt"], lora_hashes, pipe.lora_dir)
     t_load = time.perf_counter() - t
     run = getattr(pipe, mode)
 
@@ -554,6 +564,8 @@ def img2img(
     prompt: Prompt = None,
     negative: Negative = None,
     model: Model = None,
+    lora_dir: LoraDir = None,
+    embeddings_dir: EmbeddingsDir = None,
     strength: Strength = None,
     steps: Steps = None,
     cfg: Cfg = None,
@@ -580,7 +592,7 @@ def img2img(
     """
     opts = _common(prompt, negative, steps, cfg, sampler, schedule, seed, batch_size, width, height, clip_skip)
     opts.update(strength=strength, resize_mode=resize_mode)
-    _run_guarded(_generate, "img2img", images, None, opts, from_png=from_png, model=model, out=out,
+    _run_guarded(_generate, "img2img", images, None, opts, from_png=from_png, model=model, lora_dir=lora_dir, embeddings_dir=embeddings_dir, out=out,
                  provider=provider, overwrite=overwrite, quiet=quiet, as_json=json_)
 
 
@@ -591,6 +603,8 @@ def inpaint(
     prompt: Prompt = None,
     negative: Negative = None,
     model: Model = None,
+    lora_dir: LoraDir = None,
+    embeddings_dir: EmbeddingsDir = None,
     mask_blur: Optional[int] = typer.Option(None, "--mask-blur", help="Blur of the mask edge in pixels: A1111's Gaussian for A1111 and ComfyUI samplers (default 4), diffusers' mask_processor.blur for diffusers samplers (default 0).", rich_help_panel=_INP, show_default=False),
     invert_mask: Optional[bool] = typer.Option(None, "--invert-mask/--no-invert-mask", help="Repaint the black part of the mask instead (A1111's 'Inpaint not masked').", rich_help_panel=_INP, show_default=False),
     fill: Optional[str] = typer.Option(None, "--fill", help=f"What the masked area starts from: fill, original, latent_noise or latent_nothing. (default: {_d['fill']})", rich_help_panel=_INP, show_default=False),
@@ -624,7 +638,7 @@ def inpaint(
     opts = _common(prompt, negative, steps, cfg, sampler, schedule, seed, batch_size, width, height, clip_skip)
     opts.update(strength=strength, resize_mode=resize_mode, mask_blur=mask_blur, invert_mask=invert_mask, fill=fill,
                 only_masked=only_masked, padding=padding, overlay=False if no_overlay else None)
-    _run_guarded(_generate, "inpaint", images, mask, opts, from_png=from_png, model=model, out=out,
+    _run_guarded(_generate, "inpaint", images, mask, opts, from_png=from_png, model=model, lora_dir=lora_dir, embeddings_dir=embeddings_dir, out=out,
                  provider=provider, overwrite=overwrite, quiet=quiet, as_json=json_)
 
 
@@ -633,6 +647,8 @@ def txt2img(
     prompt: Prompt = None,
     negative: Negative = None,
     model: Model = None,
+    lora_dir: LoraDir = None,
+    embeddings_dir: EmbeddingsDir = None,
     width: Annotated[Optional[int], typer.Option("--width", "-W", help="Image width (rounded to the model's multiple). (default: the model's size: 1024 for SDXL models, from their config; 512 for SD 1.x/2.x)", rich_help_panel=_GEN, show_default=False)] = None,
     height: Annotated[Optional[int], typer.Option("--height", "-H", help="Image height. (default: as --width)", rich_help_panel=_GEN, show_default=False)] = None,
     steps: Steps = None,
@@ -656,8 +672,82 @@ def txt2img(
     Example: sdrt txt2img -p "a lighthouse at dusk" --width 512 --height 512 --seed 7
     """
     opts = _common(prompt, negative, steps, cfg, sampler, schedule, seed, batch_size, width, height, clip_skip)
-    _run_guarded(_generate, "txt2img", None, None, opts, from_png=from_png, model=model, out=out,
+    _run_guarded(_generate, "txt2img", None, None, opts, from_png=from_png, model=model, lora_dir=lora_dir, embeddings_dir=embeddings_dir, out=out,
                  provider=provider, overwrite=overwrite, quiet=quiet, as_json=json_)
+
+
+@app.command()
+def grid(
+    image: Optional[Path] = typer.Argument(None, metavar="[IMAGE]", help="Input image (none: txt2img).", show_default=False),
+    x: str = typer.Option(..., "--x", help='X axis, KIND=V1,V2,...: strength, cfg, steps, sampler, schedule, seed, clip_skip, lora:NAME (its weight), "prompt S/R" (the first value searched in the prompt, replaced by each). Values with commas in double quotes.', rich_help_panel=_GEN, show_default=False),
+    y: Optional[str] = typer.Option(None, "--y", help="Y axis (as --x).", rich_help_panel=_GEN, show_default=False),
+    z: Optional[str] = typer.Option(None, "--z", help="Z axis (as --x): one sub-grid per value, side by side.", rich_help_panel=_GEN, show_default=False),
+    mask: Optional[Path] = typer.Option(None, "--mask", help="Mask (white = repaint): inpaint instead of img2img.", rich_help_panel=_GEN, show_default=False),
+    prompt: Prompt = None,
+    negative: Negative = None,
+    model: Model = None,
+    lora_dir: LoraDir = None,
+    embeddings_dir: EmbeddingsDir = None,
+    strength: Strength = None,
+    steps: Steps = None,
+    cfg: Cfg = None,
+    sampler: Sampler = None,
+    schedule: Schedule = None,
+    seed: Seed = None,
+    width: Width = None,
+    height: Height = None,
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="The grid's PNG file (default: grid-<seed>.png); each cell goes with its own parameters into <name>-cells/ beside it.", rich_help_panel=_OUT, show_default=False),
+    provider: Provider = "auto",
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+) -> None:
+    """An X/Y/Z grid of images, as A1111's X/Y/Z plot: one cell per combination of axis values, labelled.
+
+    Every cell has the same seed unless seed is an axis. The grid PNG carries the parameters of its first cell and the axes; each cell is also saved with its own.
+
+    Example: sdrt grid in.png -p "a cat <lora:style:1>" --x "lora:style=0.4,0.8,1.0" --y "strength=0.3,0.5,0.7" --seed 1
+    """
+    opts = {k: v for k, v in dict(prompt=prompt, negative_prompt=negative, strength=strength, steps=steps, guidance=cfg,
+                                  sampler=sampler, schedule=schedule, seed=seed, width=width, height=height).items()
+            if v is not None}
+    _run_guarded(_grid, image, mask, [a for a in (x, y, z) if a is not None], opts, model=model, lora_dir=lora_dir,
+                 embeddings_dir=embeddings_dir, out=out, provider=provider, overwrite=overwrite, quiet=quiet)
+
+
+def _grid(image, mask, axes_specs, opts, *, model, lora_dir, embeddings_dir, out, provider, overwrite, quiet) -> None:
+    from sdrt.runtime.grid import parse_axis, run_grid
+    from sdrt.runtime.infotext import save_png
+
+    if opts.get("prompt") is None:
+        fail("missing option --prompt/-p", 2)
+    if mask is not None and image is None:
+        fail("--mask needs an IMAGE to inpaint", 2)
+    axes = [parse_axis(a) for a in axes_specs]
+    mode = "txt2img" if image is None else "inpaint" if mask is not None else "img2img"
+    if mode == "txt2img":
+        opts.pop("strength", None)
+    base = {**opts, **({"image": image} if image is not None else {}), **({"mask": mask} if mask is not None else {})}
+    pipe = _load_pipeline(model, provider, lora_dir, embeddings_dir)
+    if base.get("seed") in (None, -1) and not any(a.kind == "seed" for a in axes):
+        base["seed"] = getattr(pipe, mode)(**base, dry_run=True).seeds[0]
+    path = out if out is not None else Path(f"grid-{base.get('seed', 'seeds')}.png")
+    cells_dir = path.with_name(path.stem + "-cells")
+    if not overwrite and (path.exists() or cells_dir.exists()):
+        fail(f"{path if path.exists() else cells_dir} already exists; pass --overwrite to replace it")
+    show = not quiet and sys.stderr.isatty()
+
+    def progress(done: int, total: int) -> None:
+        if show:
+            typer.echo(f"\rcell {done}/{total}", err=True, nl=done == total)
+
+    g = run_grid(pipe, mode, base, axes, progress)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cells_dir.mkdir(exist_ok=True)
+    for i, (r, (xi, yi, zi)) in enumerate(g.cells):
+        save_png(r.images[0], cells_dir / f"{i:04d}-x{xi}-y{yi}-z{zi}.png", r.infotexts[0], overwrite=overwrite)
+    save_png(g.image, path, g.infotext, overwrite=overwrite)
+    if not quiet:
+        typer.echo(str(path))
 
 
 @app.command()

@@ -31,6 +31,8 @@ INT8_GRAPHS = ("unet",)
 # Operators an fp16 graph keeps in fp32 unless fp32_ops says otherwise, per model family and graph:
 # SD 2.x's UNet attention overflows in fp16 (black images; ONNX Runtime's SD stack forces
 # unet:MultiHeadAttention to fp32 for SD 2.1 too).
+# Graphs whose weights LoRAs change (their lora_map.json says where each weight is).
+LORA_GRAPHS = ("unet", "text_encoder")
 DEFAULT_FP32_OPS = {("sd2", "unet"): ("MultiHeadAttention",)}
 
 
@@ -440,6 +442,7 @@ def _export_into(source, tmp, precision, target, opset, fp32_ops, fp32_vae_decod
     import torch
 
     from .graphs import check_graph, export_graph, reference_outputs
+    from .loramap import fingerprints, write_map
     from .optimize import optimize_graph
 
     torch.set_grad_enabled(False)
@@ -481,6 +484,9 @@ def _export_into(source, tmp, precision, target, opset, fp32_ops, fp32_vae_decod
             for d in dirs:
                 module.save_config(tmp / d)
             configs[component] = dict(module.config)
+        # LoRA-able weights of the UNet and text encoder, located in the final graphs below.
+        prints = fingerprints(module, "text_model." if component == "text_encoder" else "") \
+            if component in LORA_GRAPHS else None
         staged = []
         for spec in specs:
             t = time.time()
@@ -512,6 +518,11 @@ def _export_into(source, tmp, precision, target, opset, fp32_ops, fp32_vae_decod
                 fused[FP32_VAE_DECODER] = optimize_graph(stage, tmp / FP32_VAE_DECODER / "model.onnx", name, target, "fp32")
                 precisions[FP32_VAE_DECODER] = "fp32"
             shutil.rmtree(stage.parent)
+            if prints is not None and graph_precision == "fp32":
+                lmap = write_map(prints, dst)
+                if lmap["missing"]:
+                    log(f"  {name}: {len(lmap['missing'])} LoRA-able weights not found in the graph "
+                        f"(LoRAs on them are refused): {', '.join(lmap['missing'][:5])}")
             _free_memory()
             counts = ", ".join(f"{k} {v}" for k, v in sorted(fused[name].items())) or "none"
             log(f"  {name}: {graph_precision}/{target} graph written in {t_export + time.time() - t:.1f}s (fused: {counts})")

@@ -26,6 +26,7 @@ MANIFEST = "sdrt.json"
 FORMAT_VERSION = 1
 GRAPHS = ("text_encoder", "unet", "vae_encoder", "vae_decoder")
 FAMILIES = ("sd1", "sd2", "sdxl")
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")  # SDXL: both; its refiner: text_encoder_2 alone
 # An fp32 copy of the VAE decoder next to an fp16 one (sdrt export --fp32-vae-decoder): the
 # pipeline decodes with it when the fp16 decoder overflows (NaN/Inf).
 FP32_VAE_DECODER = "vae_decoder_fp32"
@@ -388,7 +389,7 @@ def read_model_folder(path: str | os.PathLike, verify: str = "auto", *, partial:
     return _from_configs(root)
 
 
-def _manifest_files(root: Path, files: Any, partial: bool) -> dict[str, dict[str, Any]]:
+def _manifest_files(root: Path, files: Any, partial: bool, graphs: tuple[str, ...]) -> dict[str, dict[str, Any]]:
     """The manifest's "files" table, checked: relative paths inside the folder, each with its size
     and sha256, and an entry for every graph."""
     where = root / MANIFEST
@@ -412,7 +413,7 @@ def _manifest_files(root: Path, files: Any, partial: bool) -> dict[str, dict[str
             raise bad(f"the sha256 of {rel} must be 64 lowercase hex digits, got {digest!r}")
         out[rel] = {"size": size, "sha256": digest}
     if not partial:
-        missing = [f"{g}/model.onnx" for g in GRAPHS if f"{g}/model.onnx" not in out]
+        missing = [f"{g}/model.onnx" for g in graphs if f"{g}/model.onnx" not in out]
         if missing:
             raise bad(f"it lists no size and sha256 for {', '.join(missing)}, so they cannot be checked")
     return out
@@ -433,16 +434,20 @@ def _from_manifest(root: Path, verify: str, partial: bool = False, wait: bool = 
                                "export the model again")
     if m["family"] not in FAMILIES:
         raise ModelFolderError(f"{root / MANIFEST} describes a {m['family']!r} model; this sdrt runs {', '.join(FAMILIES)}")
-    files = _manifest_files(root, m["files"], partial)
-    precision = m["precision"]
-    if not isinstance(precision, dict):
-        raise ModelFolderError(f"{root / MANIFEST} is malformed: precision must map each graph to fp32, fp16 or int8, "
-                               f"got {precision!r}; export the model again")
     try:
         xl = XLConfig.from_dict(m["sdxl"]) if m["family"] == "sdxl" else None
         text_encoders = tuple(m.get("text_encoders", ("text_encoder",)))
     except (KeyError, TypeError, ValueError) as e:
         raise ModelFolderError(f"{root / MANIFEST} is incomplete or malformed ({e!r}); export the model again") from None
+    if not text_encoders or any(not isinstance(t, str) or t not in TEXT_ENCODERS for t in text_encoders) \
+            or len(set(text_encoders)) != len(text_encoders):
+        raise ModelFolderError(f"{root / MANIFEST} is malformed: text_encoders is {list(text_encoders)!r}; accepted: "
+                               f"one or both of {', '.join(TEXT_ENCODERS)}; export the model again")
+    files = _manifest_files(root, m["files"], partial, graph_names(text_encoders))
+    precision = m["precision"]
+    if not isinstance(precision, dict):
+        raise ModelFolderError(f"{root / MANIFEST} is malformed: precision must map each graph to fp32, fp16 or int8, "
+                               f"got {precision!r}; export the model again")
     info = ModelInfo(
         path=root,
         family=m["family"],

@@ -25,7 +25,9 @@ import numpy as np
 from sdrt import schedulers
 from sdrt.schedulers import options as option_domains
 
-from . import prepare, prompts, sdxl
+from . import lora, prepare, prompts, sdxl
+from .embeddings import default_dir as embeddings_default_dir
+from .embeddings import short_hash as embeddings_short_hash
 from .errors import InputError
 from .modelfolder import CLIP_SKIP_OUTPUT, FP32_VAE_DECODER, ModelFolderError, ModelInfo, read_model_folder
 from .sessions import Graph, check_threads, resolve_provider
@@ -39,6 +41,10 @@ MAX_PROMPT_WEIGHT = 100.0
 MAX_NOISE = 1e4
 # Input shapes (batch, height, width) of the UNet that may hold a captured CUDA graph at once.
 DEFAULT_CUDA_GRAPHS = 4
+# Sets of merged LoRA weights kept per graph, the one in use among them (2: it and the previous
+# one, so switching back does not merge again; each kept set costs the bytes of the weights it
+# changes). Pipeline.lora_cache may change it (1: only the set in use).
+LORA_CACHE = 2
 
 
 @dataclass
@@ -115,7 +121,8 @@ class Pipeline:
 
     def __init__(self, info: ModelInfo, provider: str = "auto", threads: int | None = None, *,
                  io_binding: bool | None = None, cuda_graphs: int | None = None,
-                 provider_options: dict[str, Any] | None = None):
+                 provider_options: dict[str, Any] | None = None, lora_dir: str | Path | None = None,
+                 embeddings_dir: str | Path | None = None):
         self.info = info
         threads = check_threads(threads)
         self.provider = resolve_provider(provider, info)
@@ -142,6 +149,16 @@ class Pipeline:
             raise
         self.tokenizer = self.tokenizers[info.tokenizers[0]]
         self._embeddings = _EmbeddingCache()
+        self.lora_dir = Path(lora_dir).expanduser() if lora_dir is not None else lora.default_dir(info.path)
+        self._lora_lock = threading.RLock()
+        self._lora_used = False
+        self.embeddings_dir = (Path(embeddings_dir).expanduser() if embeddings_dir is not None
+                               else embeddings_default_dir(info.path))
+        self._emb_set = None
+        self._emb_table = None
+        self._lora_files: OrderedDict = OrderedDict()  # (path, size, mtime) -> (graph -> module -> Layer, hash)
+        self._lora_merged: OrderedDict = OrderedDict()  # (graph, key) -> merged initializers
+        self.lora_cache = LORA_CACHE
         self.fp32_decodes = 0  # images decoded again by the fp32 VAE decoder (fp16 overflow)
 
     def __repr__(self) -> str:
@@ -260,16 +277,115 @@ class Pipeline:
         """(cond, uncond) embeddings (1, 77*k, D), cached per (prompt, negative, clip_skip)."""
         from .text import encode_prompts
 
-        key = (prompt, negative_prompt, clip_skip, emphasis)
+        key = (prompt, negative_prompt, clip_skip, emphasis, self.graphs["text_encoder"].initializers_key)
         return self._embeddings.get(
             key,
             lambda: tuple(
                 x[:1]
                 for x in encode_prompts(
-                    [prompt], [negative_prompt], self.tokenizer, self._text_encoder, clip_skip=clip_skip, emphasis=emphasis
+                    [prompt], [negative_prompt], self.tokenizer, self._text_encoder, clip_skip=clip_skip, emphasis=emphasis,
+                    embeddings=self._embedding_matcher(),
                 )
             ),
         )
+
+    # ----------------------------------------------------------------------------------- LoRA
+    def _resolve_loras(self, uses: list) -> list:
+        """[(use, path, graph -> module -> Layer, short hash)] for the LoRAs of a request: every file found,
+        read and checked against this model before anything runs."""
+        if not uses:
+            return []
+        if self.info.is_sdxl:
+            raise InputError(f"LoRAs are applied to SD 1.x and 2.x models; {self.info.path} is an SDXL model, whose "
+                             f"LoRAs sdrt does not apply yet (remove {', '.join(f'<lora:{u.name}:...>' for u in uses)})")
+        precision = self.info.precision
+        if any(precision.get(g) != "fp32" for g in lora.GRAPHS):
+            got = ", ".join(f"{g} {precision.get(g)}" for g in lora.GRAPHS)
+            raise InputError(f"LoRAs are applied to fp32 graphs; {self.info.path} has {got} graphs (int8 layers are not "
+                             "re-quantized, fp16 graphs not merged): use an fp32 export of this model")
+        maps = {g: lora.read_map(self.info.graph_files[g]) for g in lora.GRAPHS}
+        if any(m is None for m in maps.values()):
+            raise InputError(f"{self.info.path} has no LoRA map ({lora.MAP_FILE}): it was exported before sdrt applied "
+                             "LoRAs, or by another tool; export it again with `sdrt export` to use LoRAs")
+        out = []
+        for use in uses:
+            path = lora.find(use.name, self.lora_dir)
+            st = path.stat()
+            key = (str(path), st.st_size, st.st_mtime_ns)
+            if key not in self._lora_files:
+                layers = lora.parse_layers(use.name, lora.read_safetensors(path), maps)
+                self._lora_files[key] = (layers, lora.short_hash(path))
+                while len(self._lora_files) > 8:
+                    self._lora_files.popitem(last=False)
+            layers, short = self._lora_files[key]
+            out.append((use, path, layers, short))
+        return out
+
+    def _apply_loras(self, resolved: list) -> None:
+        """Give the text encoder and UNet sessions the weights of `resolved` (none: the model's own),
+        and the text encoder the token-embedding table extended by the folder's embeddings."""
+        self._lora_used = self._lora_used or bool(resolved)
+        emb = self.embedding_set()
+        for graph in lora.GRAPHS:
+            field_ = "te" if graph == "text_encoder" else "unet"
+            parts = [(str(path), getattr(use, field_)) for use, path, layers, _ in resolved
+                     if graph in layers and getattr(use, field_) != 0]
+            key = tuple(sorted(parts)) or None
+            g = self.graphs[graph]
+            table = graph == "text_encoder" and emb.embeddings
+            full_key = (key, emb.key) if table else key
+            if full_key == g.initializers_key:
+                continue
+            cache_key = (graph, key)
+            arrays = self._lora_merged.get(cache_key)
+            if arrays is None and key is not None:
+                g.set_initializers(None, {})  # the old merged weights go before the new ones are made
+                updates = [(layers[graph], getattr(use, field_)) for use, path, layers, _ in resolved if graph in layers]
+                arrays = lora.merge(g.path, lora.read_map(g.path), updates)
+                self._lora_merged[cache_key] = arrays
+            if key is not None:
+                self._lora_merged.move_to_end(cache_key)
+            # Sets kept: lora_cache in all, the one in use among them.
+            mine = [k for k in self._lora_merged if k[0] == graph]
+            for k in mine[:max(0, len(mine) - max(0, self.lora_cache - (key is None)))]:
+                del self._lora_merged[k]
+            arrays = dict(arrays or {})
+            if table:
+                arrays.update(self._token_table(emb))
+            g.set_initializers(full_key, arrays)
+
+    # ----------------------------------------------------------------------------- embeddings
+    def embedding_set(self):
+        """The textual-inversion embeddings of the embeddings folder (read again when a file changes)."""
+        from . import embeddings
+
+        with self._lora_lock:
+            self._emb_set = embeddings.scan(self.embeddings_dir, self.info.text_hidden_size, self.tokenizer.vocab_size,
+                                            self._emb_set)
+            return self._emb_set
+
+    def _embedding_matcher(self):
+        emb = self.embedding_set()
+        if not emb.embeddings and not emb.skipped:
+            return None
+        return emb.lookup(self.tokenizer), emb.replacement
+
+    def _token_table(self, emb) -> dict[str, np.ndarray]:
+        """{initializer: the token-embedding table with the embeddings' vectors appended}."""
+        if self._emb_table is not None and self._emb_table[0] == emb.key:
+            return self._emb_table[1]
+        from .onnxinit import initializers
+
+        path = self.graphs["text_encoder"].path
+        want = (self.tokenizer.vocab_size, self.info.text_hidden_size)
+        found = [t for t in initializers(path).values() if t.dims == want and t.dtype in (1, 10)]
+        if len(found) != 1:
+            raise InputError(f"the text encoder graph {path} has no single token-embedding table of shape {list(want)} "
+                             "to extend, so textual-inversion embeddings cannot be used with it")
+        base = found[0].read()
+        table = np.concatenate([base, emb.rows().astype(base.dtype)])
+        self._emb_table = (emb.key, {found[0].name: table})
+        return self._emb_table[1]
 
     # ------------------------------------------------------------------------------------ VAE
     def encode_images(self, pixels: np.ndarray, noise: BatchNoise | None, sample_posterior: bool = True) -> np.ndarray:
@@ -430,6 +546,7 @@ class Pipeline:
         output: str = "pil",
         progress: Callable[[int, int], None] | None = None,
         dry_run: bool = False,
+        loras: dict[str, Any] | None = None,
         **sampler_options,
     ) -> Result:
         """Transform `image` towards `prompt`. strength 0 returns the VAE round trip of the input,
@@ -456,6 +573,7 @@ class Pipeline:
             output=output,
             progress=progress,
             dry_run=dry_run,
+            loras=loras,
             sampler_options=sampler_options,
         )
 
@@ -490,6 +608,7 @@ class Pipeline:
         overlay: bool = True,
         progress: Callable[[int, int], None] | None = None,
         dry_run: bool = False,
+        loras: dict[str, Any] | None = None,
         **sampler_options,
     ) -> Result:
         """Repaint the white part of `mask` in `image` (A1111's inpainting options).
@@ -535,6 +654,7 @@ class Pipeline:
             output=output,
             progress=progress,
             dry_run=dry_run,
+            loras=loras,
             sampler_options=sampler_options,
         )
 
@@ -555,6 +675,7 @@ class Pipeline:
         output: str = "pil",
         progress: Callable[[int, int], None] | None = None,
         dry_run: bool = False,
+        loras: dict[str, Any] | None = None,
         **sampler_options,
     ) -> Result:
         """Generate from `prompt` alone (the latents start as pure noise). width/height default to
@@ -580,6 +701,7 @@ class Pipeline:
             output=output,
             progress=progress,
             dry_run=dry_run,
+            loras=loras,
             sampler_options=sampler_options,
         )
 
@@ -596,7 +718,47 @@ class Pipeline:
 
     # ------------------------------------------------------------------------------- the loop
     def _generate(self, job, *, mode, prompt, negative_prompt, strength, steps, guidance, sampler, schedule, seed,
-                  clip_skip, noise, sample_posterior, output, progress, sampler_options, dry_run=False) -> Result:
+                  clip_skip, noise, sample_posterior, output, progress, sampler_options, dry_run=False,
+                  loras=None) -> Result:
+        if not isinstance(prompt, str):
+            raise InputError(f"prompt must be a string, got {type(prompt).__name__}")
+        text, uses = lora.parse_prompt(prompt)
+        uses = uses + lora.uses_from_dict(loras)
+        if loras:  # the infotext's prompt reproduces the call
+            prompt = prompt + lora.as_tags(lora.uses_from_dict(loras))
+        matcher = self._embedding_matcher()
+        networks: dict[str, list] = {}
+        if matcher is not None:  # which embeddings the prompts use (one that cannot be used stops the call here)
+            from .text import prompt_chunks
+
+            used: list[str] = []
+            lookup, replacement = matcher
+            for t in (text, negative_prompt if isinstance(negative_prompt, str) else ""):
+                prompt_chunks(t, self.tokenizer, embeddings=(lookup, lambda n: used.append(n) or replacement(n)))
+            if used and self.info.is_sdxl:
+                raise InputError(f"textual-inversion embeddings are used with SD 1.x and 2.x models; {self.info.path} is "
+                                 f"an SDXL model (the prompt names {', '.join(dict.fromkeys(used))})")
+            emb = self.embedding_set()
+            networks["embeddings"] = [[n, embeddings_short_hash(emb.embeddings[n].path)] for n in dict.fromkeys(used)]
+        if not uses and not self._lora_used and matcher is None:
+            return self._generate_with(job, mode=mode, prompt=prompt, text=text, negative_prompt=negative_prompt,
+                                       strength=strength, steps=steps, guidance=guidance, sampler=sampler, schedule=schedule,
+                                       seed=seed, clip_skip=clip_skip, noise=noise, sample_posterior=sample_posterior,
+                                       output=output, progress=progress, sampler_options=sampler_options, dry_run=dry_run)
+        # One set of LoRA weights is loaded at a time: calls with LoRAs run one after another.
+        with self._lora_lock:
+            resolved = self._resolve_loras(uses)
+            if not dry_run:
+                self._apply_loras(resolved)
+            return self._generate_with(job, mode=mode, prompt=prompt, text=text, negative_prompt=negative_prompt,
+                                       strength=strength, steps=steps, guidance=guidance, sampler=sampler, schedule=schedule,
+                                       seed=seed, clip_skip=clip_skip, noise=noise, sample_posterior=sample_posterior,
+                                       output=output, progress=progress, sampler_options=sampler_options, dry_run=dry_run,
+                                       networks={**networks, "loras": [[u.name, u.te, u.unet, h] for u, _, _, h in resolved]})
+
+    def _generate_with(self, job, *, mode, prompt, text, negative_prompt, strength, steps, guidance, sampler, schedule,
+                       seed, clip_skip, noise, sample_posterior, output, progress, sampler_options, dry_run,
+                       networks=None) -> Result:
         t_start = time.perf_counter()
         timings: dict[str, float] = {}
         # Everything that can be wrong with the request is checked before any model runs.
@@ -615,7 +777,7 @@ class Pipeline:
         # A1111 clamps img2img strength to 0.999: at 1.0 its img2img path still starts from the image.
         plan_strength = min(strength, 0.999) if family == "a1111" and mode != "txt2img" else strength
         plan = _make_plan(sampler, steps, plan_strength, schedule, self.info.scheduler_config, sampler_options)
-        cond_schedule = prompts.prompt_schedule(prompts.composable_prompt(prompt), plan.prompt_steps)
+        cond_schedule = prompts.prompt_schedule(prompts.composable_prompt(text), plan.prompt_steps)
         uncond_schedule = prompts.prompt_schedule(negative_prompt, plan.prompt_steps)
         b = job.batch_size
         lat_shape = (self.info.latent_channels, job.height // self.info.vae_scale_factor, job.width // self.info.vae_scale_factor)
@@ -628,7 +790,8 @@ class Pipeline:
                 raise InputError(f"noise has {bad}; it must be finite standard normal noise (|x| <= {MAX_NOISE:g})")
         seeds = _seeds(seed, b)
         if dry_run:  # the request is valid: report what it would make, run nothing
-            params = self._parameters(mode, job, plan, prompt, negative_prompt, steps, guidance, clip_skip, strength, seeds, sampler)
+            params = self._parameters(mode, job, plan, prompt, negative_prompt, steps, guidance, clip_skip, strength, seeds, sampler,
+                                      networks)
             params.update(xl_options)
             return Result([], seeds, params, self._infotexts(params, seeds))
         rand = BatchNoise(seeds)
@@ -702,7 +865,8 @@ class Pipeline:
         if blend is not None:
             latents = blend.finish(latents)
 
-        params = self._parameters(mode, job, plan, prompt, negative_prompt, steps, guidance, clip_skip, strength, seeds, sampler)
+        params = self._parameters(mode, job, plan, prompt, negative_prompt, steps, guidance, clip_skip, strength, seeds, sampler,
+                                      networks)
         params.update(xl_options)
         if output == "latent":
             timings["total"] = time.perf_counter() - t_start
@@ -732,7 +896,7 @@ class Pipeline:
 
         conds, unconds = encode_schedules(
             [[t for _, t in cond_schedule], [t for _, t in uncond_schedule]], self.tokenizer, self._text_encoder,
-            clip_skip=clip_skip)
+            clip_skip=clip_skip, embeddings=self._embedding_matcher())
         pairs: dict = {}
 
         def at(call: int):
@@ -763,7 +927,8 @@ class Pipeline:
         mask = np.broadcast_to(mask, (b, 1, *lat.shape[2:]))
         return np.concatenate([mask, lat], axis=1).astype(np.float32)
 
-    def _parameters(self, mode, job, plan, prompt, negative_prompt, steps, guidance, clip_skip, strength, seeds, sampler):
+    def _parameters(self, mode, job, plan, prompt, negative_prompt, steps, guidance, clip_skip, strength, seeds, sampler,
+                    networks=None):
         p = {
             "mode": mode,
             "prompt": prompt,
@@ -785,6 +950,8 @@ class Pipeline:
             p["vae"], p["vae_hash"] = self.info.vae.get("name"), self.info.vae.get("short_hash")
         if mode != "txt2img":
             p["strength"] = strength
+        # loras: [name, text encoder weight, UNet weight, short hash]; embeddings: [name, short hash]
+        p.update({k: v for k, v in (networks or {}).items() if v})
         p.update(job.parameters)
         return p
 
@@ -808,6 +975,11 @@ class Pipeline:
                 "Clip skip": params["clip_skip"] if params["clip_skip"] > 1 else None,
             }
             fields.update(params.get("infotext_extra", {}))
+            # A1111's extra-network keys: the name as the prompt writes it (without ':' and ','), the file's short hash
+            for key, items in (("Lora hashes", params.get("loras")), ("TI hashes", params.get("embeddings"))):
+                if items:
+                    named = dict((x[0].replace(":", "").replace(",", ""), x[-1]) for x in items)
+                    fields[key] = ", ".join(f"{n}: {h}" for n, h in named.items())
             fields["Version"] = f"sdrt {sdrt_version()}"  # A1111 writes its own version here
             out.append(format_infotext(params["prompt"], params["negative_prompt"], {k: v for k, v in fields.items() if v is not None}))
         return out
@@ -941,7 +1113,8 @@ def _family(sampler) -> str | None:
 
 def load(path: str | Path | None = None, provider: str = "auto", *, verify: str = "auto", threads: int | None = None,
          io_binding: bool | None = None, cuda_graphs: int | None = None,
-         provider_options: dict[str, Any] | None = None) -> Pipeline:
+         provider_options: dict[str, Any] | None = None, lora_dir: str | Path | None = None,
+         embeddings_dir: str | Path | None = None) -> Pipeline:
     """Load a model folder (sdrt export or optimum export). path=None loads the embedded default model.
 
     verify: "auto" hashes the files listed in sdrt.json that were not verified on this machine
@@ -953,7 +1126,11 @@ def load(path: str | Path | None = None, provider: str = "auto", *, verify: str 
     default: on for CUDA, off for the CPU. cuda_graphs: how many UNet input shapes (batch, size)
     may hold a captured CUDA graph (default 4 with CUDA and IO binding, 0 otherwise).
     provider_options: ONNX Runtime CUDA provider options over sdrt's (e.g.
-    {"cudnn_conv_use_max_workspace": "0"}, which trades convolution speed for GPU memory)."""
+    {"cudnn_conv_use_max_workspace": "0"}, which trades convolution speed for GPU memory).
+    lora_dir: the folder of the LoRAs named in prompts (<lora:NAME:WEIGHT>) or in loras={...};
+    default: SDRT_LORA_DIR, else `Lora` beside the model folder. embeddings_dir: the folder of the
+    textual-inversion embeddings prompts name by file name (A1111's .safetensors embeddings);
+    default: SDRT_EMBEDDINGS_DIR, else `embeddings` beside the model folder."""
     if path is None:
         from sdrt.models import default_model_path
 
@@ -962,4 +1139,5 @@ def load(path: str | Path | None = None, provider: str = "auto", *, verify: str 
     # The files are hashed in the background while the sessions are created; every graph waits for
     # the result before its first run.
     return Pipeline(read_model_folder(path, verify=verify, wait=False), provider=provider, threads=threads,
-                    io_binding=io_binding, cuda_graphs=cuda_graphs, provider_options=provider_options)
+                    io_binding=io_binding, cuda_graphs=cuda_graphs, provider_options=provider_options,
+                    lora_dir=lora_dir, embeddings_dir=embeddings_dir)

@@ -229,6 +229,9 @@ class Graph:
         self._session = None
         self._bound: BoundSession | None = None
         self._lock = threading.Lock()
+        # Initializers that replace the graph's own (merged LoRA weights), and their key.
+        self.initializers_key: Any = None
+        self._initializers: dict[str, np.ndarray] = {}
         self.input_types: dict[str, type] = {}
         self.input_ranks: dict[str, int] = {}
         self.output_names: list[str] = []
@@ -251,9 +254,16 @@ class Graph:
             _preload_cuda_libraries()
 
         def create(cuda_graph: bool):
-            return ort.InferenceSession(str(self.path), session_options(self.provider, self.threads),
+            so = session_options(self.provider, self.threads)
+            # The arrays (self._initializers) and their OrtValues stay referenced: ONNX Runtime
+            # uses their memory for the session's life.
+            self._initializer_values = [ort.OrtValue.ortvalue_from_numpy(a) for a in self._initializers.values()]
+            for name, value in zip(self._initializers, self._initializer_values):
+                so.add_initializer(name, value)
+            return ort.InferenceSession(str(self.path), so,
                                         providers=provider_list(self.provider, cuda_graph=cuda_graph,
-                                                                options=self.provider_options))
+                                                                options=self.provider_options),
+                                        disabled_optimizers=_disabled_optimizers(self._initializers))
 
         try:
             try:
@@ -292,6 +302,19 @@ class Graph:
     @property
     def loaded(self) -> bool:
         return self._session is not None
+
+    def set_initializers(self, key: Any, arrays: dict[str, np.ndarray]) -> None:
+        """Replace initializers of the graph by `arrays` (name -> array in the graph's dtype and
+        shape), identified by `key`: the session is released now and created again on next use
+        when the key changes (the old one is gone before the new one loads)."""
+        with self._lock:
+            if key == self.initializers_key:
+                return
+            self._session, self._bound = None, None
+            self._initializers = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
+            self.initializers_key = key
+        if self.provider == "cpu":
+            _release_freed_heap()
 
     def _recreate(self, cuda_graphs: int) -> None:
         """A new session (frees every CUDA graph the old one captured)."""
@@ -340,6 +363,13 @@ class Graph:
             # A failed capture may leave the session unusable: a new one, without graphs.
             self._recreate(0)
             return self._bound.run(feeds, outputs, keep)
+
+
+def _disabled_optimizers(initializers: dict[str, np.ndarray]) -> list[str]:
+    """ONNX Runtime's NCHWc transformer (CPU convolutions in blocked layout) converts a convolution
+    weight from the graph file and ignores a replacement given with SessionOptions.add_initializer
+    (measured: the output is the original weight's). With replaced convolution weights it is off."""
+    return ["NchwcTransformer"] if any(a.ndim == 4 for a in initializers.values()) else []
 
 
 def _log(msg: str) -> None:

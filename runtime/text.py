@@ -384,6 +384,7 @@ def prompt_chunks(
     *,
     emphasis: bool = True,
     comma_backtrack: int = COMMA_BACKTRACK,
+    embeddings=None,
 ) -> PromptChunks:
     """A prompt as AUTOMATIC1111 feeds it to CLIP: chunks of 75 tokens, each BOS + 75 + EOS.
 
@@ -394,6 +395,9 @@ def prompt_chunks(
     chunk. When a chunk is full and the next token is not a comma, the tokens after the chunk's
     last comma move to the next chunk if that comma is among its last `comma_backtrack` tokens.
     An empty prompt gives one chunk BOS, EOS, padding.
+
+    embeddings: (lookup, replacement) of textual-inversion embeddings (runtime/embeddings.py):
+    where a name's tokens start, the longest matching name is replaced by its embedding's ids.
     """
     if not isinstance(text, str):
         raise InputError(f"a prompt must be a string, got {type(text).__name__}")
@@ -418,7 +422,9 @@ def prompt_chunks(
         if (piece, weight) == BREAK:
             close()
             continue
-        for token in tokens:
+        pos = 0
+        while pos < len(tokens):
+            token = tokens[pos]
             if token == comma:
                 last_comma = len(ids)
             elif comma is not None and len(ids) == size and last_comma != -1 and size - last_comma <= comma_backtrack:
@@ -429,8 +435,18 @@ def prompt_chunks(
                 ids, weights = list(moved[0]), list(moved[1])
             if len(ids) == size:
                 close()
-            ids.append(token)
-            weights.append(weight)
+            found = _embedding_at(tokens, pos, embeddings) if embeddings else None
+            if found is None:
+                ids.append(token)
+                weights.append(weight)
+                pos += 1
+                continue
+            length, new_ids = found
+            if len(ids) + len(new_ids) > size:  # an embedding is not split between chunks (A1111)
+                close()
+            ids.extend(new_ids)
+            weights.extend([weight] * len(new_ids))
+            pos += length
     if ids or not chunks:
         close(last=True)
 
@@ -446,6 +462,15 @@ def prompt_chunks(
             first = int(np.argmax(row == tokenizer.eos_id))
             row[first + 1 :] = tokenizer.pad_id
     return PromptChunks(out_ids, out_w, count)
+
+
+def _embedding_at(tokens, pos: int, embeddings) -> tuple[int, list[int]] | None:
+    """(tokens the name takes, the embedding's ids) when an embedding's name starts at tokens[pos]."""
+    lookup, replacement = embeddings
+    for name_tokens, name in lookup.get(tokens[pos], ()):
+        if tuple(tokens[pos:pos + len(name_tokens)]) == name_tokens:
+            return len(name_tokens), replacement(name)
+    return None
 
 
 # ---------------------------------------------------------------------------------- embeddings
@@ -473,6 +498,7 @@ def encode_prompts(
     clip_skip: int = 1,
     emphasis: bool = True,
     comma_backtrack: int = COMMA_BACKTRACK,
+    embeddings=None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(cond, uncond) text embeddings, each (N, 77*k, D) float32, in AUTOMATIC1111's manner.
 
@@ -508,7 +534,8 @@ def encode_prompts(
 
     def chunks_of(text: str) -> PromptChunks:
         if text not in parsed:
-            parsed[text] = prompt_chunks(text, tokenizer, emphasis=emphasis, comma_backtrack=comma_backtrack)
+            parsed[text] = prompt_chunks(text, tokenizer, emphasis=emphasis, comma_backtrack=comma_backtrack,
+                                         embeddings=embeddings)
         return parsed[text]
 
     cond_chunks = [chunks_of(p) for p in prompts]
@@ -577,6 +604,7 @@ def encode_schedules(
     clip_skip: int = 1,
     emphasis: bool = True,
     comma_backtrack: int = COMMA_BACKTRACK,
+    embeddings=None,
 ) -> list[list[np.ndarray]]:
     """Embeddings (77*k, D) of every text of every schedule (the texts a prompt takes over the
     steps with prompt editing), as A1111's get_learned_conditioning makes them: a schedule's
@@ -587,7 +615,8 @@ def encode_schedules(
     parsed: dict[str, PromptChunks] = {}
     for text in ["", *(t for sched in schedules for t in sched)]:
         if text not in parsed:
-            parsed[text] = prompt_chunks(text, tokenizer, emphasis=emphasis, comma_backtrack=comma_backtrack)
+            parsed[text] = prompt_chunks(text, tokenizer, emphasis=emphasis, comma_backtrack=comma_backtrack,
+                                         embeddings=embeddings)
     rows, z = _encode_rows(list(parsed.values()), text_encoder, clip_skip)
     empty = _embed(parsed[""], rows, z, emphasis)
     out = []
