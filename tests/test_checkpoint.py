@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import pickle
+import shutil
 import socket
 from pathlib import Path
 
@@ -22,7 +23,8 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from ckpt_layout import original_state_dict, vae_to_original, write_checkpoint
+from ckpt_layout import original_state_dict, save, training_extras, vae_to_original, without_text_model_prefix, write_checkpoint
+from transformers import CLIPTokenizer
 from sdrt.export import ExportError, export_model
 from sdrt.runtime.modelfolder import read_model_folder
 
@@ -97,62 +99,137 @@ def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-@pytest.mark.parametrize("kind", list(FAMILIES))
-def test_written_files_load_in_diffusers(models, tmp_path, offline, kind):
-    """The test's original-layout files are what diffusers' single-file loader reads back into the
-    same weights (so the files are real SD checkpoints, not sdrt's own idea of one)."""
-    folder = models.source(kind)
-    path = write_checkpoint(folder, tmp_path / f"{kind}.safetensors", open_clip=FAMILIES[kind][0])
-    pipe = _diffusers_pipeline(path, folder, kind)
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel
-
-    refs = {"unet": UNet2DConditionModel.from_pretrained(folder, subfolder="unet"),
-            "vae": AutoencoderKL.from_pretrained(folder, subfolder="vae"),
-            "text_encoder": CLIPTextModel.from_pretrained(folder, subfolder="text_encoder")}
-    for name, ref in refs.items():
-        got, want = getattr(pipe, name).state_dict(), ref.state_dict()
-        assert set(got) == set(want), name
-        assert all(torch.equal(got[k], want[k]) for k in want), name
-
-
-CASES = [  # (kind, storage dtype, suffix, prediction type given, ckpt wrapped in "state_dict")
-    ("ckpt-sd1", torch.float32, ".safetensors", None, False),
-    ("ckpt-sd1", torch.float16, ".safetensors", None, False),
-    ("ckpt-sd1", torch.float32, ".ckpt", None, True),
-    ("ckpt-sd1-inpaint", torch.float32, ".safetensors", None, False),
-    ("ckpt-sd2", torch.bfloat16, ".safetensors", "epsilon", False),
-    ("ckpt-sd2-v", torch.float32, ".safetensors", "v_prediction", False),
-    ("ckpt-sd2-inpaint", torch.float16, ".ckpt", None, False),
+STORAGE = [  # (floating-point dtype, suffix, wrapped in "state_dict"); the test models are exact in all three dtypes
+    (torch.float32, ".safetensors", False),
+    (torch.float16, ".safetensors", False),
+    (torch.bfloat16, ".ckpt", True),
 ]
 
 
-@pytest.mark.parametrize("kind,dtype,suffix,pred,wrap", CASES,
-                         ids=[f"{c[0]}-{str(c[1]).split('.')[-1]}{c[2]}" for c in CASES])
-def test_file_export_equals_folder_export(models, tmp_path, offline, kind, dtype, suffix, pred, wrap):
-    """sdrt export FILE gives the graphs sdrt export gives for the pipeline diffusers loads from
-    the same file (<= 1e-6 on the same inputs), with the family, channels and prediction type of
-    the model, and records the file and its A1111 short hash."""
+def _folder_modules(folder: Path) -> dict:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    return {"unet": UNet2DConditionModel.from_pretrained(folder, subfolder="unet"),
+            "vae": AutoencoderKL.from_pretrained(folder, subfolder="vae"),
+            "text_encoder": CLIPTextModel.from_pretrained(folder, subfolder="text_encoder")}
+
+
+def _assert_same_weights(got: dict, want: dict, what: str) -> None:
+    assert set(got) == set(want), (what, sorted(set(got) ^ set(want))[:5])
+    bad = [k for k in want if got[k].dtype != want[k].dtype or not torch.equal(got[k], want[k])]
+    assert not bad, (what, bad[:5])
+
+
+@pytest.mark.parametrize("kind", list(FAMILIES))
+def test_written_files_load_in_diffusers(models, tmp_path, offline, kind):
+    """The test's original-layout files, in fp32, fp16 and bf16 storage (.safetensors and a
+    "state_dict"-wrapped .ckpt), are what diffusers' single-file loader (local configs, offline)
+    reads back into the folder's weights: the files are real SD checkpoints, not sdrt's own idea
+    of one."""
     folder = models.source(kind)
-    path = write_checkpoint(folder, tmp_path / f"model{suffix}", open_clip=FAMILIES[kind][0], dtype=dtype, wrap=wrap)
+    refs = _folder_modules(folder)
+    for dtype, suffix, wrap in STORAGE:
+        path = write_checkpoint(folder, tmp_path / f"{kind}{suffix}", open_clip=FAMILIES[kind][0], dtype=dtype,
+                                wrap=wrap)
+        pipe = _diffusers_pipeline(path, folder, kind)
+        for name, ref in refs.items():
+            got = {k: v.float() for k, v in getattr(pipe, name).state_dict().items()}
+            _assert_same_weights(got, ref.state_dict(), (name, str(dtype), suffix))
+
+
+def _variants(folder: Path, open_clip: bool) -> list[tuple[str, dict, torch.dtype, str, bool]]:
+    """(name, state dict, storage dtype, suffix, wrapped) of the file layouts met in the wild."""
+    sd = original_state_dict(folder, open_clip)
+    full = {**sd, **training_extras(sd)}
+    out = [(f"{str(d).split('.')[-1]}{s}{'-wrapped' if w else ''}", sd, d, s, w) for d, s, w in STORAGE]
+    out += [("full-with-ema-fp32.ckpt", full, torch.float32, ".ckpt", True),
+            ("full-with-ema-fp16.safetensors", full, torch.float16, ".safetensors", False),
+            ("bf16.pt", sd, torch.bfloat16, ".pt", False)]
+    if not open_clip:
+        out.append(("old-clip-names-with-ema-fp16.safetensors", without_text_model_prefix(full), torch.float16, ".safetensors",
+                    False))
+    return out
+
+
+@pytest.mark.parametrize("kind", list(FAMILIES))
+def test_checkpoint_layouts_convert_to_the_same_models(models, tmp_path, offline, kind):
+    """Every layout (fp32/fp16/bf16; .safetensors, .ckpt, .pt; wrapped in "state_dict"; pruned or
+    full with EMA weights, the LDM schedule buffers and position ids; SD 1.x CLIP names without
+    "text_model.") converts to modules with the weights diffusers reads from the same files (the
+    folder's, test above), and the family, channels and prediction type of the model."""
+    from sdrt.export.checkpoint import CheckpointSource
+
+    folder = models.source(kind)
+    refs = {k: v.state_dict() for k, v in _folder_modules(folder).items()}
+    want_pred = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())["prediction_type"]
+    inpaint = FAMILIES[kind][1].endswith("InpaintPipeline")
+    for name, sd, dtype, suffix, wrap in _variants(folder, FAMILIES[kind][0]):
+        path = save(sd, tmp_path / f"{kind}-{name}{suffix}", dtype, wrap)
+        logs = []
+        # SD 2.x 512 vs 768: the random test weights cannot tell, so the option says (tested below).
+        given = want_pred if kind in ("ckpt-sd2", "ckpt-sd2-v") else None
+        src = CheckpointSource(path, given, log=logs.append)
+        det = src.detected
+        assert (det.family, det.in_channels, det.prediction_type) == \
+               ("sd2" if FAMILIES[kind][0] else "sd1", 9 if inpaint else 4, want_pred), name
+        assert src.index["_class_name"] == FAMILIES[kind][1]
+        for component, ref in refs.items():
+            _assert_same_weights(src.load(component).state_dict(), ref, (name, component))
+        assert ("EMA" in logs[0]) == ("ema" in name), logs
+
+
+def _tokens(tokenizer_dir: Path, prompts) -> np.ndarray:
+    from sdrt.runtime.text import ClipTokenizer
+
+    return ClipTokenizer.from_folder(tokenizer_dir).encode_padded(prompts)
+
+
+CASES = [  # (kind, storage dtype, suffix, wrapped, prediction type given, with EMA and training buffers)
+    ("ckpt-sd1", torch.float16, ".safetensors", False, None, True),
+    ("ckpt-sd1-inpaint", torch.bfloat16, ".ckpt", True, None, False),
+    ("ckpt-sd2", torch.float32, ".safetensors", False, "epsilon", False),
+    ("ckpt-sd2-v", torch.float16, ".safetensors", False, "v_prediction", False),
+    ("ckpt-sd2-inpaint", torch.bfloat16, ".safetensors", False, None, False),
+]
+
+
+@pytest.mark.parametrize("kind,dtype,suffix,wrap,pred,full", CASES,
+                         ids=[f"{c[0]}-{str(c[1]).split('.')[-1]}{c[2]}" for c in CASES])
+def test_file_export_equals_folder_export(models, tmp_path, offline, kind, dtype, suffix, wrap, pred, full):
+    """sdrt export FILE gives the graphs sdrt export gives for the diffusers folder that diffusers
+    reads from the same file (<= 1e-6 on the same inputs), the family, channels and prediction type
+    of the model, the family's tokenizer (SD 2.x pads with "!", id 0, as diffusers' SD 2 tokenizer
+    config says), and records the file and its A1111 short hash."""
+    folder = models.source(kind)
+    sd = original_state_dict(folder, open_clip=FAMILIES[kind][0])
+    path = save({**sd, **training_extras(sd)} if full else sd, tmp_path / f"model{suffix}", dtype, wrap)
     logs = []
     out = export_model(path, tmp_path / "from-file", prediction_type=pred, log=logs.append)
-    if dtype == torch.float32:
-        ref = models.exported(kind)  # diffusers reads this file back to the folder's weights (test above)
-    else:
-        pipe = _diffusers_pipeline(path, folder, kind)
-        pipe.save_pretrained(tmp_path / "diffusers-read")
-        ref = export_model(tmp_path / "diffusers-read", tmp_path / "from-diffusers", log=_quiet)
+    # ckpt-sd2-v holds the weights of ckpt-sd2 (only the schedule differs): one reference serves both.
+    ref_kind = "ckpt-sd2" if kind == "ckpt-sd2-v" else kind
+    for part in ("unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
+                 "text_encoder/model.safetensors"):
+        assert _sha(folder / part) == _sha(models.source(ref_kind) / part)
+    ref = models.exported(ref_kind)
     diffs = _max_output_diff(ref, out)
     print(f"\n{kind} {dtype} {suffix}: max output difference {diffs}")
     assert max(diffs.values()) <= 1e-6
     a, b = read_model_folder(out, verify="full"), read_model_folder(ref)
-    assert (a.family, a.prediction_type, a.unet_in_channels, a.latent_channels, a.vae_scale_factor) == \
-           (b.family, b.prediction_type, b.unet_in_channels, b.latent_channels, b.vae_scale_factor)
+    want_pred = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())["prediction_type"]
+    assert (a.family, a.unet_in_channels, a.latent_channels, a.vae_scale_factor) == \
+           (b.family, b.unet_in_channels, b.latent_channels, b.vae_scale_factor)
+    assert a.prediction_type == want_pred
+    prompts = ["a cat", "an oil painting of a lighthouse at dusk, (detailed:1.2)", ""]
+    want_ids = np.array(CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")(
+        prompts, padding="max_length", max_length=77, truncation=True).input_ids)
+    assert np.array_equal(_tokens(out / "tokenizer", prompts), want_ids)
+    assert want_ids[0, -1] == (0 if FAMILIES[kind][0] else 49407)
     source = a.manifest["source_file"]
     assert source["name"] == path.name and source["sha256"] == _sha(path) and source["short_hash"] == _sha(path)[:10]
     assert a.short_hash == _sha(path)[:10] and a.model_name == "model"
     assert any("SD " in m and path.name in m for m in logs)
+    assert any("EMA" in m for m in logs) == full
 
 
 def test_sd2_prediction_type_is_decided_as_a1111_does(models, tmp_path, offline):
@@ -186,25 +263,6 @@ def test_sd2_prediction_type_is_decided_as_a1111_does(models, tmp_path, offline)
     save_file(marked, str(tmp_path / "marked.safetensors"))
     src = CheckpointSource(tmp_path / "marked.safetensors", log=_quiet)
     assert src.scheduler_config["prediction_type"] == "v_prediction" and "v_pred" in src.detected.how
-
-
-def test_ema_weights_are_ignored_as_a1111_does(models, tmp_path, offline):
-    """A file with EMA weights beside the UNet's (model_ema.*, LitEma's flattened names) exports the
-    model.diffusion_model weights, as A1111 (whose configs have use_ema: false) and diffusers'
-    default do, and says so."""
-    folder = models.source("ckpt-sd1")
-    sd = original_state_dict(folder, open_clip=False)
-    ema = {"model_ema." + k[len("model."):].replace(".", ""): torch.randn(v.shape) for k, v in sd.items()
-           if k.startswith("model.diffusion_model.")}
-    ema.update({"model_ema.decay": torch.tensor(0.9999), "model_ema.num_updates": torch.tensor(1000)})
-    path = tmp_path / "with-ema.safetensors"
-    from safetensors.torch import save_file
-
-    save_file({**sd, **ema}, str(path))
-    logs = []
-    out = export_model(path, tmp_path / "o", log=logs.append, check=False)
-    assert max(_max_output_diff(models.exported("ckpt-sd1"), out, ("unet",)).values()) <= 1e-6
-    assert any("EMA" in m for m in logs)
 
 
 def _bad_files(root: Path, folder: Path, vae_folder: Path) -> list[tuple[str, Path, str]]:
@@ -348,11 +406,36 @@ def test_vae_replacement_export_and_img2img_infotext(models, tmp_path, offline):
     assert params["Model hash"] == _sha(ckpt)[:10] and params["Model"] == "myModel_v10"
     assert params["VAE"] == vae_file.name and params["VAE hash"] == _sha(vae_file)[:10]
 
-    # A diffusers VAE folder works too, and is recorded by its weights file's hash.
-    out2 = export_model(ckpt, tmp_path / "model2", vae=other / "vae", log=_quiet, check=False)
-    v = read_model_folder(out2).vae
-    assert v["name"] == "vae" and v["sha256"] == _sha(other / "vae" / "diffusion_pytorch_model.safetensors")
-    assert max(_max_output_diff(out, out2, ("vae_encoder", "vae_decoder")).values()) <= 1e-6
-    with pytest.raises(ExportError, match="not a VAE file"):
-        export_model(ckpt, tmp_path / "model3", vae=ckpt, log=_quiet)
-    assert not (tmp_path / "model3").exists()
+    # A diffusers VAE folder gives the same VAE, and is recorded by its weights file's hash.
+    from sdrt.export.checkpoint import VaeFile
+
+    folder_vae, file_vae = VaeFile(other / "vae"), VaeFile(vae_file)
+    _assert_same_weights(folder_vae.load().state_dict(), file_vae.load().state_dict(), "vae folder")
+    assert folder_vae.name == "vae" and folder_vae.sha256 == _sha(other / "vae" / "diffusion_pytorch_model.safetensors")
+
+
+def test_bad_vae_is_refused_before_export(models, tmp_path, offline):
+    """--vae with a checkpoint, a LoRA, a non-VAE file, a truncated file, a missing file or a
+    folder that holds no AutoencoderKL: one line naming it, and no output folder."""
+    from safetensors.torch import save_file
+
+    ckpt = write_checkpoint(models.source("ckpt-sd1"), tmp_path / "model.safetensors", open_clip=False)
+    vae = vae_to_original_plain(models.source("ckpt-sd1"))
+    save_file(vae, str(tmp_path / "vae.safetensors"))
+    data = (tmp_path / "vae.safetensors").read_bytes()
+    cases = {"model.safetensors": "full checkpoint", "missing.safetensors": "does not exist",
+             "lora.safetensors": "not a VAE file", "half-vae.safetensors": "not a VAE file",
+             "unet-folder": "not an AutoencoderKL", "empty-folder": "without config.json"}
+    save_file({"lora_unet_x.lora_down.weight": torch.zeros(4, 4)}, str(tmp_path / "lora.safetensors"))
+    save_file({k: v for k, v in vae.items() if k.startswith("decoder.")}, str(tmp_path / "half-vae.safetensors"))
+    shutil.copytree(models.source("ckpt-sd1") / "unet", tmp_path / "unet-folder")
+    (tmp_path / "empty-folder").mkdir()
+    for cut in (7, 100, len(data) // 3, len(data) - 1):
+        (tmp_path / f"vae-cut-{cut}.safetensors").write_bytes(data[:cut])
+        cases[f"vae-cut-{cut}.safetensors"] = "not a safetensors file" if cut < 100 else "truncated"
+    for name, expect in cases.items():
+        with pytest.raises(ExportError) as e:
+            export_model(ckpt, tmp_path / "out", vae=tmp_path / name, log=_quiet)
+        msg = str(e.value)
+        assert "\n" not in msg and name in msg and expect in msg, (name, msg)
+        assert not (tmp_path / "out").exists()
