@@ -157,8 +157,6 @@ KINDS["ckpt-sd1-inpaint"] = Kind({**_CKPT_SD1_UNET, "in_channels": 9}, _TINY_VAE
                                  SD15_SCHEDULER, inpaint=True, exact_16bit=True)
 KINDS["ckpt-sd2"] = Kind(_CKPT_SD2_UNET, _TINY_VAE, _SD2_TEXT, "DDIMScheduler", _SD2_SCHEDULER, pad_token="!",
                          exact_16bit=True)
-KINDS["ckpt-sd2-v"] = Kind(_CKPT_SD2_UNET, _TINY_VAE, _SD2_TEXT, "DDIMScheduler",
-                           {**_SD2_SCHEDULER, "prediction_type": "v_prediction"}, pad_token="!", exact_16bit=True)
 KINDS["ckpt-sd2-inpaint"] = Kind({**_CKPT_SD2_UNET, "in_channels": 9}, _TINY_VAE, _SD2_TEXT, "DDIMScheduler",
                                  _SD2_SCHEDULER, pad_token="!", inpaint=True, exact_16bit=True)
 KINDS["sd15-inpaint"] = Kind(

@@ -28,13 +28,15 @@ from transformers import CLIPTokenizer
 from sdrt.export import ExportError, export_model
 from sdrt.runtime.modelfolder import read_model_folder
 
-FAMILIES = {  # kind -> (OpenCLIP text encoder, diffusers pipeline class)
+FAMILIES = {  # test model kind -> (OpenCLIP text encoder, diffusers pipeline class)
     "ckpt-sd1": (False, "StableDiffusionPipeline"),
     "ckpt-sd1-inpaint": (False, "StableDiffusionInpaintPipeline"),
     "ckpt-sd2": (True, "StableDiffusionPipeline"),
-    "ckpt-sd2-v": (True, "StableDiffusionPipeline"),
     "ckpt-sd2-inpaint": (True, "StableDiffusionInpaintPipeline"),
 }
+# SD 2.x 768 (v-prediction) has SD 2.x 512's architecture: its checkpoints differ in weights and
+# schedule only, which a file does not state. The ckpt-sd2 file exported with --prediction-type
+# v_prediction stands for it below, and the A1111 test that tells them apart is tested on its own.
 GRAPHS = ("text_encoder", "unet", "vae_encoder", "vae_decoder")
 
 
@@ -99,11 +101,12 @@ def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-STORAGE = [  # (floating-point dtype, suffix, wrapped in "state_dict"); the test models are exact in all three dtypes
-    (torch.float32, ".safetensors", False),
-    (torch.float16, ".safetensors", False),
-    (torch.bfloat16, ".ckpt", True),
-]
+STORAGE = {  # family -> (floating-point dtype, suffix, wrapped in "state_dict"): every storage in some family
+    "ckpt-sd1": (torch.float32, ".safetensors", False),
+    "ckpt-sd1-inpaint": (torch.bfloat16, ".ckpt", True),
+    "ckpt-sd2": (torch.float16, ".ckpt", False),
+    "ckpt-sd2-inpaint": (torch.bfloat16, ".safetensors", False),
+}
 
 
 def _folder_modules(folder: Path) -> dict:
@@ -123,33 +126,33 @@ def _assert_same_weights(got: dict, want: dict, what: str) -> None:
 
 @pytest.mark.parametrize("kind", list(FAMILIES))
 def test_written_files_load_in_diffusers(models, tmp_path, offline, kind):
-    """The test's original-layout files, in fp32, fp16 and bf16 storage (.safetensors and a
-    "state_dict"-wrapped .ckpt), are what diffusers' single-file loader (local configs, offline)
-    reads back into the folder's weights: the files are real SD checkpoints, not sdrt's own idea
-    of one."""
+    """The test's original-layout files (fp32, fp16 or bf16 storage; .safetensors or .ckpt, wrapped
+    in "state_dict" or not) are what diffusers' single-file loader (local configs, offline) reads
+    back into the folder's weights: the files are real SD checkpoints, not sdrt's own idea of one.
+    The test models' weights are exact in fp16 and bf16, so the file holds the folder's model."""
     folder = models.source(kind)
-    refs = _folder_modules(folder)
-    for dtype, suffix, wrap in STORAGE:
-        path = write_checkpoint(folder, tmp_path / f"{kind}{suffix}", open_clip=FAMILIES[kind][0], dtype=dtype,
-                                wrap=wrap)
-        pipe = _diffusers_pipeline(path, folder, kind)
-        for name, ref in refs.items():
-            got = {k: v.float() for k, v in getattr(pipe, name).state_dict().items()}
-            _assert_same_weights(got, ref.state_dict(), (name, str(dtype), suffix))
+    dtype, suffix, wrap = STORAGE[kind]
+    path = write_checkpoint(folder, tmp_path / f"{kind}{suffix}", open_clip=FAMILIES[kind][0], dtype=dtype, wrap=wrap)
+    pipe = _diffusers_pipeline(path, folder, kind)
+    for name, ref in _folder_modules(folder).items():
+        got = {k: v.float() for k, v in getattr(pipe, name).state_dict().items()}
+        _assert_same_weights(got, ref.state_dict(), name)
 
 
-def _variants(folder: Path, open_clip: bool) -> list[tuple[str, dict, torch.dtype, str, bool]]:
-    """(name, state dict, storage dtype, suffix, wrapped) of the file layouts met in the wild."""
-    sd = original_state_dict(folder, open_clip)
+def _variants(kind: str, sd: dict) -> list[tuple[str, dict, torch.dtype, str, bool]]:
+    """(name, state dict, storage dtype, suffix, wrapped) of file layouts met in the wild, spread
+    over the families (the key mapping does not depend on the storage)."""
     full = {**sd, **training_extras(sd)}
-    out = [(f"{str(d).split('.')[-1]}{s}{'-wrapped' if w else ''}", sd, d, s, w) for d, s, w in STORAGE]
-    out += [("full-with-ema-fp32.ckpt", full, torch.float32, ".ckpt", True),
-            ("full-with-ema-fp16.safetensors", full, torch.float16, ".safetensors", False),
-            ("bf16.pt", sd, torch.bfloat16, ".pt", False)]
-    if not open_clip:
-        out.append(("old-clip-names-with-ema-fp16.safetensors", without_text_model_prefix(full), torch.float16, ".safetensors",
-                    False))
-    return out
+    return {
+        "ckpt-sd1": [("full-with-ema-fp32.ckpt", full, torch.float32, ".ckpt", True),
+                     ("old-clip-names-with-ema-fp16.safetensors", without_text_model_prefix(full), torch.float16,
+                      ".safetensors", False)],
+        "ckpt-sd1-inpaint": [("pruned-fp16.safetensors", sd, torch.float16, ".safetensors", False),
+                             ("bf16.pt", sd, torch.bfloat16, ".pt", False)],
+        "ckpt-sd2": [("full-with-ema-bf16.safetensors", full, torch.bfloat16, ".safetensors", False),
+                     ("fp32.ckpt", sd, torch.float32, ".ckpt", False)],
+        "ckpt-sd2-inpaint": [("full-with-ema-fp16.ckpt", full, torch.float16, ".ckpt", True)],
+    }[kind]
 
 
 @pytest.mark.parametrize("kind", list(FAMILIES))
@@ -164,11 +167,11 @@ def test_checkpoint_layouts_convert_to_the_same_models(models, tmp_path, offline
     refs = {k: v.state_dict() for k, v in _folder_modules(folder).items()}
     want_pred = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())["prediction_type"]
     inpaint = FAMILIES[kind][1].endswith("InpaintPipeline")
-    for name, sd, dtype, suffix, wrap in _variants(folder, FAMILIES[kind][0]):
-        path = save(sd, tmp_path / f"{kind}-{name}{suffix}", dtype, wrap)
+    for name, sd, dtype, suffix, wrap in _variants(kind, original_state_dict(folder, FAMILIES[kind][0])):
+        path = save(sd, tmp_path / f"{kind}-{Path(name).stem}{suffix}", dtype, wrap)
         logs = []
         # SD 2.x 512 vs 768: the random test weights cannot tell, so the option says (tested below).
-        given = want_pred if kind in ("ckpt-sd2", "ckpt-sd2-v") else None
+        given = want_pred if kind == "ckpt-sd2" else None
         src = CheckpointSource(path, given, log=logs.append)
         det = src.detected
         assert (det.family, det.in_channels, det.prediction_type) == \
@@ -185,41 +188,19 @@ def _tokens(tokenizer_dir: Path, prompts) -> np.ndarray:
     return ClipTokenizer.from_folder(tokenizer_dir).encode_padded(prompts)
 
 
-CASES = [  # (kind, storage dtype, suffix, wrapped, prediction type given, with EMA and training buffers)
-    ("ckpt-sd1", torch.float16, ".safetensors", False, None, True),
-    ("ckpt-sd1-inpaint", torch.bfloat16, ".ckpt", True, None, False),
-    ("ckpt-sd2", torch.float32, ".safetensors", False, "epsilon", False),
-    ("ckpt-sd2-v", torch.float16, ".safetensors", False, "v_prediction", False),
-    ("ckpt-sd2-inpaint", torch.bfloat16, ".safetensors", False, None, False),
-]
-
-
-@pytest.mark.parametrize("kind,dtype,suffix,wrap,pred,full", CASES,
-                         ids=[f"{c[0]}-{str(c[1]).split('.')[-1]}{c[2]}" for c in CASES])
-def test_file_export_equals_folder_export(models, tmp_path, offline, kind, dtype, suffix, wrap, pred, full):
-    """sdrt export FILE gives the graphs sdrt export gives for the diffusers folder that diffusers
-    reads from the same file (<= 1e-6 on the same inputs), the family, channels and prediction type
-    of the model, the family's tokenizer (SD 2.x pads with "!", id 0, as diffusers' SD 2 tokenizer
-    config says), and records the file and its A1111 short hash."""
-    folder = models.source(kind)
-    sd = original_state_dict(folder, open_clip=FAMILIES[kind][0])
-    path = save({**sd, **training_extras(sd)} if full else sd, tmp_path / f"model{suffix}", dtype, wrap)
-    logs = []
-    out = export_model(path, tmp_path / "from-file", prediction_type=pred, log=logs.append)
-    # ckpt-sd2-v holds the weights of ckpt-sd2 (only the schedule differs): one reference serves both.
-    ref_kind = "ckpt-sd2" if kind == "ckpt-sd2-v" else kind
-    for part in ("unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
-                 "text_encoder/model.safetensors"):
-        assert _sha(folder / part) == _sha(models.source(ref_kind) / part)
-    ref = models.exported(ref_kind)
-    diffs = _max_output_diff(ref, out)
-    print(f"\n{kind} {dtype} {suffix}: max output difference {diffs}")
+def _check_file_export(models, out: Path, path: Path, kind: str, pred: str, graphs=GRAPHS) -> None:
+    """`out`, exported from the file `path` of the test model `kind`, has the graphs of sdrt's export
+    of the diffusers folder (<= 1e-6 on the same inputs), the family, channels and prediction type
+    of the model, the family's tokenizer (transformers' on the folder's tokenizer config: SD 2.x
+    pads with "!", id 0, as diffusers' SD 2 tokenizer config says) and the file's name and A1111
+    short hash."""
+    folder, ref = models.source(kind), models.exported(kind)
+    diffs = _max_output_diff(ref, out, graphs)
+    print(f"\n{path.name} ({kind}): max output difference {diffs}")
     assert max(diffs.values()) <= 1e-6
     a, b = read_model_folder(out, verify="full"), read_model_folder(ref)
-    want_pred = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())["prediction_type"]
-    assert (a.family, a.unet_in_channels, a.latent_channels, a.vae_scale_factor) == \
-           (b.family, b.unet_in_channels, b.latent_channels, b.vae_scale_factor)
-    assert a.prediction_type == want_pred
+    assert (a.family, a.unet_in_channels, a.latent_channels, a.vae_scale_factor, a.prediction_type) == \
+           (b.family, b.unet_in_channels, b.latent_channels, b.vae_scale_factor, pred)
     prompts = ["a cat", "an oil painting of a lighthouse at dusk, (detailed:1.2)", ""]
     want_ids = np.array(CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")(
         prompts, padding="max_length", max_length=77, truncation=True).input_ids)
@@ -227,9 +208,30 @@ def test_file_export_equals_folder_export(models, tmp_path, offline, kind, dtype
     assert want_ids[0, -1] == (0 if FAMILIES[kind][0] else 49407)
     source = a.manifest["source_file"]
     assert source["name"] == path.name and source["sha256"] == _sha(path) and source["short_hash"] == _sha(path)[:10]
-    assert a.short_hash == _sha(path)[:10] and a.model_name == "model"
+    assert a.short_hash == _sha(path)[:10] and a.model_name == path.stem
+
+
+CASES = [  # (kind, storage dtype, suffix, wrapped, --prediction-type, expected, with EMA and training buffers)
+    ("ckpt-sd1-inpaint", torch.bfloat16, ".ckpt", True, None, "epsilon", True),
+    ("ckpt-sd2", torch.float16, ".safetensors", False, "v_prediction", "v_prediction", False),
+    ("ckpt-sd2-inpaint", torch.bfloat16, ".safetensors", False, None, "epsilon", False),
+]  # SD 1.x: test_civitai_file_with_vae_export_and_img2img_infotext
+
+
+@pytest.mark.parametrize("kind,dtype,suffix,wrap,given,pred,full", CASES,
+                         ids=[f"{c[0]}-{str(c[1]).split('.')[-1]}{c[2]}" for c in CASES])
+def test_file_export_equals_folder_export(models, tmp_path, offline, kind, dtype, suffix, wrap, given, pred, full):
+    """sdrt export FILE gives what sdrt export gives for the diffusers folder that diffusers reads
+    from the same file (see _check_file_export); a file with EMA weights says which it used."""
+    sd = original_state_dict(models.source(kind), open_clip=FAMILIES[kind][0])
+    path = save({**sd, **training_extras(sd)} if full else sd, tmp_path / f"model{suffix}", dtype, wrap)
+    logs = []
+    out = export_model(path, tmp_path / "from-file", prediction_type=given, log=logs.append, check=False)
+    _check_file_export(models, out, path, kind, pred)
     assert any("SD " in m and path.name in m for m in logs)
     assert any("EMA" in m for m in logs) == full
+    if pred == "v_prediction":
+        assert json.loads((out / "unet" / "config.json").read_text())["sample_size"] == 96
 
 
 def test_sd2_prediction_type_is_decided_as_a1111_does(models, tmp_path, offline):
@@ -265,46 +267,89 @@ def test_sd2_prediction_type_is_decided_as_a1111_does(models, tmp_path, offline)
     assert src.scheduler_config["prediction_type"] == "v_prediction" and "v_pred" in src.detected.how
 
 
-def _bad_files(root: Path, folder: Path, vae_folder: Path) -> list[tuple[str, Path, str]]:
-    """(description, path, what the one-line error must say) for files sdrt must refuse."""
+def _bad_files(root: Path, folder: Path) -> list[tuple[str, Path, str]]:
+    """(file name, path, what the one-line error must say) for files sdrt must refuse, generated:
+    truncations at every kind of place, corrupt headers, and the other models' files, each with
+    the tensor names that identify it (after A1111's sd_models_config and ComfyUI's
+    model_detection)."""
+    import struct
+
     from safetensors.torch import save_file
 
+    root.mkdir(parents=True)
     sd = original_state_dict(folder, open_clip=False)
     good = write_checkpoint(folder, root / "good.safetensors", open_clip=False)
     data = good.read_bytes()
+    n = struct.unpack("<Q", data[:8])[0]
     cases = []
 
     def add(name, content, expect):
         p = root / name
-        if isinstance(content, dict):
-            save_file(content, str(p))
-        elif isinstance(content, bytes):
+        if isinstance(content, bytes):
             p.write_bytes(content)
+        elif name.endswith(".safetensors"):
+            save_file({k: v.clone().contiguous() for k, v in content.items()}, str(p))
+        else:
+            torch.save(content, str(p))
         cases.append((name, p, expect))
 
-    add("truncated.safetensors", data[: len(data) // 2], "truncated")
-    add("header-only.safetensors", data[:100], "not a safetensors file")
-    add("empty.safetensors", b"", "not a safetensors file")
+    for cut in (0, 1, 7, 8, 9, 100, 8 + n - 1, 8 + n, 8 + n + 1, len(data) // 3, len(data) // 2, len(data) - 1):
+        add(f"cut-{cut}.safetensors", data[:cut], "truncated" if cut >= 8 + n else "not a safetensors file")
+    add("header-not-json.safetensors", data[:8] + b"x" + data[9:], "not JSON")
+    bad_offsets = data[8:8 + n].replace(b'"data_offsets":[0,', b'"data_offsets":[1,', 1)
+    add("header-offsets.safetensors", data[:8] + bad_offsets + data[8 + n:], "inconsistently")
     add("text.safetensors", b"this is not a model\n" * 50, "not a safetensors file")
     add("image.png.safetensors", b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4, "not a safetensors file")
     add("notes.txt", b"hello", "unrecognised file type")
-    add("lora.safetensors", {"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 32),
-                             "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": torch.zeros(32, 4),
-                             "lora_unet_down_blocks_0_attentions_0_proj_in.alpha": torch.tensor(4.0)}, "is a LoRA")
-    add("vae.safetensors", vae_to_original_plain(vae_folder), "is a VAE")
-    add("unet-only.safetensors", {k: v for k, v in sd.items() if k.startswith("model.diffusion_model.")}, "UNet without")
-    add("sdxl.safetensors", {**sd, "conditioner.embedders.1.model.ln_final.weight": torch.zeros(4),
-                             "model.diffusion_model.label_emb.0.0.weight": torch.zeros(4, 4)}, "SDXL")
-    add("sd3.safetensors", {"model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight": torch.zeros(4, 4)},
-        "Stable Diffusion 3")
-    add("flux.safetensors", {"double_blocks.0.img_attn.qkv.weight": torch.zeros(4, 4)}, "Flux")
-    add("random.safetensors", {"weight": torch.zeros(3, 3)}, "not a Stable Diffusion checkpoint")
-    add("truncated.ckpt", None, "cannot be read")
-    torch.save(sd, root / "full.ckpt")
-    (root / "truncated.ckpt").write_bytes((root / "full.ckpt").read_bytes()[:5000])
+    add("model.onnx", b"\x08\x07", "unrecognised file type")
+    pickled = root / "full.ckpt"
+    torch.save(sd, pickled)
+    blob = pickled.read_bytes()
+    for cut in (0, 10, 100, 5000, len(blob) // 2, len(blob) - 1):
+        add(f"cut-{cut}.ckpt", blob[:cut], "cannot be read")
     add("garbage.ckpt", b"\x80\x04garbage that is no pickle", "cannot be read")
-    add("list.pt", None, "not a state dict")
-    torch.save([1, 2, 3], root / "list.pt")
+    add("list.pt", [1, 2, 3], "not a state dict")
+    add("no-tensors.ckpt", {"state_dict": {"epoch": 3}}, "holds no tensors")
+    z = torch.zeros(4, 4)
+    for name, keys in {
+        "kohya": ["lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight", "lora_te_text_model_x.alpha"],
+        "peft": ["unet.down_blocks.0.attentions.0.proj_in.lora_A.weight", "unet.x.lora_B.weight"],
+        "diffusers-old": ["unet.down_blocks.0.attentions.0.processor.to_q_lora.down.weight".replace("_lora.", ".lora.")],
+        "loha": ["lora_unet_down_blocks_0_proj_in.hada_w1_a", "lora_unet_down_blocks_0_proj_in.hada_w1_b"],
+        "lokr": ["lora_unet_down_blocks_0_proj_in.lokr_w1", "lora_unet_down_blocks_0_proj_in.lokr_w2"],
+    }.items():
+        add(f"{name}-lora.safetensors", {k: z for k in keys}, "is a LoRA")
+    add("embedding.safetensors", {"emb_params": z}, "textual-inversion embedding")
+    add("sdxl-embedding.safetensors", {"clip_l": z, "clip_g": z}, "textual-inversion embedding")
+    add("embedding.pt", {"string_to_token": {"*": 265}, "string_to_param": {"*": z}, "name": "x", "step": 5},
+        "textual-inversion embedding")
+    vae = {k: v for k, v in sd.items() if k.startswith("first_stage_model.")}
+    add("vae.safetensors", {k[len("first_stage_model."):]: v for k, v in vae.items()}, "is a VAE")
+    add("vae-prefixed.safetensors", vae, "is a VAE")
+    add("vae.pt", {k[len("first_stage_model."):]: v for k, v in vae.items()}, "is a VAE")
+    add("unet-only.safetensors", {k: v for k, v in sd.items() if k.startswith("model.diffusion_model.")}, "UNet without")
+    add("no-vae.safetensors", {k: v for k, v in sd.items() if not k.startswith("first_stage_model.")}, "without a VAE")
+    add("diffusers-unet.safetensors", {"down_blocks.0.resnets.0.conv1.weight": z, "conv_in.weight": z},
+        "diffusers' layout")
+    add("controlnet.safetensors", {"control_model.input_blocks.0.0.weight": z, "control_model.input_hint_block.0.weight": z},
+        "ControlNet")
+    unet_in = "model.diffusion_model.input_blocks.0.0.weight"
+    for name, extra, expect in (
+        ("sdxl", {"conditioner.embedders.1.model.ln_final.weight": z, "model.diffusion_model.label_emb.0.0.weight": z},
+         "SDXL checkpoint"),
+        ("sdxl-refiner", {"conditioner.embedders.0.model.ln_final.weight": z}, "SDXL refiner"),
+        ("sd3", {"model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight": z}, "Stable Diffusion 3"),
+        ("sd3-a1111-key", {"model.diffusion_model.x_embedder.proj.weight": z}, "Stable Diffusion 3"),
+        ("unclip", {"embedder.model.ln_final.weight": z, "model.diffusion_model.label_emb.0.0.weight": z}, "unCLIP"),
+        ("depth", {"depth_model.model.pretrained.act_postprocess3.0.project.0.bias": z}, "depth"),
+        ("altdiffusion", {"cond_stage_model.roberta.embeddings.word_embeddings.weight": z}, "AltDiffusion"),
+        ("instruct-pix2pix", {unet_in: torch.zeros(sd[unet_in].shape[0], 8, 3, 3)}, "InstructPix2Pix"),
+        ("7-channel", {unet_in: torch.zeros(sd[unet_in].shape[0], 7, 3, 3)}, "7 input channels"),
+    ):
+        add(f"{name}.safetensors", {**sd, **extra}, expect)
+    add("flux.safetensors", {"double_blocks.0.img_attn.qkv.weight": z, "img_in.weight": z}, "Flux")
+    add("flux-prefixed.safetensors", {"model.diffusion_model.double_blocks.0.img_attn.norm.key_norm.scale": z}, "Flux")
+    add("random.safetensors", {"weight": torch.zeros(3, 3)}, "not a Stable Diffusion checkpoint")
     return cases
 
 
@@ -318,10 +363,11 @@ def vae_to_original_plain(folder: Path) -> dict:
 
 
 def test_bad_files_are_refused_in_one_line(models, tmp_path, offline):
-    """Truncated, empty, non-checkpoint, LoRA, VAE-only, UNet-only, SDXL, SD3 and Flux files: one
-    line naming the file and what was recognised or what is accepted, and no output folder."""
-    cases = _bad_files(tmp_path / "bad", models.source("ckpt-sd1"), models.source("tiny-sd1"))
-    assert len(cases) >= 15
+    """Truncated, empty, corrupt, non-checkpoint, LoRA, embedding, VAE-only, UNet-only, ControlNet,
+    SDXL, SD3, Flux and other models' files: one line naming the file and what was recognised or
+    what is accepted, and no output folder."""
+    cases = _bad_files(tmp_path / "bad", models.source("ckpt-sd1"))
+    assert len(cases) >= 50
     for name, path, expect in cases:
         out = tmp_path / "out" / name
         with pytest.raises(ExportError) as e:
@@ -363,10 +409,12 @@ def test_pickle_with_code_is_refused_without_running_it(models, tmp_path, offlin
     assert not (tmp_path / "out").exists()
 
 
-def test_vae_replacement_export_and_img2img_infotext(models, tmp_path, offline):
-    """The user story: a Civitai-style SD 1.x .safetensors and an A1111-style VAE file, two commands
-    offline (export with --vae, img2img). The VAE graphs compute the replacement VAE (PyTorch
-    reference), and the image's infotext carries A1111's Model, Model hash, VAE and VAE hash."""
+def test_civitai_file_with_vae_export_and_img2img_infotext(models, tmp_path, offline):
+    """The user story, and the SD 1.x family: a Civitai-style SD 1.x .safetensors (pruned, fp16) and
+    an A1111-style VAE file, two commands offline (export with --vae, img2img). The text encoder and
+    UNet graphs are those of the folder's export (see _check_file_export), the VAE graphs compute
+    the replacement VAE (PyTorch reference), and the image's infotext carries A1111's Model hash,
+    Model, VAE hash and VAE, in A1111's order."""
     from diffusers import AutoencoderKL
     from PIL import Image
     from safetensors.torch import save_file
@@ -385,26 +433,33 @@ def test_vae_replacement_export_and_img2img_infotext(models, tmp_path, offline):
     env = {"COLUMNS": "200", "NO_COLOR": "1"}
     r = CliRunner().invoke(app, ["export", str(ckpt), str(out), "--vae", str(vae_file)], env=env)
     assert r.exit_code == 0, r.output
-    assert "peak memory" in r.output
+    assert "peak memory" in r.output and "SD 1.x" in r.output
+    _check_file_export(models, out, ckpt, "ckpt-sd1", "epsilon", graphs=("text_encoder", "unet"))
     info = read_model_folder(out, verify="full")
     assert info.vae == {"name": vae_file.name, "sha256": _sha(vae_file), "short_hash": _sha(vae_file)[:10]}
 
     vae = AutoencoderKL.from_pretrained(other, subfolder="vae").eval()
-    lat = torch.randn(1, 4, 6, 5, generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(0)
+    lat, x = torch.randn(1, 4, 6, 5, generator=g), torch.rand(1, 3, 48, 40, generator=g) * 2 - 1
     with torch.no_grad():
-        want = vae.decode(lat).sample.numpy()
-    got = ort.InferenceSession(str(out / "vae_decoder" / "model.onnx"), providers=["CPUExecutionProvider"]).run(
-        None, {"latent_sample": lat.numpy()})[0]
-    assert np.abs(got - want).max() <= 1e-4
+        want_dec = vae.decode(lat).sample.numpy()
+        want_enc = vae.quant_conv(vae.encoder(x)).numpy()
+    for graph, feed, want in (("vae_decoder", lat, want_dec), ("vae_encoder", x, want_enc)):
+        sess = ort.InferenceSession(str(out / graph / "model.onnx"), providers=["CPUExecutionProvider"])
+        got = sess.run(None, {sess.get_inputs()[0].name: feed.numpy()})[0]
+        assert np.abs(got - want).max() <= 1e-4, graph
 
     img = tmp_path / "photo.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(img)
     r = CliRunner().invoke(app, ["img2img", str(img), "-p", "a cat", "-m", str(out), "-o", str(tmp_path / "res.png"),
                                  "--steps", "3", "--seed", "1", "--provider", "cpu"], env=env)
     assert r.exit_code == 0, r.output
-    _, _, params = parse_infotext(read_infotext(tmp_path / "res.png"))
+    text = read_infotext(tmp_path / "res.png")
+    _, _, params = parse_infotext(text)
     assert params["Model hash"] == _sha(ckpt)[:10] and params["Model"] == "myModel_v10"
     assert params["VAE"] == vae_file.name and params["VAE hash"] == _sha(vae_file)[:10]
+    assert (f"Model hash: {_sha(ckpt)[:10]}, Model: myModel_v10, VAE hash: {_sha(vae_file)[:10]}, "
+            f"VAE: {vae_file.name}") in text
 
     # A diffusers VAE folder gives the same VAE, and is recorded by its weights file's hash.
     from sdrt.export.checkpoint import VaeFile
