@@ -35,7 +35,7 @@ from onnx import helper, numpy_helper
 
 from sdrt.runtime.sessions import Graph
 
-from .onnxfile import load_graph, write_graph
+from .onnxfile import load_graph, tensor_array, write_graph
 
 # Fixed calibration prompts: varied subjects and styles, as a user would write them.
 CALIBRATION_PROMPTS = (
@@ -363,12 +363,14 @@ def quantize_dynamic_matmuls(src: Path, dst: Path, weight_max: int = WEIGHT_MAX)
     return sum(n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul") for n in model.graph.node)
 
 
-def largest_int8_weight(model) -> int:
-    """The largest magnitude among the graph's int8 initializers (0 when it has none)."""
+def largest_int8_weight(path: Path) -> int:
+    """The largest magnitude among the int8 initializers of the graph at `path` (0 when it has
+    none), read one tensor at a time."""
+    model = load_graph(path)
     m = 0
     for init in model.graph.initializer:
         if init.data_type == onnx.TensorProto.INT8:
-            a = numpy_helper.to_array(init)
+            a = tensor_array(init, path.parent)
             if a.size:
                 m = max(m, int(np.abs(a.astype(np.int16)).max()))
     return m
@@ -417,7 +419,7 @@ def quantize_unet(folder: Path, log: Callable[[str], None] = print, weight_max: 
     finally:
         _remove_graph(staged)
     # What the written graph holds, read back: the manifest records it and `sdrt info` reads it.
-    largest = largest_int8_weight(onnx.load(str(unet)))
+    largest = largest_int8_weight(unet)
     if largest > weight_max:
         raise RuntimeError(f"the int8 UNet holds weights up to {largest}, past the {weight_max} it was quantized to")
     counts = {"QLinearConv": convs, "MatMulInteger": matmuls}
