@@ -460,6 +460,9 @@ def test_civitai_file_with_vae_export_and_img2img_infotext(models, tmp_path, off
     assert params["VAE"] == vae_file.name and params["VAE hash"] == _sha(vae_file)[:10]
     assert (f"Model hash: {_sha(ckpt)[:10]}, Model: myModel_v10, VAE hash: {_sha(vae_file)[:10]}, "
             f"VAE: {vae_file.name}") in text
+    r = CliRunner().invoke(app, ["info", str(out)], env=env)
+    assert r.exit_code == 0 and f"myModel_v10 (Model hash {_sha(ckpt)[:10]})" in r.output, r.output
+    assert f"{vae_file.name} (VAE hash {_sha(vae_file)[:10]})" in r.output
 
     # A diffusers VAE folder gives the same VAE, and is recorded by its weights file's hash.
     from sdrt.export.checkpoint import VaeFile
