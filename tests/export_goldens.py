@@ -6,9 +6,13 @@ The stored goldens were written by the export as it was before the weights staye
 in-memory export: main at commit eeb6f45), so the test checks that the restructured export writes
 the same graphs. To rewrite them, run this file with that export importable as `sdrt`, e.g.
 
-    git archive eeb6f45 | tar -x -C /tmp/old-src
-    mkdir -p /tmp/old/sdrt && for d in runtime schedulers export cli models; do ln -s /tmp/old-src/$d /tmp/old/sdrt/$d; done
-    PYTHONPATH=/tmp/old python tests/export_goldens.py tests/data/export-goldens.npz
+    OLD=$(mktemp -d) && mkdir -p $OLD/src $OLD/path/sdrt && git archive eeb6f45 | tar -x -C $OLD/src
+    for d in runtime schedulers export cli models; do ln -s $OLD/src/$d $OLD/path/sdrt/$d; done
+    PYTHONPATH=$OLD/path python tests/export_goldens.py tests/data/export-goldens.npz
+
+(The goldens hold every kind x target x precision, and the test checks those it lists. After a
+deliberate change to the exported graphs, rewrite them with the new export: the same command
+without PYTHONPATH.) The fixed inputs come from a seeded NumPy generator, so they are not stored.
 """
 
 from __future__ import annotations
