@@ -366,6 +366,10 @@ def test_bad_files_are_refused_in_one_line(models, tmp_path, offline):
     """Truncated, empty, corrupt, non-checkpoint, LoRA, embedding, VAE-only, UNet-only, ControlNet,
     SDXL, SD3, Flux and other models' files: one line naming the file and what was recognised or
     what is accepted, and no output folder."""
+    from typer.testing import CliRunner
+
+    from sdrt.cli.app import app
+
     cases = _bad_files(tmp_path / "bad", models.source("ckpt-sd1"))
     assert len(cases) >= 50
     for name, path, expect in cases:
@@ -377,6 +381,9 @@ def test_bad_files_are_refused_in_one_line(models, tmp_path, offline):
         assert "\n" not in msg and path.name in msg and expect in msg, (name, msg)
         assert not out.exists()
         assert not out.parent.exists() or not list(out.parent.glob(f".{name}*"))
+        r = CliRunner().invoke(app, ["export", str(path), str(out)], env={"COLUMNS": "200", "NO_COLOR": "1"})
+        assert r.exit_code == 1 and r.output.strip() == f"sdrt: error: {msg}", (name, r.output)
+        assert not out.exists()
     with pytest.raises(ExportError, match=r"model\.safetensors does not exist"):
         export_model(tmp_path / "model.safetensors", tmp_path / "out" / "missing", log=_quiet)
 
