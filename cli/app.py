@@ -199,6 +199,8 @@ def info(
         rows = [
             ("model", str(i.path)),
             ("family", i.family),
+            ("infotext Model", f"{i.model_name} (Model hash {i.short_hash or 'none'})"),
+            *([("infotext VAE", f"{i.vae.get('name')} (VAE hash {i.vae.get('short_hash')})")] if i.vae else []),
             ("prediction type", i.prediction_type),
             ("UNet input channels", f"{i.unet_in_channels}{' (inpainting model)' if i.is_inpainting_model else ''}"),
             ("latent channels", str(i.latent_channels)),

@@ -208,9 +208,11 @@ def _load_pickle(path: Path) -> dict:
             "or convert the file with a tool you trust"
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
+        first = str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else e.__class__.__name__
         raise _error(f"{path.name} cannot be read as a PyTorch checkpoint (truncated or another format: "
                      f"{first[:200]}); accepted: {ACCEPTED}") from None
+    if isinstance(obj, dict) and "string_to_param" in obj:
+        raise _error(f"{path.name} is a textual-inversion embedding, not an SD 1.x/2.x checkpoint; accepted: {ACCEPTED}")
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
@@ -239,42 +241,59 @@ _CLIP_L_RENAMES = (  # older SD 1.x files name the CLIP keys without "text_model
 )
 
 
-def recognise(tf: TensorFile) -> str:
-    """What the file holds, in words: "sd1", "sd2" for the checkpoints sdrt exports, or raise with
-    what was recognised instead."""
+def _lora_tensors(keys) -> int:
+    parts = (".lora_down.", ".lora_up.", ".lora_A.", ".lora_B.", ".lora.down.", ".lora.up.", ".hada_w1_a", ".lokr_w1")
+    return sum(1 for k in keys if k.startswith(("lora_unet_", "lora_te")) or any(p in k for p in parts))
+
+
+def _other_model(tf: TensorFile) -> str | None:
+    """What a file that is not an SD 1.x/2.x checkpoint holds, when its tensors say (the names
+    A1111's sd_models_config and ComfyUI's model_detection look at), else None; after a ";", what
+    to do instead."""
     keys = tf.keys()
-    name = tf.path.name
 
-    def has(prefix: str) -> bool:
-        return any(k.startswith(prefix) for k in keys)
+    def has(*prefixes: str) -> bool:
+        return any(k.startswith(prefixes) for k in keys)
 
-    def count(pred) -> int:
-        return sum(1 for k in keys if pred(k))
+    lora = _lora_tensors(keys)
+    checks = (
+        (lora, f"a LoRA ({lora} of {len(keys)} tensors are LoRA weights)"),
+        (keys and set(keys) <= {"emb_params", "clip_l", "clip_g"}, "a textual-inversion embedding"),
+        (has("control_model.") or any(".input_hint_block." in k for k in keys), "a ControlNet"),
+        (has("model.diffusion_model.joint_blocks.", "joint_blocks.", "text_encoders.t5xxl.")
+         or "model.diffusion_model.x_embedder.proj.weight" in tf, "a Stable Diffusion 3 checkpoint"),
+        (has("double_blocks.", "model.diffusion_model.double_blocks."), "a Flux checkpoint"),
+        (has("embedder.model.", "noise_augmentor."), "an SD 2.x unCLIP checkpoint"),
+        (has("depth_model."), "an SD 2.x depth checkpoint"),
+        (has("conditioner.embedders.1.", "model.diffusion_model.label_emb."), "an SDXL checkpoint"),
+        (has("conditioner.embedders.0."), "an SDXL refiner checkpoint"),
+        (has("cond_stage_model.roberta."), "an AltDiffusion checkpoint"),
+        (has("encoder.conv_in.", "first_stage_model.encoder.conv_in.") and not has(UNET),
+         f"a VAE ({len(keys)} tensors); pass a VAE with --vae beside a checkpoint"),
+        (has("down_blocks.", "text_model.", "encoder.down_blocks.") and not has(UNET),
+         "a model in diffusers' layout (down_blocks.*, text_model.*); export the diffusers folder it belongs to"),
+    )
+    return next((what for hit, what in checks if hit), None)
 
-    lora = count(lambda k: k.startswith(("lora_unet_", "lora_te", "lora_")) or ".lora_down." in k
-                 or ".lora_up." in k or ".lora_A." in k or ".lora_B." in k or k.endswith(".alpha") and "lora" in k)
-    if lora:
-        raise _error(f"{name} is a LoRA ({lora} of {len(keys)} tensors are LoRA weights), not a checkpoint; "
-                     f"accepted: {ACCEPTED}")
-    if has("model.diffusion_model.joint_blocks.") or has("joint_blocks.0.") or has("text_encoders.t5xxl."):
-        raise _error(f"{name} is a Stable Diffusion 3 checkpoint; sdrt exports SD 1.x and 2.x")
-    if has("double_blocks.") or has("model.diffusion_model.double_blocks.") or has("single_blocks."):
-        raise _error(f"{name} is a Flux checkpoint; sdrt exports SD 1.x and 2.x")
-    if has("conditioner.embedders.1.") or has("model.diffusion_model.label_emb."):
-        raise _error(f"{name} is an SDXL checkpoint; sdrt exports SD 1.x and 2.x for now")
-    unet_in = "model.diffusion_model.input_blocks.0.0.weight"
-    vae_only = (has("encoder.conv_in.") or has("first_stage_model.encoder.conv_in.")) and not has(UNET)
-    if vae_only:
-        raise _error(f"{name} is a VAE ({len(keys)} tensors), not a checkpoint: pass it with --vae beside a checkpoint")
-    if unet_in not in tf:
+
+def recognise(tf: TensorFile) -> str:
+    """The family of an SD 1.x/2.x checkpoint ("sd1" or "sd2"); anything else is refused with what
+    was recognised."""
+    keys, name = tf.keys(), tf.path.name
+    other = _other_model(tf)
+    if other:
+        what, _, hint = other.partition("; ")
+        raise _error(f"{name} is {what}, not a checkpoint sdrt exports; {hint or 'accepted: ' + ACCEPTED}")
+    if "model.diffusion_model.input_blocks.0.0.weight" not in tf:
         raise _error(f"{name} is not a Stable Diffusion checkpoint (no UNet under {UNET!r}; {len(keys)} tensors, "
                      f"e.g. {', '.join(keys[:3])}); accepted: {ACCEPTED}")
-    missing = [what for what, prefix in (("VAE", VAE), ("text encoder", "cond_stage_model.")) if not has(prefix)]
+    missing = [what for what, prefix in (("VAE", VAE), ("text encoder", "cond_stage_model.")) if not
+               any(k.startswith(prefix) for k in keys)]
     if missing:
         raise _error(f"{name} holds a UNet without a {' or '.join(missing)} (a UNet-only file); accepted: {ACCEPTED}")
-    if has(OPEN_CLIP + "transformer.resblocks."):
+    if any(k.startswith(OPEN_CLIP + "transformer.resblocks.") for k in keys):
         return "sd2"
-    if has(CLIP_L):
+    if any(k.startswith(CLIP_L) for k in keys):
         return "sd1"
     raise _error(f"{name}: unknown text encoder (neither CLIP under {CLIP_L!r} nor OpenCLIP under {OPEN_CLIP!r}); "
                  f"sdrt exports SD 1.x and 2.x")
@@ -284,8 +303,9 @@ def detect(tf: TensorFile, prediction_type: str | None = None) -> Detected:
     family = recognise(tf)
     in_channels = tf.shape("model.diffusion_model.input_blocks.0.0.weight")[1]
     if in_channels not in (4, 9):
-        raise _error(f"{tf.path.name}: an SD {family[-1]}.x UNet with {in_channels} input channels "
-                     "(4, or 9 for inpainting, are accepted)")
+        what = {8: " (an InstructPix2Pix checkpoint)", 5: " (a depth checkpoint)"}.get(in_channels, "")
+        raise _error(f"{tf.path.name}: an SD {family[-1]}.x UNet with {in_channels} input channels{what}; "
+                     "accepted: 4, or 9 for inpainting")
     context = _unet_context_dim(tf)
     if (family, context) not in (("sd1", 768), ("sd2", 1024)) and context in (768, 1024):
         raise _error(f"{tf.path.name}: an {family} text encoder with a UNet for {context}-wide text; not a checkpoint sdrt knows")
@@ -706,6 +726,10 @@ class VaeFile:
             if any(k.startswith(UNET) for k in keys):
                 raise _error(f"--vae {self.path.name} is a full checkpoint, not a VAE file; accepted: an A1111-style "
                              "VAE (.safetensors, .ckpt/.pt) or a diffusers AutoencoderKL folder")
+            if any(k.startswith("encoder.down_blocks.") for k in keys):
+                raise _error(f"--vae {self.path.name} is a VAE in diffusers' layout: pass its folder (with "
+                             "config.json) instead; accepted: an A1111-style VAE (.safetensors, .ckpt/.pt) or a "
+                             "diffusers AutoencoderKL folder")
             self.prefix = VAE if any(k.startswith(VAE) for k in keys) else ""
             if self.prefix + "encoder.conv_in.weight" not in self.tf or self.prefix + "decoder.conv_in.weight" not in self.tf:
                 raise _error(f"--vae {self.path.name}: not a VAE file ({len(keys)} tensors without encoder.conv_in / "

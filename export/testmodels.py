@@ -45,6 +45,7 @@ class Kind:
     scheduler_config: dict
     pad_token: str = "<|endoftext|>"
     inpaint: bool = False
+    exact_16bit: bool = False  # every weight exactly representable in fp16 and in bf16
 
 
 _TINY_VAE = dict(
@@ -145,21 +146,21 @@ KINDS["mid"] = Kind(
 # Tiny models in the SD 1.x / 2.x families' conventions (attention heads: 8 per block for SD 1.x,
 # one per 64 channels for SD 2.x and for the text encoders; SD 2.x: linear projections, GELU text
 # encoder, "!" padding), so that the same weights written as a single-file checkpoint convert back
-# with the configs sdrt ships for those families (tests/test_checkpoint.py).
+# with the configs sdrt ships for those families (tests/test_checkpoint.py). Their weights are exact
+# in fp16 and bf16: a file stored in any of fp32, fp16 and bf16 holds the same model.
 _CKPT_TEXT = {**_TINY_TEXT, "hidden_size": 64, "intermediate_size": 96, "num_attention_heads": 1, "projection_dim": 64}
 _CKPT_SD1_UNET = {**_TINY_UNET, "cross_attention_dim": 64, "attention_head_dim": 8}
 _CKPT_SD2_UNET = {**_TINY_UNET, "block_out_channels": (64, 128), "cross_attention_dim": 64, "attention_head_dim": (1, 2),
                   "use_linear_projection": True}
 _SD2_SCHEDULER = {**SD15_SCHEDULER, "prediction_type": "epsilon"}
-KINDS["ckpt-sd1"] = Kind(_CKPT_SD1_UNET, _TINY_VAE, _CKPT_TEXT, "PNDMScheduler", SD15_SCHEDULER)
+_SD2_TEXT = {**_CKPT_TEXT, "hidden_act": "gelu"}
+KINDS["ckpt-sd1"] = Kind(_CKPT_SD1_UNET, _TINY_VAE, _CKPT_TEXT, "PNDMScheduler", SD15_SCHEDULER, exact_16bit=True)
 KINDS["ckpt-sd1-inpaint"] = Kind({**_CKPT_SD1_UNET, "in_channels": 9}, _TINY_VAE, _CKPT_TEXT, "PNDMScheduler",
-                                 SD15_SCHEDULER, inpaint=True)
-KINDS["ckpt-sd2"] = Kind(_CKPT_SD2_UNET, _TINY_VAE, {**_CKPT_TEXT, "hidden_act": "gelu"}, "DDIMScheduler", _SD2_SCHEDULER,
-                         pad_token="!")
-KINDS["ckpt-sd2-v"] = Kind(_CKPT_SD2_UNET, _TINY_VAE, {**_CKPT_TEXT, "hidden_act": "gelu"}, "DDIMScheduler",
-                           {**_SD2_SCHEDULER, "prediction_type": "v_prediction"}, pad_token="!")
-KINDS["ckpt-sd2-inpaint"] = Kind({**_CKPT_SD2_UNET, "in_channels": 9}, _TINY_VAE, {**_CKPT_TEXT, "hidden_act": "gelu"},
-                                 "DDIMScheduler", _SD2_SCHEDULER, pad_token="!", inpaint=True)
+                                 SD15_SCHEDULER, inpaint=True, exact_16bit=True)
+KINDS["ckpt-sd2"] = Kind(_CKPT_SD2_UNET, _TINY_VAE, _SD2_TEXT, "DDIMScheduler", _SD2_SCHEDULER, pad_token="!",
+                         exact_16bit=True)
+KINDS["ckpt-sd2-inpaint"] = Kind({**_CKPT_SD2_UNET, "in_channels": 9}, _TINY_VAE, _SD2_TEXT, "DDIMScheduler",
+                                 _SD2_SCHEDULER, pad_token="!", inpaint=True, exact_16bit=True)
 KINDS["sd15-inpaint"] = Kind(
     {**KINDS["sd15"].unet, "in_channels": 9}, KINDS["sd15"].vae, KINDS["sd15"].text, "PNDMScheduler", SD15_SCHEDULER, inpaint=True
 )
@@ -183,6 +184,17 @@ def _init_weights(module: torch.nn.Module, seed: int) -> None:
                 p.copy_(torch.randn(p.shape, generator=g) / fan_in**0.5)
 
 
+def _round_to_16bit(module: torch.nn.Module) -> None:
+    """Round every parameter to a value that fp16 and bf16 both hold exactly (bf16's 8 significant
+    bits, zero below fp16's smallest normal number), so that a checkpoint of the model stored in
+    fp32, fp16 or bf16 holds the same weights."""
+    with torch.no_grad():
+        for p in module.parameters():
+            r = p.to(torch.bfloat16).to(torch.float32)
+            r[r.abs() < 2.0**-14] = 0.0
+            p.copy_(r)
+
+
 def build_pipeline(kind: str = "tiny-sd1", seed: int = 0):
     """Return a diffusers pipeline of `kind` with deterministic random weights (fp32, CPU)."""
     from diffusers import (
@@ -203,6 +215,8 @@ def build_pipeline(kind: str = "tiny-sd1", seed: int = 0):
     text_encoder = CLIPTextModel(CLIPTextConfig(**k.text))
     for i, m in enumerate((unet, vae, text_encoder)):
         _init_weights(m, seed * 7919 + i)
+        if k.exact_16bit:
+            _round_to_16bit(m)
         m.eval()
     tokenizer = CLIPTokenizer(
         str(CLIP_TOKENIZER_DIR / "vocab.json"),

@@ -148,10 +148,38 @@ def original_state_dict(folder: Path, open_clip: bool) -> dict:
 
 def write_checkpoint(folder: Path, path: Path, open_clip: bool, dtype=torch.float32, extra: dict | None = None,
                      wrap: bool = False) -> Path:
-    """Write the folder's weights as a single file: .safetensors, or .ckpt (torch.save; `wrap`
-    puts them under "state_dict" as training checkpoints do)."""
-    sd = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in original_state_dict(folder, open_clip).items()}
-    sd.update(extra or {})
+    """Write the folder's weights as a single file (see save)."""
+    return save({**original_state_dict(folder, open_clip), **(extra or {})}, path, dtype, wrap)
+
+def training_extras(sd: dict, seed: int = 1) -> dict:
+    """What a full (unpruned) training checkpoint holds beside the weights: the UNet's EMA copy
+    (LitEma's names: the parameter's name after "model." without dots), the LDM noise-schedule
+    buffers and the text encoder's position ids."""
+    g = torch.Generator().manual_seed(seed)
+    out = {"model_ema." + k[len("model."):].replace(".", ""): torch.randn(v.shape, generator=g)
+           for k, v in sd.items() if k.startswith("model.diffusion_model.")}
+    out["model_ema.decay"] = torch.tensor(0.9999)
+    out["model_ema.num_updates"] = torch.tensor(1000, dtype=torch.int32)
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
+    alphas = torch.cumprod(1 - betas, 0)
+    out.update({"betas": betas.float(), "alphas_cumprod": alphas.float(),
+                "alphas_cumprod_prev": torch.cat([torch.ones(1), alphas[:-1].float()]),
+                "sqrt_alphas_cumprod": alphas.sqrt().float(), "logvar": torch.zeros(1000)})
+    if any(k.startswith("cond_stage_model.transformer.") for k in sd):
+        out["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(77)[None]
+    return out
+
+
+def without_text_model_prefix(sd: dict) -> dict:
+    """SD 1.x files written by older tools name the CLIP weights without "text_model."."""
+    p = "cond_stage_model.transformer.text_model."
+    return {("cond_stage_model.transformer." + k[len(p):] if k.startswith(p) else k): v for k, v in sd.items()}
+
+
+def save(sd: dict, path: Path, dtype=torch.float32, wrap: bool = False) -> Path:
+    """Write a state dict as .safetensors or .ckpt (torch.save; `wrap` puts it under "state_dict",
+    as training checkpoints do), floating-point tensors in `dtype`."""
+    sd = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in sd.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".safetensors":
         from safetensors.torch import save_file
