@@ -265,8 +265,8 @@ def _other_model(tf: TensorFile) -> str | None:
         (has("double_blocks.", "model.diffusion_model.double_blocks."), "a Flux checkpoint"),
         (has("embedder.model.", "noise_augmentor."), "an SD 2.x unCLIP checkpoint"),
         (has("depth_model."), "an SD 2.x depth checkpoint"),
-        (has("conditioner.embedders.1.", "model.diffusion_model.label_emb."), "an SDXL checkpoint"),
-        (has("conditioner.embedders.0."), "an SDXL refiner checkpoint"),
+        (has("conditioner.embedders.1.", "model.diffusion_model.label_emb."), "an SDXL checkpoint" + _SDXL_HINT),
+        (has("conditioner.embedders.0."), "an SDXL refiner checkpoint" + _SDXL_HINT),
         (has("cond_stage_model.roberta."), "an AltDiffusion checkpoint"),
         (has("encoder.conv_in.", "first_stage_model.encoder.conv_in.") and not has(UNET),
          f"a VAE ({len(keys)} tensors); pass a VAE with --vae beside a checkpoint"),
@@ -274,6 +274,10 @@ def _other_model(tf: TensorFile) -> str | None:
          "a model in diffusers' layout (down_blocks.*, text_model.*); export the diffusers folder it belongs to"),
     )
     return next((what for hit, what in checks if hit), None)
+
+
+_SDXL_HINT = ("; sdrt exports SDXL from a diffusers folder (StableDiffusionXLPipeline layout), not yet from a "
+              "single file")
 
 
 def recognise(tf: TensorFile) -> str:
