@@ -2,9 +2,10 @@
 
 A LoRA file holds, per layer, a low-rank update: W' = W + multiplier * alpha / rank * up @ down.
 The export records where each layer's weight W lives in the UNet and text encoder graphs
-(`lora_map.json`, see sdrt.export.loramap): an initializer, maybe transposed, maybe a slice of a
-packed q/k/v tensor. The merged initializers replace the originals when the graph's session is
-created (ONNX Runtime's SessionOptions.add_initializer); nothing is exported again.
+(`lora_map.json`, see sdrt.export.loramap): an initializer in fp32 or fp16, maybe transposed,
+NHWC-transposed, or a part of a packed q/k/v (k/v) tensor. The merged initializers replace the
+originals when the graph's session is created (ONNX Runtime's SessionOptions.add_initializer);
+nothing is exported again.
 
 Formats: kohya/A1111 (`lora_unet_<layer>.lora_down.weight`, `.lora_up.weight`, `.alpha`;
 `lora_te_...`), including LoCon convolution layers in that layout; diffusers/PEFT
