@@ -62,16 +62,18 @@ def _fused_modules(src, folder, name, weight):
     return dp, base
 
 
-def test_fp16_map_covers_what_the_fp32_map_covers(models, fp16):
-    pipe, _, _ = fp16
-    cpu = read_model_folder(models.exported("tiny-sd1"))
+@pytest.mark.parametrize("kind", ["tiny-sd1", "tiny-sd2-v"])
+def test_fp16_map_covers_what_the_fp32_map_covers(models, fp16, kind):
+    """Every LoRA-able layer is located in the fp16 cuda graphs (SD 2.x: per-block head counts)."""
+    cuda = read_model_folder(models.exported(kind, target="cuda", precision="fp16"))
+    cpu = read_model_folder(models.exported(kind))
     for graph in lora.GRAPHS:
-        m16, m32 = lora.read_map(pipe.info.graph_files[graph]), lora.read_map(cpu.graph_files[graph])
+        m16, m32 = lora.read_map(cuda.graph_files[graph]), lora.read_map(cpu.graph_files[graph])
         assert m16["missing"] == [] and m32["missing"] == []
         assert sorted(m16["modules"]) == sorted(m32["modules"]) and len(m16["modules"]) > 10
         assert {at["dtype"] for e in m16["modules"].values() for at in e["at"]} == {"float16"}
     layouts = {}
-    for module, e in lora.read_map(pipe.info.graph_files["unet"])["modules"].items():
+    for module, e in lora.read_map(cuda.graph_files["unet"])["modules"].items():
         for at in e["at"]:
             layouts.setdefault((at["layout"], at.get("count")), []).append(module)
     assert all(m.endswith(("attn1.to_q", "attn1.to_k", "attn1.to_v")) for m in layouts[("packed", 3)])
