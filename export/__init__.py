@@ -485,7 +485,7 @@ def _export_into(source, tmp, precision, target, opset, fp32_ops, fp32_vae_decod
                 module.save_config(tmp / d)
             configs[component] = dict(module.config)
         # LoRA-able weights of the UNet and text encoder, located in the final graphs below.
-        prints = fingerprints(module, "text_model." if component == "text_encoder" else "") \
+        prints = fingerprints(module, "text_model." if component == "text_encoder" else "", precision == "fp16") \
             if component in LORA_GRAPHS else None
         staged = []
         for spec in specs:
@@ -518,7 +518,7 @@ def _export_into(source, tmp, precision, target, opset, fp32_ops, fp32_vae_decod
                 fused[FP32_VAE_DECODER] = optimize_graph(stage, tmp / FP32_VAE_DECODER / "model.onnx", name, target, "fp32")
                 precisions[FP32_VAE_DECODER] = "fp32"
             shutil.rmtree(stage.parent)
-            if prints is not None and graph_precision == "fp32":
+            if prints is not None and graph_precision in ("fp32", "fp16"):
                 lmap = write_map(prints, dst)
                 if lmap["missing"]:
                     log(f"  {name}: {len(lmap['missing'])} LoRA-able weights not found in the graph "

@@ -99,9 +99,17 @@ def read_embedding(path: Path, width: int) -> Embedding:
     if vec.ndim != 2 or vec.shape[0] < 1:
         raise InputError(f"{path.name}: the tensor's shape {list(vec.shape)} is not [vectors, width]")
     if vec.shape[1] != width:
-        raise InputError(f"{path.name} has vectors of width {vec.shape[1]}, this text encoder takes {width} "
-                         "(an embedding for another model family)")
+        raise InputError(f"{path.name} has vectors of width {vec.shape[1]}{_family(vec.shape[1])}, this text encoder "
+                         f"takes {width}{_family(width)}: an embedding for another model family")
     return Embedding(path.stem, np.ascontiguousarray(vec, dtype=np.float32), path)
+
+
+# Text encoder widths of the SD families (CLIP ViT-L/14, OpenCLIP ViT-H/14).
+_FAMILIES = {768: "SD 1.x", 1024: "SD 2.x"}
+
+
+def _family(width: int) -> str:
+    return f" ({_FAMILIES[width]})" if width in _FAMILIES else ""
 
 
 def scan(folder: Path, width: int, vocab_size: int, previous: EmbeddingSet | None = None) -> EmbeddingSet:

@@ -2,9 +2,10 @@
 
 A LoRA file holds, per layer, a low-rank update: W' = W + multiplier * alpha / rank * up @ down.
 The export records where each layer's weight W lives in the UNet and text encoder graphs
-(`lora_map.json`, see sdrt.export.loramap): an initializer, maybe transposed, maybe a slice of a
-packed q/k/v tensor. The merged initializers replace the originals when the graph's session is
-created (ONNX Runtime's SessionOptions.add_initializer); nothing is exported again.
+(`lora_map.json`, see sdrt.export.loramap): an initializer in fp32 or fp16, maybe transposed,
+NHWC-transposed, or a part of a packed q/k/v (k/v) tensor. The merged initializers replace the
+originals when the graph's session is created (ONNX Runtime's SessionOptions.add_initializer);
+nothing is exported again.
 
 Formats: kohya/A1111 (`lora_unet_<layer>.lora_down.weight`, `.lora_up.weight`, `.alpha`;
 `lora_te_...`), including LoCon convolution layers in that layout; diffusers/PEFT
@@ -333,14 +334,16 @@ def read_map(graph_path: Path) -> dict | None:
 def merge(graph_path: Path, lmap: dict, updates: list[tuple[dict[str, Layer], float]]) -> dict[str, np.ndarray]:
     """The initializers of the graph at `graph_path` that `updates` (each a module -> Layer dict and
     its multiplier) change, merged: W + sum(multiplier * scale * up @ down), in the graph's layout
-    and dtype. The originals are read from the model's files, one tensor at a time."""
+    and dtype (the sum in fp32, added to the fp32 value of an fp16 weight, cast back to fp16). The
+    originals are read from the model's files, one tensor at a time."""
     touched: dict[str, list] = {}
     for layers, mult in updates:
         if mult == 0:
             continue
         for module, layer in layers.items():
-            for at in lmap["modules"][module]["at"]:
-                touched.setdefault(at["initializer"], []).append((at, layer, mult))
+            entry = lmap["modules"][module]
+            for at in entry["at"]:
+                touched.setdefault(at["initializer"], []).append((at, entry["shape"], layer, mult))
     if not touched:
         return {}
     inits = initializers(graph_path)
@@ -350,12 +353,24 @@ def merge(graph_path: Path, lmap: dict, updates: list[tuple[dict[str, Layer], fl
             raise InputError(f"{graph_path}: initializer {init} of {MAP_FILE} is missing; export the model again")
         base = inits[init].read()
         w = base.astype(np.float32)
-        for at, layer, mult in parts:
-            delta = (layer.up @ layer.down) * np.float32(mult * layer.scale)
-            if at["layout"] == "same":
-                w += delta.reshape(w.shape)
-            else:
-                k = at["offset"]
-                w[:, k:k + delta.shape[0]] += delta.T
+        for at, shape, layer, mult in parts:
+            _add(w, at, shape, (layer.up @ layer.down) * np.float32(mult * layer.scale))
         out[init] = np.ascontiguousarray(w.astype(base.dtype, copy=False))
     return out
+
+
+def _add(w: np.ndarray, at: dict, shape: list[int], delta: np.ndarray) -> None:
+    """w += delta ([out, rest], the update of a weight of `shape`) in the layout `at` records."""
+    layout = at["layout"]
+    if layout == "same":
+        w += delta.reshape(w.shape)
+    elif layout == "T":
+        k = at["offset"]
+        w[:, k:k + delta.shape[0]] += delta.T
+    elif layout == "nhwc":
+        w += delta.reshape(shape).transpose(0, 2, 3, 1)
+    elif layout == "packed":
+        view = w.reshape(w.shape[0], at["heads"], at["count"], -1)  # a view: w changes
+        view[:, :, at["index"], :] += delta.T.reshape(w.shape[0], at["heads"], -1)
+    else:
+        raise InputError(f"{MAP_FILE}: layout {layout!r} is not known to this sdrt version; update sdrt")

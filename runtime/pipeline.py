@@ -299,10 +299,10 @@ class Pipeline:
             raise InputError(f"LoRAs are applied to SD 1.x and 2.x models; {self.info.path} is an SDXL model, whose "
                              f"LoRAs sdrt does not apply yet (remove {', '.join(f'<lora:{u.name}:...>' for u in uses)})")
         precision = self.info.precision
-        if any(precision.get(g) != "fp32" for g in lora.GRAPHS):
+        if any(precision.get(g) not in ("fp32", "fp16") for g in lora.GRAPHS):
             got = ", ".join(f"{g} {precision.get(g)}" for g in lora.GRAPHS)
-            raise InputError(f"LoRAs are applied to fp32 graphs; {self.info.path} has {got} graphs (int8 layers are not "
-                             "re-quantized, fp16 graphs not merged): use an fp32 export of this model")
+            raise InputError(f"LoRAs are applied to fp32 and fp16 graphs; {self.info.path} has {got} graphs (int8 layers "
+                             "are not re-quantized): use an fp32 or fp16 export of this model")
         maps = {g: lora.read_map(self.info.graph_files[g]) for g in lora.GRAPHS}
         if any(m is None for m in maps.values()):
             raise InputError(f"{self.info.path} has no LoRA map ({lora.MAP_FILE}): it was exported before sdrt applied "

@@ -366,10 +366,17 @@ class Graph:
 
 
 def _disabled_optimizers(initializers: dict[str, np.ndarray]) -> list[str]:
-    """ONNX Runtime's NCHWc transformer (CPU convolutions in blocked layout) converts a convolution
-    weight from the graph file and ignores a replacement given with SessionOptions.add_initializer
-    (measured: the output is the original weight's). With replaced convolution weights it is off."""
-    return ["NchwcTransformer"] if any(a.ndim == 4 for a in initializers.values()) else []
+    """ONNX Runtime transformers that read a weight from the graph file and ignore a replacement
+    given with SessionOptions.add_initializer (measured: the output is the original weight's):
+    the NCHWc transformer (CPU convolutions in blocked layout) converts convolution weights, and
+    FuseFp16InitializerToFp32NodeTransformer (the CPU provider running an fp16 graph in fp32)
+    turns fp16 weights into fp32 ones. With such replaced weights they are off."""
+    off = []
+    if any(a.ndim == 4 for a in initializers.values()):
+        off.append("NchwcTransformer")
+    if any(a.dtype == np.float16 for a in initializers.values()):
+        off.append("FuseFp16InitializerToFp32NodeTransformer")
+    return off
 
 
 def _log(msg: str) -> None:
