@@ -486,7 +486,7 @@ def _export_into(source, tmp, precision, target, opset, fp32_ops, fp32_vae_decod
             configs[component] = dict(module.config)
         # LoRA-able weights of the UNet and text encoder, located in the final graphs below.
         prints = fingerprints(module, "text_model." if component == "text_encoder" else "", precision == "fp16") \
-            if component in LORA_GRAPHS else None
+            if component in LORA_GRAPHS and precision != "int8" else None  # int8 folders take no LoRA
         staged = []
         for spec in specs:
             t = time.time()
@@ -618,7 +618,12 @@ def _quantize_into(src: Path, tmp: Path, int8_weight_max: int, log) -> dict:
                           "folder or from the diffusers folder")
     for p in sorted(src.iterdir()):
         if p.name not in (MANIFEST, INCOMPLETE_MARKER):
-            (shutil.copytree if p.is_dir() else shutil.copy2)(p, tmp / p.name)
+            if p.is_dir():  # without LoRA maps: int8 folders take no LoRA
+                from .loramap import MAP_FILE
+
+                shutil.copytree(p, tmp / p.name, ignore=shutil.ignore_patterns(MAP_FILE))
+            else:
+                shutil.copy2(p, tmp / p.name)
     manifest = json.loads((src / MANIFEST).read_text(encoding="utf-8"))
     (tmp / MANIFEST).write_text(json.dumps({**manifest, "files": {}}))
     q = quantize_unet(tmp, log=log, weight_max=int8_weight_max)

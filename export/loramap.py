@@ -74,16 +74,14 @@ def fingerprints(module, prefix: str = "", half: bool = False) -> dict[str, dict
 
 def _initializers(path: Path):
     """(name, dtype name, float32 array) of each fp32/fp16 initializer of 2+ dimensions of the
-    graph at `path`, one at a time."""
-    from onnx import TensorProto
+    graph at `path`, read one at a time from its file (the graph itself is not loaded: a graph
+    below 2 GB holds its weights inline)."""
+    from sdrt.runtime.onnxinit import initializers
 
-    from .onnxfile import load_graph, tensor_array
-
-    model = load_graph(path)
-    kinds = {TensorProto.FLOAT: "float32", TensorProto.FLOAT16: "float16"}
-    for t in model.graph.initializer:
-        if t.data_type in kinds and len(t.dims) >= 2:
-            yield t.name, kinds[t.data_type], tensor_array(t, path.parent).astype(np.float32)
+    kinds = {1: "float32", 10: "float16"}  # TensorProto.FLOAT, FLOAT16
+    for name, init in initializers(path).items():
+        if init.dtype in kinds and len(init.dims) >= 2:
+            yield name, kinds[init.dtype], init.read().astype(np.float32)
 
 
 def _divisors(n: int) -> list[int]:
