@@ -870,6 +870,9 @@ def serve(
         if ray:
             run_ray(cfg, replicas=replicas, log_level=log_level)
         else:
+            # The server drains on SIGTERM itself (requests in flight finish, its log stays JSON) and
+            # then ends by the signal it caught: not the one-line exit of the other commands.
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
             run(cfg, log_level=log_level)
 
     _run_guarded(go)
