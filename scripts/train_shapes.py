@@ -1,7 +1,7 @@
 """Train sdrt's embedded default model, `shapes`, from scratch on a procedural dataset.
 
-    nice -n 19 python scripts/train_shapes.py --work /work/shapes-work --out /work/shapes-ckpt
-    sdrt export /work/shapes-ckpt models/shapes
+    nice -n 19 python scripts/train_shapes.py --work WORK --out CKPT
+    sdrt export CKPT models/shapes
 
 A small latent diffusion model of the Stable Diffusion 1.x family, on 64x64 images of simple
 shapes in named colours (scripts/shapes_data.py):
