@@ -161,3 +161,27 @@ def test_memory_estimate_covers_the_sd15_export(precision, with_torch):
     peak = SD15_PEAK_MIB[precision, with_torch] * 2**20
     est = estimate_peak_bytes(weights, precision, with_torch=with_torch)
     assert peak <= est <= 2 * peak, (precision, with_torch, est / 2**20, peak / 2**20)
+
+
+# Peak RSS (MiB) of `sdrt export` of the SDXL-architecture model (docs/benchmarks.md, "Export"):
+#   python -m sdrt.export.testmodels SDXL --kind sdxl
+#   python benchmarks/export.py SDXL WORK --only fp32,fp16
+SDXL_PEAK_MIB = {"fp32": 15509, "fp16": 15687}
+
+
+@pytest.mark.parametrize("precision", list(SDXL_PEAK_MIB))
+def test_memory_estimate_covers_the_sdxl_export(precision):
+    """As for SD 1.5: the estimate covers the measured SDXL peak without being twice it."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from sdrt.export.memory import estimate_peak_bytes
+    from sdrt.export.testmodels import XL_KINDS
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**XL_KINDS["sdxl"].unet)
+    weights = {"unet": 4 * sum(p.numel() for p in unet.parameters())}
+    assert 10.0e9 < weights["unet"] < 10.5e9  # SDXL 1.0's UNet: 2.57B parameters
+    peak = SDXL_PEAK_MIB[precision] * 2**20
+    est = estimate_peak_bytes(weights, precision)
+    assert peak <= est <= 2 * peak, (precision, est / 2**20, peak / 2**20)
