@@ -185,3 +185,19 @@ def test_memory_estimate_covers_the_sdxl_export(precision):
     peak = SDXL_PEAK_MIB[precision] * 2**20
     est = estimate_peak_bytes(weights, precision)
     assert peak <= est <= 2 * peak, (precision, est / 2**20, peak / 2**20)
+
+
+@pytest.mark.parametrize("available_gib", [0.01, 0.3, 0.7])
+def test_export_refuses_to_start_without_the_memory_it_needs(models, tmp_path, monkeypatch, available_gib):
+    """Below 80% of the estimate (here: a machine with less than the base of 1 GiB) the export
+    refuses in one line naming both figures and the way around it, before it writes anything."""
+    from sdrt.export import ExportError, export_model, memory
+
+    monkeypatch.setattr(memory, "available_bytes", lambda: int(available_gib * memory.GIB))
+    out = tmp_path / "out"
+    with pytest.raises(ExportError) as e:
+        export_model(models.source("tiny-sd1"), out)
+    msg = str(e.value)
+    assert "\n" not in msg and "needs about" in msg and f"{available_gib:.1f} GiB is available" in msg
+    assert "--skip-memory-check" in msg
+    assert not tmp_path.exists() or list(tmp_path.iterdir()) == []
