@@ -162,21 +162,27 @@ def sample_heun(denoise, x, sigmas, *, callback=None, noise_sampler=None, s_chur
         s, sn = float(sigmas[i]), float(sigmas[i + 1])
         s_hat = _churn(x, s, sn, n, s_churn, s_tmin, s_tmax, s_noise, noise_sampler)
         den = _own(denoise(x, s_hat), x)
-        dt = sn - s_hat
-        if sn == 0:
-            _toward(x, den, dt / s_hat, buf)
-        else:
-            d = x - den
-            d *= 1.0 / s_hat
-            x2 = _done(substep, i, x + d * dt, s, sn, den)
-            den2 = denoise(x2, sn)
-            np.subtract(x2, den2, out=x2)
-            x2 *= 1.0 / sn
-            d += x2
-            d *= dt / 2
-            x += d
+        _heun_step(denoise, x, den, s_hat, sn, buf, substep, i, s)
         x = _done(callback, i, x, s, sn, den)
     return x
+
+
+def _heun_step(denoise, x, den, s, sn, buf, substep, i, s_report):
+    """x (in place) from s to sn by Heun's method given den = denoise(x, s); Euler to sn = 0.
+    The substep callback sees the Euler estimate (reported as the step from s_report)."""
+    dt = sn - s
+    if sn == 0:
+        _toward(x, den, dt / s, buf)
+        return
+    d = x - den
+    d *= 1.0 / s
+    x2 = _done(substep, i, x + d * dt, s_report, sn, den)
+    den2 = denoise(x2, sn)
+    np.subtract(x2, den2, out=x2)
+    x2 *= 1.0 / sn
+    d += x2
+    d *= dt / 2
+    x += d
 
 
 def _midpoint_step(denoise, x, den, s, target, mid, substep):
@@ -705,19 +711,7 @@ def sample_restart(denoise, x, sigmas, *, callback=None, noise_sampler=None, pai
         if last is not None and last < s:
             x += noise_sampler(last, s) * (s_noise * math.sqrt(s * s - last * last))
         den = _own(denoise(x, s), x)
-        dt = sn - s
-        if sn == 0:
-            _toward(x, den, dt / s, buf)
-        else:
-            d = x - den
-            d *= 1.0 / s
-            x2 = _done(substep, i, x + d * dt, s, sn, den)
-            den2 = denoise(x2, sn)
-            np.subtract(x2, den2, out=x2)
-            x2 *= 1.0 / sn
-            d += x2
-            d *= dt / 2
-            x += d
+        _heun_step(denoise, x, den, s, sn, buf, substep, i, s)
         last = sn
         x = _done(callback, i, x, s, sn, den)
     return x
