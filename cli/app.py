@@ -147,7 +147,7 @@ def _run_guarded(fn, *args, **kwargs):
 
 @app.command()
 def export(
-    src: Path = typer.Argument(..., help="A single-file SD 1.x/2.x checkpoint (.safetensors, or .ckpt/.pt read with PyTorch's weights-only loader), a diffusers-format Stable Diffusion folder (model_index.json, unet/, vae/, ...), or an sdrt fp32 cpu-target folder to quantize with --precision int8."),
+    src: Path = typer.Argument(..., help="A single-file SD 1.x/2.x/SDXL checkpoint (.safetensors, or .ckpt/.pt read with PyTorch's weights-only loader), a diffusers-format Stable Diffusion folder (model_index.json, unet/, vae/, ...), or an sdrt fp32 cpu-target folder to quantize with --precision int8."),
     out: Path = typer.Argument(..., help="The model folder to write (must not exist unless --overwrite)."),
     precision: str = typer.Option("fp32", "--precision", help="fp32; int8 (cpu target: the UNet's convolutions, calibrated on fixed prompts, and matrix products in int8); or fp16 (with --target cuda)."),
     target: str = typer.Option("cpu", "--target", help="cpu (fused for the CPU provider) or cuda (fused for the CUDA provider)."),

@@ -298,7 +298,7 @@ def export_model(
     """Export the diffusers folder or single-file checkpoint `src` into the sdrt model folder `out`;
     returns `out`.
 
-    `src` may be a diffusers folder, an A1111/ComfyUI-style single-file SD 1.x/2.x checkpoint
+    `src` may be a diffusers folder, an A1111/ComfyUI-style single-file SD 1.x/2.x/SDXL checkpoint
     (.safetensors, or .ckpt/.pt read with PyTorch's weights-only loader; see export/checkpoint.py),
     or an sdrt fp32 cpu-target folder with precision="int8": its UNet is quantized (no PyTorch
     needed) and the other files are copied.
@@ -369,10 +369,9 @@ def export_model(
     if from_folder:
         weights = memory.onnx_folder_weight_bytes(src)
     elif from_file:
-        from .checkpoint import OPEN_CLIP, UNET, VAE, CLIP_L
+        from .checkpoint import file_weight_bytes
 
-        weights = {"unet": 4 * tensors.numel(UNET), "vae": 4 * tensors.numel(VAE),
-                   "text_encoder": 4 * (tensors.numel(CLIP_L) + tensors.numel(OPEN_CLIP))}
+        weights = file_weight_bytes(tensors)
     else:
         weights = {c: _folder_weight_bytes(src / c) for c in _source_components(index)}
     if vae_file is not None:
@@ -393,9 +392,9 @@ def export_model(
             manifest = _quantize_into(src, tmp, int8_weight_max, log)
         else:
             if from_file:
-                from .checkpoint import CheckpointSource
+                from .checkpoint import checkpoint_source
 
-                source = CheckpointSource(src, prediction_type, log=log, tensors=tensors)
+                source = checkpoint_source(src, prediction_type, log=log, tensors=tensors)
             else:
                 source = (SDXLSource if sdxl.is_sdxl(index) else DiffusersSource)(src, index, prediction_type)
             source.vae_file = vae_file
@@ -455,6 +454,10 @@ def _export_into(source, tmp, precision, target, opset, fp32_ops, fp32_vae_decod
 
     xl = getattr(source, "sdxl", False)
     vae_file = getattr(source, "vae_file", None)
+    if vae_file is not None and vae_file.tf is not None:
+        # A VAE file states no scaling factor: the model's applies (SDXL's 0.13025, SD's 0.18215),
+        # as in A1111; an SDXL model's VAE file is taken to need fp32, as its own VAE does.
+        vae_file.config.update({k: source.vae_config[k] for k in ("scaling_factor", "force_upcast") if k in source.vae_config})
     if xl:
         family = "sdxl"
         if vae_file is not None:

@@ -4,6 +4,7 @@
     first_stage_model.*          VAE (encoder.down.N.block.M, mid.attn_1, decoder.up.N, ...)
     cond_stage_model.transformer.text_model.*   SD 1.x text encoder (CLIP ViT-L, Hugging Face names)
     cond_stage_model.model.*     SD 2.x text encoder (OpenCLIP ViT-H: transformer.resblocks.N)
+    conditioner.embedders.N.*    SDXL's text encoders (export/checkpoint_sdxl.py)
 
 The family, the UNet's input channels, the text encoder and every size are read from the
 tensors' names and shapes (as A1111's and ComfyUI's model detection do); what tensors cannot
@@ -23,14 +24,14 @@ import hashlib
 import json
 import re
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "models" / "checkpoint-configs"
 CLIP_TOKENIZER_DIR = Path(__file__).resolve().parents[1] / "models" / "clip-tokenizer"
 SAFETENSORS_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
-ACCEPTED = "a single-file SD 1.x / 2.x checkpoint (.safetensors preferred, or .ckpt/.pt)"
+ACCEPTED = "a single-file SD 1.x / 2.x / SDXL checkpoint (.safetensors preferred, or .ckpt/.pt)"
 
 UNET = "model.diffusion_model."
 VAE = "first_stage_model."
@@ -212,7 +213,7 @@ def _load_pickle(path: Path) -> dict:
         raise _error(f"{path.name} cannot be read as a PyTorch checkpoint (truncated or another format: "
                      f"{first[:200]}); accepted: {ACCEPTED}") from None
     if isinstance(obj, dict) and "string_to_param" in obj:
-        raise _error(f"{path.name} is a textual-inversion embedding, not an SD 1.x/2.x checkpoint; accepted: {ACCEPTED}")
+        raise _error(f"{path.name} is a textual-inversion embedding, not a Stable Diffusion checkpoint; accepted: {ACCEPTED}")
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
@@ -227,11 +228,19 @@ def _load_pickle(path: Path) -> dict:
 
 @dataclass(frozen=True)
 class Detected:
-    family: str  # "sd1" or "sd2"
+    family: str  # "sd1", "sd2", "sdxl" or "sdxl-refiner"
     in_channels: int
     prediction_type: str | None  # None: to be decided from the UNet's output (SD 2.x, 4 channels)
     how: str  # how the prediction type was decided (for the log)
     has_ema: bool
+    zero_snr: bool = False  # the file's "ztsnr" marker: trained with a zero-terminal-SNR schedule
+
+    @property
+    def label(self) -> str:
+        return FAMILY_LABELS[self.family]
+
+
+FAMILY_LABELS = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL", "sdxl-refiner": "SDXL refiner"}
 
 
 _CLIP_L_RENAMES = (  # older SD 1.x files name the CLIP keys without "text_model." (A1111 renames them)
@@ -247,7 +256,7 @@ def _lora_tensors(keys) -> int:
 
 
 def _other_model(tf: TensorFile) -> str | None:
-    """What a file that is not an SD 1.x/2.x checkpoint holds, when its tensors say (the names
+    """What a file that is not a Stable Diffusion checkpoint holds, when its tensors say (the names
     A1111's sd_models_config and ComfyUI's model_detection look at), else None; after a ";", what
     to do instead."""
     keys = tf.keys()
@@ -265,8 +274,6 @@ def _other_model(tf: TensorFile) -> str | None:
         (has("double_blocks.", "model.diffusion_model.double_blocks."), "a Flux checkpoint"),
         (has("embedder.model.", "noise_augmentor."), "an SD 2.x unCLIP checkpoint"),
         (has("depth_model."), "an SD 2.x depth checkpoint"),
-        (has("conditioner.embedders.1.", "model.diffusion_model.label_emb."), "an SDXL checkpoint" + _SDXL_HINT),
-        (has("conditioner.embedders.0."), "an SDXL refiner checkpoint" + _SDXL_HINT),
         (has("cond_stage_model.roberta."), "an AltDiffusion checkpoint"),
         (has("encoder.conv_in.", "first_stage_model.encoder.conv_in.") and not has(UNET),
          f"a VAE ({len(keys)} tensors); pass a VAE with --vae beside a checkpoint"),
@@ -276,13 +283,9 @@ def _other_model(tf: TensorFile) -> str | None:
     return next((what for hit, what in checks if hit), None)
 
 
-_SDXL_HINT = ("; sdrt exports SDXL from a diffusers folder (StableDiffusionXLPipeline layout), not yet from a "
-              "single file")
-
-
 def recognise(tf: TensorFile) -> str:
-    """The family of an SD 1.x/2.x checkpoint ("sd1" or "sd2"); anything else is refused with what
-    was recognised."""
+    """The family of a checkpoint ("sd1", "sd2", "sdxl" or "sdxl-refiner"); anything else is
+    refused with what was recognised."""
     keys, name = tf.keys(), tf.path.name
     other = _other_model(tf)
     if other:
@@ -291,6 +294,10 @@ def recognise(tf: TensorFile) -> str:
     if "model.diffusion_model.input_blocks.0.0.weight" not in tf:
         raise _error(f"{name} is not a Stable Diffusion checkpoint (no UNet under {UNET!r}; {len(keys)} tensors, "
                      f"e.g. {', '.join(keys[:3])}); accepted: {ACCEPTED}")
+    if UNET + "label_emb.0.0.weight" in tf:
+        from .checkpoint_sdxl import recognise_sdxl
+
+        return recognise_sdxl(tf)
     missing = [what for what, prefix in (("VAE", VAE), ("text encoder", "cond_stage_model.")) if not
                any(k.startswith(prefix) for k in keys)]
     if missing:
@@ -300,7 +307,7 @@ def recognise(tf: TensorFile) -> str:
     if any(k.startswith(CLIP_L) for k in keys):
         return "sd1"
     raise _error(f"{name}: unknown text encoder (neither CLIP under {CLIP_L!r} nor OpenCLIP under {OPEN_CLIP!r}); "
-                 f"sdrt exports SD 1.x and 2.x")
+                 f"sdrt exports SD 1.x, 2.x and SDXL")
 
 
 def detect(tf: TensorFile, prediction_type: str | None = None) -> Detected:
@@ -308,28 +315,28 @@ def detect(tf: TensorFile, prediction_type: str | None = None) -> Detected:
     in_channels = tf.shape("model.diffusion_model.input_blocks.0.0.weight")[1]
     if in_channels not in (4, 9):
         what = {8: " (an InstructPix2Pix checkpoint)", 5: " (a depth checkpoint)"}.get(in_channels, "")
-        raise _error(f"{tf.path.name}: an SD {family[-1]}.x UNet with {in_channels} input channels{what}; "
+        raise _error(f"{tf.path.name}: an {FAMILY_LABELS[family]} UNet with {in_channels} input channels{what}; "
                      "accepted: 4, or 9 for inpainting")
     context = _unet_context_dim(tf)
-    if (family, context) not in (("sd1", 768), ("sd2", 1024)) and context in (768, 1024):
+    if family in ("sd1", "sd2") and (family, context) not in (("sd1", 768), ("sd2", 1024)) and context in (768, 1024):
         raise _error(f"{tf.path.name}: an {family} text encoder with a UNet for {context}-wide text; not a checkpoint sdrt knows")
     has_ema = sum(k.startswith("model_ema.") for k in tf.keys()) > 100
     if prediction_type is not None:
         how = "given"
     elif "v_pred" in tf:
         prediction_type, how = "v_prediction", "the file's v_pred marker"
-    elif family == "sd1" or in_channels == 9:
-        prediction_type, how = "epsilon", f"{'inpainting ' if in_channels == 9 else ''}SD {family[-1]}.x"
+    elif family != "sd2" or in_channels == 9:
+        prediction_type, how = "epsilon", f"{'inpainting ' if in_channels == 9 else ''}{FAMILY_LABELS[family]}"
     else:
         how = "A1111's test of the UNet's output"
-    return Detected(family, in_channels, prediction_type, how, has_ema)
+    return Detected(family, in_channels, prediction_type, how, has_ema, zero_snr="ztsnr" in tf)
 
 
 def _unet_context_dim(tf: TensorFile) -> int:
     for k in tf.keys():
         if k.startswith(UNET) and k.endswith("attn2.to_k.weight"):
             return tf.shape(k)[1]
-    raise _error(f"{tf.path.name}: the UNet has no cross-attention; not an SD 1.x/2.x checkpoint")
+    raise _error(f"{tf.path.name}: the UNet has no cross-attention; not a Stable Diffusion checkpoint")
 
 
 # ------------------------------------------------------------------------------ configs from shapes
@@ -346,7 +353,7 @@ def _indices(keys, pattern: str) -> list[int]:
 def unet_config(tf: TensorFile, det: Detected) -> dict:
     """diffusers UNet2DConditionModel config: sizes from the tensors, the rest from the family."""
     keys = [k[len(UNET):] for k in tf.keys() if k.startswith(UNET)]
-    cfg = _template(det.family, "unet")
+    cfg = _template("sdxl" if det.family.startswith("sdxl") else det.family, "unet")
     w_in = tf.shape(UNET + "input_blocks.0.0.weight")
     cfg["in_channels"] = int(w_in[1])
     cfg["out_channels"] = int(tf.shape(UNET + "out.2.weight")[0])
@@ -357,11 +364,12 @@ def unet_config(tf: TensorFile, det: Detected) -> dict:
             current = []
             continue
         out_ch = tf.shape(UNET + f"input_blocks.{i}.0.out_layers.3.weight")[0]
-        current.append((int(out_ch), f"input_blocks.{i}.1.proj_in.weight" in keys))
+        depth = len(_indices(keys, rf"input_blocks\.{i}\.1\.transformer_blocks\.(\d+)\."))
+        current.append((int(out_ch), f"input_blocks.{i}.1.proj_in.weight" in keys, depth))
     levels.append(current)
     layers = {len(lv) for lv in levels}
     if len(layers) != 1:
-        raise _error(f"{tf.path.name}: UNet levels of different depths ({sorted(layers)}); not an SD 1.x/2.x UNet")
+        raise _error(f"{tf.path.name}: UNet levels of different depths ({sorted(layers)}); not a Stable Diffusion UNet")
     cfg["layers_per_block"] = layers.pop()
     cfg["block_out_channels"] = [lv[0][0] for lv in levels]
     attn = [lv[0][1] for lv in levels]
@@ -370,9 +378,10 @@ def unet_config(tf: TensorFile, det: Detected) -> dict:
     cfg["cross_attention_dim"] = _unet_context_dim(tf)
     proj = next((k for k in keys if k.endswith(".proj_in.weight")), None)
     cfg["use_linear_projection"] = proj is not None and len(tf.shape(UNET + proj)) == 2
-    depth = _indices(keys, r"input_blocks\.\d+\.1\.transformer_blocks\.(\d+)\.")
-    cfg["transformer_layers_per_block"] = (depth[-1] + 1) if depth else 1
-    if cfg.pop("head_channels", None):  # SD 2.x: 64 channels per head
+    # Transformer blocks per level (SDXL: 1, 2, 10 from the top; SD 1.x/2.x: 1); 1 where a level has no attention.
+    depths = [lv[0][2] or 1 for lv in levels]
+    cfg["transformer_layers_per_block"] = depths[0] if len(set(depths)) == 1 else depths
+    if cfg.pop("head_channels", None):  # SD 2.x and SDXL: 64 channels per head
         cfg["attention_head_dim"] = [max(1, c // 64) for c in cfg["block_out_channels"]]
     if det.family == "sd2" and det.prediction_type == "v_prediction" and det.in_channels == 4:
         cfg["sample_size"] = 96
@@ -394,27 +403,40 @@ def vae_config(tf: TensorFile, prefix: str) -> dict:
 
 
 def text_config(tf: TensorFile, family: str) -> dict:
-    cfg = _template(family, "text_encoder")
     if family == "sd1":
-        p = CLIP_L + "text_model."
-        emb = tf.shape(_clip_key(tf, p + "embeddings.token_embedding.weight"))
-        pos = tf.shape(_clip_key(tf, p + "embeddings.position_embedding.weight"))
-        layers = _indices([_rename_clip(k) for k in tf.keys()], re.escape(p) + r"encoder\.layers\.(\d+)\.")
-        fc1 = tf.shape(_clip_key(tf, p + "encoder.layers.0.mlp.fc1.weight"))
-        cfg["num_hidden_layers"] = len(layers)
-    else:
-        emb = tf.shape(OPEN_CLIP + "token_embedding.weight")
-        pos = tf.shape(OPEN_CLIP + "positional_embedding")
-        blocks = _indices(tf.keys(), re.escape(OPEN_CLIP) + r"transformer\.resblocks\.(\d+)\.")
-        fc1 = tf.shape(OPEN_CLIP + "transformer.resblocks.0.mlp.c_fc.weight")
-        # SD 2.x conditions on the penultimate layer (then ln_final): the last block is not used.
-        cfg["num_hidden_layers"] = len(blocks) - 1
-    cfg["vocab_size"], cfg["hidden_size"] = int(emb[0]), int(emb[1])
-    cfg["max_position_embeddings"] = int(pos[0])
-    cfg["intermediate_size"] = int(fc1[0])
-    cfg["num_attention_heads"] = max(1, cfg["hidden_size"] // 64)
-    cfg["projection_dim"] = cfg["hidden_size"]
+        return clip_config(tf, CLIP_L, _template(family, "text_encoder"))
+    # SD 2.x conditions on the penultimate layer (then ln_final): the last block is not used.
+    return open_clip_config(tf, OPEN_CLIP, _template(family, "text_encoder"), skip_last=True)
+
+
+def clip_config(tf: TensorFile, prefix: str, cfg: dict) -> dict:
+    """CLIPTextConfig fields of a CLIP ViT-L stored in Hugging Face's layout under `prefix`."""
+    p = prefix + "text_model."
+    emb = tf.shape(_clip_key(tf, p + "embeddings.token_embedding.weight"))
+    pos = tf.shape(_clip_key(tf, p + "embeddings.position_embedding.weight"))
+    layers = _indices([_rename_clip(k) for k in tf.keys()], re.escape(p) + r"encoder\.layers\.(\d+)\.")
+    fc1 = tf.shape(_clip_key(tf, p + "encoder.layers.0.mlp.fc1.weight"))
+    return _sized(cfg, emb, pos, fc1, len(layers))
+
+
+def open_clip_config(tf: TensorFile, prefix: str, cfg: dict, skip_last: bool) -> dict:
+    """CLIPTextConfig fields of an OpenCLIP text tower under `prefix`; skip_last: its last block unused."""
+    emb = tf.shape(prefix + "token_embedding.weight")
+    pos = tf.shape(prefix + "positional_embedding")
+    blocks = _indices(tf.keys(), re.escape(prefix) + r"transformer\.resblocks\.(\d+)\.")
+    fc1 = tf.shape(prefix + "transformer.resblocks.0.mlp.c_fc.weight")
+    cfg = _sized(cfg, emb, pos, fc1, len(blocks) - skip_last)
+    if prefix + "text_projection" in tf:  # OpenCLIP's (width, projection) matrix
+        cfg["projection_dim"] = int(tf.shape(prefix + "text_projection")[1])
     return cfg
+
+
+def _sized(cfg: dict, emb, pos, fc1, layers: int) -> dict:
+    """`cfg` with the sizes read from the tensors (heads: one per 64 channels, as in every CLIP here)."""
+    hidden = int(emb[1])
+    return {**cfg, "vocab_size": int(emb[0]), "hidden_size": hidden, "max_position_embeddings": int(pos[0]),
+            "intermediate_size": int(fc1[0]), "num_hidden_layers": layers, "num_attention_heads": max(1, hidden // 64),
+            "projection_dim": hidden}
 
 
 def _rename_clip(k: str) -> str:
@@ -431,7 +453,7 @@ def _clip_key(tf: TensorFile, key: str) -> str:
     for old, new in _CLIP_L_RENAMES:
         if key.startswith(new) and old + key[len(new):] in tf:
             return old + key[len(new):]
-    raise _error(f"{tf.path.name}: the SD 1.x text encoder lacks {key}; the file is incomplete")
+    raise _error(f"{tf.path.name}: the CLIP text encoder lacks {key}; the file is incomplete")
 
 
 # ------------------------------------------------------------------------------ key maps
@@ -456,8 +478,11 @@ def unet_key_map(tf: TensorFile, cfg: dict) -> dict[str, str]:
             if k.startswith(src + "."):
                 m[dst + k[len(src):]] = UNET + k
 
-    for d, s in (("time_embedding.linear_1", "time_embed.0"), ("time_embedding.linear_2", "time_embed.2"),
-                 ("conv_in", "input_blocks.0.0"), ("conv_norm_out", "out.0"), ("conv_out", "out.2")):
+    top = [("time_embedding.linear_1", "time_embed.0"), ("time_embedding.linear_2", "time_embed.2"),
+           ("conv_in", "input_blocks.0.0"), ("conv_norm_out", "out.0"), ("conv_out", "out.2")]
+    if "label_emb.0.0.weight" in keys:  # SDXL's added (pooled text + time ids) embedding
+        top += [("add_embedding.linear_1", "label_emb.0.0"), ("add_embedding.linear_2", "label_emb.0.2")]
+    for d, s in top:
         for p in ("weight", "bias"):
             m[f"{d}.{p}"] = UNET + f"{s}.{p}"
     for i in _indices(keys, r"input_blocks\.(\d+)\.")[1:]:
@@ -513,12 +538,12 @@ def vae_key_map(tf: TensorFile, prefix: str, cfg: dict) -> dict[str, str]:
     return m
 
 
-def clip_key_map(tf: TensorFile) -> dict[str, str]:
+def clip_key_map(tf: TensorFile, prefix: str = CLIP_L) -> dict[str, str]:
     m = {}
     for k in tf.keys():
         r = _rename_clip(k)
-        if r.startswith(CLIP_L + "text_model.") and not r.endswith("position_ids"):
-            m[r[len(CLIP_L):]] = k
+        if r.startswith(prefix + "text_model.") and not r.endswith("position_ids"):
+            m[r[len(prefix):]] = k
     return m
 
 
@@ -526,16 +551,19 @@ _OPEN_CLIP_RENAMES = ((".ln_1.", ".layer_norm1."), (".ln_2.", ".layer_norm2."), 
                       (".mlp.c_proj.", ".mlp.fc2."), (".attn.out_proj.", ".self_attn.out_proj."))
 
 
-def open_clip_key_map(tf: TensorFile, layers: int) -> dict[str, str | tuple[str, int]]:
-    """diffusers CLIPTextModel key -> the file's key, or (key, part) for a third of a packed q/k/v."""
-    m: dict[str, str | tuple[str, int]] = {
-        "text_model.embeddings.token_embedding.weight": OPEN_CLIP + "token_embedding.weight",
-        "text_model.embeddings.position_embedding.weight": OPEN_CLIP + "positional_embedding",
-        "text_model.final_layer_norm.weight": OPEN_CLIP + "ln_final.weight",
-        "text_model.final_layer_norm.bias": OPEN_CLIP + "ln_final.bias",
+def open_clip_key_map(tf: TensorFile, layers: int, prefix: str = OPEN_CLIP) -> dict[str, str | tuple[str, int | str]]:
+    """transformers CLIPTextModel(WithProjection) key -> the file's key, or (key, part) for a third
+    of a packed q/k/v, or (key, "T") for OpenCLIP's projection matrix (a Linear weight transposed)."""
+    m: dict[str, str | tuple[str, int | str]] = {
+        "text_model.embeddings.token_embedding.weight": prefix + "token_embedding.weight",
+        "text_model.embeddings.position_embedding.weight": prefix + "positional_embedding",
+        "text_model.final_layer_norm.weight": prefix + "ln_final.weight",
+        "text_model.final_layer_norm.bias": prefix + "ln_final.bias",
     }
+    if prefix + "text_projection" in tf:  # used by SDXL's (CLIPTextModelWithProjection), not by SD 2.x's
+        m["text_projection.weight"] = (prefix + "text_projection", "T")
     for i in range(layers):
-        src = OPEN_CLIP + f"transformer.resblocks.{i}."
+        src = prefix + f"transformer.resblocks.{i}."
         for k in tf.keys():
             if not k.startswith(src):
                 continue
@@ -557,18 +585,15 @@ def fill_module(module, tf: TensorFile, key_map: dict, what: str) -> None:
     import torch
 
     want = dict(module.state_dict())
-    if not any(k.startswith("text_model.") for k in want) and any(k.startswith("text_model.") for k in key_map):
-        # transformers 5.6+ names CLIPTextModel's weights without "text_model."
-        key_map = {k.removeprefix("text_model."): v for k, v in key_map.items()}
-    missing = sorted(k for k in want if k not in key_map and not k.endswith("position_ids"))
-    if missing:
-        raise _error(f"{tf.path.name}: the {what} lacks {len(missing)} tensors (e.g. {missing[0]}); the file is "
-                     "incomplete or not an SD 1.x/2.x checkpoint")
+    key_map = _module_names(want, key_map)
+    _refuse_missing(tf, want, key_map, what)
     state = {}
     for dst, src in key_map.items():
         if dst not in want:
             continue
-        if isinstance(src, tuple):
+        if isinstance(src, tuple) and src[1] == "T":
+            t = tf.get(src[0]).T.contiguous()
+        elif isinstance(src, tuple):
             full = tf.get(src[0])
             third = full.shape[0] // 3
             t = full[src[1] * third:(src[1] + 1) * third].clone()
@@ -577,16 +602,69 @@ def fill_module(module, tf: TensorFile, key_map: dict, what: str) -> None:
             t = tf.get(src)
         shape = tuple(want[dst].shape)
         if tuple(t.shape) != shape:
-            if t.numel() == int(torch.tensor(shape).prod()) and len(t.shape) > len(shape):
-                t = t.reshape(shape)  # 1x1 convolutions stored for linear layers (VAE attention)
-            else:
-                raise _error(f"{tf.path.name}: {src if isinstance(src, str) else src[0]} has shape "
-                             f"{tuple(t.shape)}, the {what} expects {shape} for {dst}")
+            _check_shape(tf, src, shape, dst, what)
+            t = t.reshape(shape)  # 1x1 convolutions stored for linear layers (VAE attention)
         state[dst] = t
     for k in want:
         if k.endswith("position_ids") and k not in state:
             state[k] = torch.arange(want[k].shape[-1]).expand(want[k].shape).clone()
     module.load_state_dict(state, strict=True, assign=True)
+
+
+def _module_names(want: dict, key_map: dict) -> dict:
+    if not any(k.startswith("text_model.") for k in want) and any(k.startswith("text_model.") for k in key_map):
+        # transformers 5.6+ names CLIPTextModel's weights without "text_model."
+        return {k.removeprefix("text_model."): v for k, v in key_map.items()}
+    return key_map
+
+
+def _refuse_missing(tf: TensorFile, want: dict, key_map: dict, what: str) -> None:
+    missing = sorted(k for k in want if k not in key_map and not k.endswith("position_ids"))
+    if missing:
+        raise _error(f"{tf.path.name}: the {what} lacks {len(missing)} tensors (e.g. {missing[0]}); the file is "
+                     "incomplete or not a checkpoint of the family it appears to be")
+
+
+def check_complete(source) -> None:
+    """Refuse a file that lacks tensors any of its models needs, before any tensor is read (the
+    modules are built on the meta device)."""
+    for component in source.COMPONENTS:
+        module, key_map, what = source.module(component)
+        want = dict(module.state_dict())
+        key_map = _module_names(want, key_map)
+        _refuse_missing(source.tf, want, key_map, what)
+        for dst, src in key_map.items():
+            if dst in want:
+                _check_shape(source.tf, src, tuple(want[dst].shape), dst, what)
+
+
+def _file_shape(tf: TensorFile, src) -> tuple[int, ...]:
+    """The shape of what key-map entry `src` reads from the file."""
+    if isinstance(src, str):
+        return tuple(tf.shape(src))
+    shape = tuple(tf.shape(src[0]))
+    return shape[::-1] if src[1] == "T" else (shape[0] // 3, *shape[1:])
+
+
+def _check_shape(tf: TensorFile, src, shape: tuple[int, ...], dst: str, what: str) -> None:
+    got = _file_shape(tf, src)
+    n = 1
+    for d in shape:
+        n *= d
+    m = 1
+    for d in got:
+        m *= d
+    # 1x1 convolutions stored for linear layers (the VAE's attention) are read as the linear weight.
+    if got != shape and not (m == n and len(got) > len(shape)):
+        raise _error(f"{tf.path.name}: {src if isinstance(src, str) else src[0]} has shape {got}, the {what} "
+                     f"expects {shape} for {dst}")
+
+
+def load_module(source, component: str):
+    """`component` of a checkpoint source, its weights read from the file in fp32."""
+    module, key_map, what = source.module(component)
+    fill_module(module, source.tf, key_map, what)
+    return module.eval()
 
 
 # ------------------------------------------------------------------------------ the export source
@@ -617,9 +695,10 @@ def build_module(component: str, config: dict):
             from diffusers import AutoencoderKL
 
             return AutoencoderKL.from_config(config)
-        from transformers import CLIPTextConfig, CLIPTextModel
+        from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-        return CLIPTextModel(CLIPTextConfig(**config))
+        cls = CLIPTextModelWithProjection if component == "text_encoder_2" else CLIPTextModel
+        return cls(CLIPTextConfig(**config))
 
 
 def tokenizer_for(family: str):
@@ -647,6 +726,7 @@ class CheckpointSource:
         self.tokenizer = tokenizer_for(det.family)
         self.COMPONENTS = ("text_encoder", "unet", "vae")
         self._cached = {}
+        check_complete(self)
         how = det.how
         if det.prediction_type is None:
             # Decided from the UNet's output; the UNet is then exported first, from this load.
@@ -654,12 +734,12 @@ class CheckpointSource:
             pred = "v_prediction" if is_v_prediction_a1111(unet) else "epsilon"
             self._cached["unet"] = unet
             self.COMPONENTS = ("unet", "text_encoder", "vae")
-            det = Detected(det.family, det.in_channels, pred, how, det.has_ema)
+            det = replace(det, prediction_type=pred)
             self.detected = det
             if pred == "v_prediction" and det.in_channels == 4:
                 self.unet_config["sample_size"] = 96
                 unet.register_to_config(sample_size=96)
-        self.scheduler_config = {**_template(det.family, "scheduler"), "prediction_type": det.prediction_type}
+        self.scheduler_config = scheduler_config(det)
         inpaint = det.in_channels == 9
         self.index = {
             "_class_name": "StableDiffusionInpaintPipeline" if inpaint else "StableDiffusionPipeline",
@@ -677,29 +757,54 @@ class CheckpointSource:
             f"{det.prediction_type} ({how}), {text}{ema}")
 
     def weight_bytes(self) -> dict[str, int]:
-        return {"unet": 4 * self.tf.numel(UNET), "vae": 4 * self.tf.numel(VAE), "text_encoder": 4 * self.tf.numel("cond_stage_model.")}
+        return file_weight_bytes(self.tf)
+
+    def module(self, component: str):
+        """(the module on the meta device, its key map, what it is called in messages)"""
+        if component == "unet":
+            return build_module("unet", self.unet_config), unet_key_map(self.tf, self.unet_config), "UNet"
+        if component == "vae":
+            return build_module("vae", self.vae_config), vae_key_map(self.tf, VAE, self.vae_config), "VAE"
+        if self.detected.family == "sd2":
+            keys = open_clip_key_map(self.tf, self._text["num_hidden_layers"])
+        else:
+            keys = clip_key_map(self.tf)
+        return build_module("text_encoder", self._text), keys, "text encoder"
 
     def load(self, component: str):
         if component in self._cached:
             return self._cached.pop(component)
-        if component == "unet":
-            m = build_module("unet", self.unet_config)
-            fill_module(m, self.tf, unet_key_map(self.tf, self.unet_config), "UNet")
-        elif component == "vae":
-            m = build_module("vae", self.vae_config)
-            fill_module(m, self.tf, vae_key_map(self.tf, VAE, self.vae_config), "VAE")
-        else:
-            m = build_module("text_encoder", self._text)
-            if self.detected.family == "sd2":
-                keys = open_clip_key_map(self.tf, self._text["num_hidden_layers"])
-            else:
-                keys = clip_key_map(self.tf)
-            fill_module(m, self.tf, keys, "text encoder")
-        return m.eval()
+        return load_module(self, component)
 
     def write_scheduler(self, dst: Path) -> None:
         dst.mkdir(parents=True, exist_ok=True)
         (dst / "scheduler_config.json").write_text(json.dumps(self.scheduler_config, indent=2) + "\n")
+
+
+def checkpoint_source(path: Path, prediction_type: str | None = None, log=print, tensors: TensorFile | None = None):
+    """The export source of a single-file checkpoint: CheckpointSource, or SDXLCheckpointSource."""
+    tf = tensors if tensors is not None else TensorFile(path)
+    if detect(tf, prediction_type).family.startswith("sdxl"):
+        from .checkpoint_sdxl import SDXLCheckpointSource
+
+        return SDXLCheckpointSource(path, prediction_type, log=log, tensors=tf)
+    return CheckpointSource(path, prediction_type, log=log, tensors=tf)
+
+
+def file_weight_bytes(tf: TensorFile) -> dict[str, int]:
+    """fp32 bytes of each model in the file (for the export's memory estimate)."""
+    return {"unet": 4 * tf.numel(UNET), "vae": 4 * tf.numel(VAE),
+            "text_encoder": 4 * (tf.numel("cond_stage_model.") + tf.numel("conditioner."))}
+
+
+def scheduler_config(det: Detected) -> dict:
+    """The family's training schedule with the file's prediction type (and, for a file marked
+    "ztsnr", the zero-terminal-SNR rescaling, as ComfyUI reads that marker)."""
+    cfg = {**_template("sdxl" if det.family.startswith("sdxl") else det.family, "scheduler"),
+           "prediction_type": det.prediction_type}
+    if det.zero_snr:
+        cfg["rescale_betas_zero_snr"] = True
+    return cfg
 
 
 class VaeFile:

@@ -290,6 +290,7 @@ class XLKind:
     requires_aesthetics_score: bool = False
     force_zeros_for_empty_prompt: bool = True
     dtype: str = "float32"  # weights as saved (the architecture-sized kinds are stored in fp16: half the disk)
+    exact_16bit: bool = False  # every weight exactly representable in fp16 and in bf16
 
 
 # Tiny SDXL models, in the manner of diffusers' own SDXL pipeline tests, with the two text
@@ -346,6 +347,11 @@ _SDXL_VAE = dict(
 _SDXL_TEXT = dict(KINDS["sd15"].text, bos_token_id=0, eos_token_id=2, pad_token_id=1)
 _SDXL_TEXT_2 = dict(_SDXL_TEXT, hidden_size=1280, intermediate_size=5120, num_attention_heads=20, num_hidden_layers=32,
                     projection_dim=1280, hidden_act="gelu")
+_CKPT_XL_TEXT = dict(_CKPT_TEXT, bos_token_id=0, eos_token_id=2, pad_token_id=1)
+_CKPT_XL_TEXT_2 = dict(_CKPT_XL_TEXT, hidden_size=128, intermediate_size=160, num_attention_heads=2, projection_dim=96,
+                       hidden_act="gelu")
+_CKPT_XL_UNET = {**_TINY_XL_UNET, "block_out_channels": (64, 128), "attention_head_dim": (1, 2),
+                 "cross_attention_dim": 64 + 128, "projection_class_embeddings_input_dim": 6 * _XL_TIME_DIM + 96}
 
 XL_KINDS: dict[str, XLKind] = {
     "tiny-sdxl": XLKind(_TINY_XL_UNET, _TINY_XL_VAE, _XL_TEXT, _XL_TEXT_2, "StableDiffusionXLPipeline"),
@@ -357,6 +363,18 @@ XL_KINDS: dict[str, XLKind] = {
         _TINY_XL_VAE, None, _XL_TEXT_2, "StableDiffusionXLImg2ImgPipeline", requires_aesthetics_score=True,
         force_zeros_for_empty_prompt=False),
     "sdxl": XLKind(_SDXL_UNET, _SDXL_VAE, _SDXL_TEXT, _SDXL_TEXT_2, "StableDiffusionXLPipeline", dtype="float16"),
+    # Tiny SDXL models in SDXL's conventions (64 channels per attention head in the UNet and both
+    # text encoders, GELU in the second), so that their weights written as a single-file checkpoint
+    # convert back with the configs sdrt ships for SDXL; weights exact in fp16 and bf16. The second
+    # encoder's projection is not square (96 of 128), so a transposed projection cannot pass.
+    "ckpt-sdxl": XLKind(_CKPT_XL_UNET, _TINY_XL_VAE, _CKPT_XL_TEXT, _CKPT_XL_TEXT_2, "StableDiffusionXLPipeline",
+                        exact_16bit=True),
+    "ckpt-sdxl-inpaint": XLKind({**_CKPT_XL_UNET, "in_channels": 9}, _TINY_XL_VAE, _CKPT_XL_TEXT, _CKPT_XL_TEXT_2,
+                                "StableDiffusionXLInpaintPipeline", exact_16bit=True),
+    "ckpt-sdxl-refiner": XLKind(
+        {**_CKPT_XL_UNET, "cross_attention_dim": 128, "projection_class_embeddings_input_dim": 5 * _XL_TIME_DIM + 96},
+        _TINY_XL_VAE, None, _CKPT_XL_TEXT_2, "StableDiffusionXLImg2ImgPipeline", requires_aesthetics_score=True,
+        force_zeros_for_empty_prompt=False, exact_16bit=True),
     "sdxl-inpaint": XLKind({**_SDXL_UNET, "in_channels": 9}, _SDXL_VAE, _SDXL_TEXT, _SDXL_TEXT_2,
                            "StableDiffusionXLInpaintPipeline", dtype="float16"),
 }
@@ -382,6 +400,8 @@ def build_sdxl(out: Path, kind: str, seed: int = 0) -> Path:
     for i, (name, make) in enumerate(parts):
         m = make()
         _init_weights(m, seed * 7919 + 100 + i)
+        if k.exact_16bit:
+            _round_to_16bit(m)
         (m if dtype == torch.float32 else m.to(dtype)).save_pretrained(out / name, safe_serialization=True)
         del m
         gc.collect()

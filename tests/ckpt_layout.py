@@ -26,7 +26,8 @@ def unet_to_original(sd: dict, layers_per_block: int, attn_levels: list[bool]) -
     per = layers_per_block + 1
     out = {}
     top = {"conv_in": "input_blocks.0.0", "time_embedding.linear_1": "time_embed.0",
-           "time_embedding.linear_2": "time_embed.2", "conv_norm_out": "out.0", "conv_out": "out.2"}
+           "time_embedding.linear_2": "time_embed.2", "conv_norm_out": "out.0", "conv_out": "out.2",
+           "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}
     n_up = len(attn_levels)
     for k, v in sd.items():
         p = k.split(".")
@@ -97,10 +98,14 @@ def clip_to_original(sd: dict) -> dict:
     return {"cond_stage_model.transformer." + k: v for k, v in sd.items() if not k.endswith("position_ids")}
 
 
-def open_clip_to_original(sd: dict, layers: int, seed: int = 0) -> dict:
-    """OpenCLIP layout; SD 2.x uses the penultimate layer, so one more (unused) block is written."""
+def open_clip_to_original(sd: dict, layers: int, seed: int = 0, pre: str = "cond_stage_model.model.",
+                          projection: torch.Tensor | None = None) -> dict:
+    """OpenCLIP layout. SD 2.x uses the penultimate layer, so one more (unused) block and a random
+    projection are written; with `projection` (SDXL's, as a Linear weight), its blocks are all
+    used and the projection is stored as OpenCLIP's (width, projection) matrix."""
     g = torch.Generator().manual_seed(seed)
-    pre = "cond_stage_model.model."
+    if projection is not None:
+        layers -= 1  # the last real block takes the place of the unused one below
     t = "text_model."
     out = {pre + "token_embedding.weight": sd[t + "embeddings.token_embedding.weight"],
            pre + "positional_embedding": sd[t + "embeddings.position_embedding.weight"],
@@ -112,7 +117,7 @@ def open_clip_to_original(sd: dict, layers: int, seed: int = 0) -> dict:
     for i in range(layers + 1):
         src = f"{t}encoder.layers.{i}."
         dst = f"{pre}transformer.resblocks.{i}."
-        if i == layers:  # the unused last block: random values
+        if i == layers and projection is None:  # the unused last block: random values
             like = {k[len(f"{t}encoder.layers.0."):]: v for k, v in sd.items() if k.startswith(f"{t}encoder.layers.0.")}
             layer = {k: torch.randn(v.shape, generator=g, dtype=v.dtype) for k, v in like.items()}
         else:
@@ -124,9 +129,35 @@ def open_clip_to_original(sd: dict, layers: int, seed: int = 0) -> dict:
                 continue
             stem, kind = k.rsplit(".", 1)
             out[dst + names[stem] + "." + kind] = v
-    out[pre + "text_projection"] = torch.randn(hidden, hidden, generator=g)
+    out[pre + "text_projection"] = torch.randn(hidden, hidden, generator=g) if projection is None else projection.T
     out[pre + "logit_scale"] = torch.tensor(4.6)
     return out
+
+
+def sdxl_original_state_dict(folder: Path) -> dict:
+    """An SDXL diffusers folder's weights under the names of SDXL's single files (fp32): CLIP ViT-L
+    under conditioner.embedders.0.transformer., OpenCLIP under conditioner.embedders.1.model. (a
+    refiner's under conditioner.embedders.0.model.)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
+    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae")
+    attn = [t.startswith("CrossAttn") for t in unet.config.down_block_types]
+    sd = unet_to_original(unet.state_dict(), unet.config.layers_per_block, attn)
+    sd.update(vae_to_original(vae.state_dict(), len(vae.config.block_out_channels)))
+    refiner = not (folder / "text_encoder").is_dir()
+    te2 = CLIPTextModelWithProjection.from_pretrained(folder, subfolder="text_encoder_2")
+    text2 = {k if k.startswith(("text_model.", "text_projection.")) else "text_model." + k: v
+             for k, v in te2.state_dict().items()}
+    pre2 = "conditioner.embedders.0.model." if refiner else "conditioner.embedders.1.model."
+    sd.update(open_clip_to_original(text2, te2.config.num_hidden_layers, pre=pre2,
+                                    projection=text2["text_projection.weight"]))
+    if not refiner:
+        te = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder")
+        sd.update({"conditioner.embedders.0.transformer." + (k if k.startswith("text_model.") else "text_model." + k): v
+                   for k, v in te.state_dict().items() if not k.endswith("position_ids")})
+    return {k: v.detach().clone().contiguous() for k, v in sd.items()}
 
 
 def original_state_dict(folder: Path, open_clip: bool) -> dict:

@@ -335,9 +335,9 @@ def _bad_files(root: Path, folder: Path) -> list[tuple[str, Path, str]]:
         "ControlNet")
     unet_in = "model.diffusion_model.input_blocks.0.0.weight"
     for name, extra, expect in (
-        ("sdxl", {"conditioner.embedders.1.model.ln_final.weight": z, "model.diffusion_model.label_emb.0.0.weight": z},
-         "SDXL checkpoint"),
-        ("sdxl-refiner", {"conditioner.embedders.0.model.ln_final.weight": z}, "SDXL refiner"),
+        ("sdxl-unet-sd1-text", {"model.diffusion_model.label_emb.0.0.weight": z}, "SDXL UNet without SDXL's text encoders"),
+        ("sdxl-unet-partial-text", {"conditioner.embedders.1.model.ln_final.weight": z,
+                                    "model.diffusion_model.label_emb.0.0.weight": z}, "SDXL UNet without SDXL's text encoders"),
         ("sd3", {"model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight": z}, "Stable Diffusion 3"),
         ("sd3-a1111-key", {"model.diffusion_model.x_embedder.proj.weight": z}, "Stable Diffusion 3"),
         ("unclip", {"embedder.model.ln_final.weight": z, "model.diffusion_model.label_emb.0.0.weight": z}, "unCLIP"),
