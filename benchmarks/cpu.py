@@ -13,8 +13,10 @@ What it does, all offline:
    optimum (`optimum-cli export onnx`, in optimum's own virtual environment: optimum-onnx 0.1.0
    pins transformers<4.58, which sdrt's environment need not share) and for OpenVINO
    (`optimum-cli export openvino --weight-format fp32`, and `int8` with --int8, in optimum-intel's
-   own environment); OpenVINO runs reshaped to the workload's static shapes (its fastest setting,
-   "openvino") and with the export's dynamic shapes ("openvino dynamic");
+   own environment); OpenVINO runs reshaped to the workload's static shapes (its fastest setting)
+   in its default precision for the CPU ("openvino": bf16 where the CPU computes in bf16 natively,
+   AMX or AVX-512 BF16, else f32) and in f32 ("openvino f32"), and with the export's dynamic
+   shapes ("openvino dynamic");
 3. runs each system in its own process (so peak RSS is its own): load, one warm-up run, then the
    best of --repeats timed runs of each workload (2 at 256x256, 1 at 512x512 by default); same prompt, same input image, same sampler
    (diffusers' PNDM, the SD 1.5 default), same steps, strength and guidance;
@@ -24,8 +26,10 @@ What it does, all offline:
 Stages: text encoder, VAE encode, UNet (total and per call), VAE decode, sampler arithmetic (the
 scheduler's step function), everything else (pre/post-processing, tokenizing, Python overhead).
 diffusers is timed through wrappers around its modules, optimum and OpenVINO around their model
-objects, sdrt by its own per-graph counters (sdrt.runtime.bench). Every int8 row's quality cost is
-the mean absolute pixel difference against its own fp32 row (same seed and noise).
+objects, sdrt by its own per-graph counters (sdrt.runtime.bench). Every lossy row's quality cost is
+the mean absolute pixel difference against its exact counterpart (same seed and noise): int8
+against fp32, OpenVINO's bf16 against its f32. The last line of each table compares sdrt's best row
+with diffusers and with the best of optimum and OpenVINO's static-shape rows.
 """
 
 from __future__ import annotations
@@ -226,9 +230,12 @@ def worker_sdrt(model: Path, w: dict, image: Path, repeats: int, save: Path | No
             "detail": f"ONNX Runtime {ort.__version__} CPU, UNet {precision}"}
 
 
-def worker_openvino(model: Path, w: dict, image: Path, repeats: int, save: Path | None = None, static: bool = True) -> dict:
+def worker_openvino(model: Path, w: dict, image: Path, repeats: int, save: Path | None = None, static: bool = True,
+                    precision: str | None = None) -> dict:
     """optimum-intel's OpenVINO img2img pipeline; static=True reshapes it to the workload's shapes
-    (its fastest setting), static=False keeps the dynamic shapes of the export."""
+    (its fastest setting), static=False keeps the dynamic shapes of the export. precision: OpenVINO's
+    inference precision hint ("f32"); None keeps OpenVINO's default for the CPU (bf16 where the CPU
+    computes in bf16 natively: AMX or AVX-512 BF16; f32 elsewhere)."""
     import openvino as ov
     import torch
     from diffusers import PNDMScheduler
@@ -236,7 +243,8 @@ def worker_openvino(model: Path, w: dict, image: Path, repeats: int, save: Path 
     from PIL import Image
 
     t = time.perf_counter()
-    pipe = OVStableDiffusionImg2ImgPipeline.from_pretrained(model, compile=False)
+    ov_config = {"INFERENCE_PRECISION_HINT": precision} if precision else {}
+    pipe = OVStableDiffusionImg2ImgPipeline.from_pretrained(model, compile=False, ov_config=ov_config)
     pipe.scheduler = PNDMScheduler.from_config(pipe.scheduler.config)
     if static:
         pipe.reshape(batch_size=1, height=w["size"], width=w["size"], num_images_per_prompt=1)
@@ -255,12 +263,12 @@ def worker_openvino(model: Path, w: dict, image: Path, repeats: int, save: Path 
     rec = _peer_runs(call, timer, repeats)
     if save is not None:
         last[0].save(save)
-    cfg_file = Path(model) / "openvino_config.json"
-    cfg = json.loads(cfg_file.read_text()) if cfg_file.exists() else {}
-    bits = (cfg.get("quantization_config") or {}).get("bits")
-    weights = f"int{bits} (weight compression)" if bits else cfg.get("dtype", "fp32")
+    # optimum-intel's int8 weight compression stores the UNet's weights as u8/i8 constants.
+    xml = (Path(model) / "unet" / "openvino_model.xml").read_text(errors="replace")
+    weights = "int8 (weight compression)" if 'element_type="u8"' in xml or 'element_type="i8"' in xml else "fp32"
+    hint = precision or ov.Core().get_property("CPU", "INFERENCE_PRECISION_HINT").get_type_name()
     detail = (f"optimum-intel {_dist_version('optimum-intel')}, OpenVINO {ov.__version__} CPU, "
-              f"{'static' if static else 'dynamic'} shapes, weights {weights}")
+              f"{'static' if static else 'dynamic'} shapes, weights {weights}, inference precision {hint}")
     return {**rec, "system": "openvino", "detail": detail, "load_seconds": load}
 
 
@@ -268,8 +276,12 @@ def worker_openvino_dynamic(model: Path, w: dict, image: Path, repeats: int, sav
     return worker_openvino(model, w, image, repeats, save, static=False)
 
 
+def worker_openvino_f32(model: Path, w: dict, image: Path, repeats: int, save: Path | None = None) -> dict:
+    return worker_openvino(model, w, image, repeats, save, precision="f32")
+
+
 WORKERS = {"diffusers": worker_diffusers, "optimum": worker_optimum, "sdrt": worker_sdrt, "openvino": worker_openvino,
-           "openvino-dynamic": worker_openvino_dynamic}
+           "openvino-dynamic": worker_openvino_dynamic, "openvino-f32": worker_openvino_f32}
 # Systems that run in their own virtual environment: optimum-onnx pins transformers<4.58, and
 # optimum-intel pulls its own transformers and torch; neither is sdrt's business.
 PEER_VENVS = {"optimum": ("venv-optimum", OPTIMUM_PINS), "openvino": ("venv-openvino", OPENVINO_PINS)}
@@ -312,7 +324,7 @@ def prepare(work: Path, args, model: str = "sd15") -> dict:
         models["optimum"] = opt_dir
     if model == "sd15" and any(s.startswith("openvino") for s in args.systems):
         py_ov = args.peer_py["openvino"] = peer_python(work, args.openvino_python, "openvino")
-        formats = {"openvino": "fp32", "openvino dynamic": "fp32", "openvino int8": "int8"}
+        formats = {"openvino": "fp32", "openvino f32": "fp32", "openvino dynamic": "fp32", "openvino int8": "int8"}
         for system in [s for s in args.systems if s.startswith("openvino")]:
             ov_dir = work / f"{kind}-openvino-{formats[system]}"
             if not (ov_dir / "model_index.json").exists():
@@ -335,7 +347,7 @@ def peer_python(work: Path, given: str | None, peer: str) -> Path:
 
 
 def run_worker(system: str, python: Path, model: Path, w: dict, image: Path, repeats: int, save: Path | None = None) -> dict:
-    worker = "openvino-dynamic" if system == "openvino dynamic" else system.split()[0]
+    worker = system.replace(" ", "-") if system in ("openvino dynamic", "openvino f32") else system.split()[0]
     cmd = [str(python), str(Path(__file__).resolve()), "--worker", worker, "--model", str(model),
            "--workload", json.dumps(w), "--image", str(image), "--repeats", str(repeats)]
     if save is not None:
@@ -387,16 +399,39 @@ def table(recs: list[dict]) -> str:
     return "\n".join(rows + [""] + notes)
 
 
-def int8_cost(work: Path, size: int, system: str) -> str:
-    """Mean absolute pixel difference of `system` int8's image against its own fp32 one (same seed)."""
+def pixel_cost(work: Path, size: int, system: str, reference: str, what: str) -> str:
+    """Mean absolute pixel difference of `system`'s image against `reference`'s (same seed and noise)."""
     import numpy as np
     from PIL import Image
 
-    a = np.asarray(Image.open(work / f"out-{system}-{size}.png").convert("RGB"), np.float32)
-    b = np.asarray(Image.open(work / f"out-{system}-int8-{size}.png").convert("RGB"), np.float32)
-    d = np.abs(a - b)
-    return (f"- {system} int8 quality cost: mean absolute pixel difference {d.mean():.2f}/255 against {system}'s fp32 "
-            f"weights on the same seed and noise (max {d.max():.0f}/255)")
+    def image(s: str):
+        return np.asarray(Image.open(work / f"out-{s.replace(' ', '-')}-{size}.png").convert("RGB"), np.float32)
+
+    d = np.abs(image(system) - image(reference))
+    return (f"- {system} quality cost: mean absolute pixel difference {d.mean():.2f}/255 against {what} on the same "
+            f"seed and noise (max {d.max():.0f}/255)")
+
+
+def lossy_costs(work: Path, size: int, systems: list[str]) -> list[str]:
+    """The pixel cost of each lossy row against its exact counterpart: int8 against fp32, and
+    OpenVINO's default precision (bf16 on CPUs that compute in bf16) against its f32 hint."""
+    pairs = [("sdrt int8", "sdrt", "sdrt's fp32 graphs"), ("openvino int8", "openvino f32", "OpenVINO in f32"),
+             ("openvino", "openvino f32", "OpenVINO in f32")]
+    return [pixel_cost(work, size, a, b, what) for a, b, what in pairs if a in systems and b in systems]
+
+
+def goal_line(recs: list[dict]) -> str:
+    """sdrt's best row against diffusers and against the best of optimum and OpenVINO (static shapes)."""
+    by = {r["system"]: r["seconds"] for r in recs}
+    ours = min((s for s in by if s.startswith("sdrt")), key=by.get, default=None)
+    peers = [s for s in by if s == "optimum" or (s.startswith("openvino") and s != "openvino dynamic")]
+    if ours is None or not peers:
+        return ""
+    best = min(peers, key=by.get)
+    line = f"- sdrt's best ({ours}, {by[ours]:.2f} s): {by[best] / by[ours]:.2f}x the best of optimum and OpenVINO static ({best}, {by[best]:.2f} s)"
+    if "diffusers" in by:
+        line += f", {by['diffusers'] / by[ours]:.2f}x diffusers"
+    return line
 
 
 def write_docs(sections: list[str], command: str, model: str = "sd15") -> Path:
@@ -419,8 +454,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--work", type=Path, default=ROOT / ".bench", help="models and environments (re-used between runs)")
     p.add_argument("--workloads", default="small,large", help=f"comma-separated: {', '.join(WORKLOADS)}")
-    p.add_argument("--systems", default="sdrt,diffusers,optimum,openvino,openvino dynamic",
-                   help="comma-separated: sdrt, diffusers, optimum, openvino (static shapes), openvino dynamic; "
+    p.add_argument("--systems", default="sdrt,diffusers,optimum,openvino,openvino f32,openvino dynamic",
+                   help="comma-separated: sdrt, diffusers, optimum, openvino (static shapes, OpenVINO's default "
+                        "precision for the CPU), openvino f32 (the same in f32), openvino dynamic; "
                         "--int8 adds sdrt int8 and openvino int8 (weights compressed to int8)")
     p.add_argument("--repeats", type=int, help=f"timed runs after the warm-up, the best is reported (default: {REPEATS})")
     p.add_argument("--int8", action="store_true", help="also run sdrt with the int8 UNet (--precision int8)")
@@ -457,7 +493,8 @@ def main() -> None:
     if args.prepare_only:
         return
     date = dt.date.today().isoformat()
-    command = "python benchmarks/cpu.py " + " ".join(sys.argv[1:])
+    # The command as the docs show it: the work folder is this machine's business.
+    command = "python benchmarks/cpu.py " + " ".join("WORK" if a == str(args.work) else a for a in sys.argv[1:])
     sections, records = {m: [] for m in models}, []
     for name in names:
         w = {**WORKLOADS[name], **({"size": args.size} if args.size else {})}
@@ -477,9 +514,8 @@ def main() -> None:
         if w["model"] != "sd15":
             label = f"{model_label}: {label}"
         t = table(recs)
-        for base in ("sdrt", "openvino"):
-            if f"{base} int8" in systems and base in systems and (only is None or base in only):
-                t += "\n" + int8_cost(args.work, w["size"], base)
+        ran = [r["system"] for r in recs]
+        t = "\n".join([t, *lossy_costs(args.work, w["size"], ran), goal_line(recs)]).rstrip()
         print(f"\n### {label}\n\n{t}\n", flush=True)
         sections[w["model"]].append(f"### {label}\n\n{t}")
         for r in recs:

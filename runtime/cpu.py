@@ -34,6 +34,8 @@ SHOWN = {
     "avx512_vnni": "AVX512-VNNI",
     "avx_vnni": "AVX-VNNI",
     "amx_int8": "AMX-INT8",
+    "avx512_bf16": "AVX512-BF16",  # bf16 arithmetic (what other runtimes, e.g. OpenVINO, compute in by default here)
+    "amx_bf16": "AMX-BF16",
     "asimddp": "dotprod",
     "i8mm": "i8mm",
 }

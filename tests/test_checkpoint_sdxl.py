@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from ckpt_layout import save, sdxl_original_state_dict, training_extras
-from test_checkpoint import offline  # noqa: F401  (fixture: no network in these tests)
+from test_checkpoint import offline, vae_to_original_plain  # noqa: F401  (offline: a fixture, no network in these tests)
 from test_pipeline_parity import _compare, _diffusers_noise, _scheduler_modules, _step_noise_source
 from test_sdxl import NEGATIVE, PROMPT, XL_MODULES, _noise, _xl_image, graph_differences
 
@@ -57,14 +57,19 @@ def xlfile(models, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def xlexport(xlfile, tmp_path_factory):
-    """kind -> sdrt's fp32 cpu export of the kind's single file (once per module)."""
+def xlexport(models, xlfile, tmp_path_factory):
+    """kind -> sdrt's fp32 cpu export of the kind's single file (once per module); the base model's
+    with its own VAE passed again as an A1111-style VAE file (`--vae`), which states no scale: the
+    export must give it SDXL's."""
     root = tmp_path_factory.mktemp("sdxl-file-exports")
     done = {}
 
     def get(kind: str) -> Path:
         if kind not in done:
-            done[kind] = export_model(xlfile(kind), root / kind, log=_quiet)
+            vae = None
+            if kind == "ckpt-sdxl":
+                vae = save(vae_to_original_plain(models.source(kind)), root / "sdxl_vae.safetensors")
+            done[kind] = export_model(xlfile(kind), root / kind, vae=vae, check=False, log=_quiet)
         return done[kind]
 
     return get
@@ -165,7 +170,7 @@ def test_file_export_computes_what_diffusers_computes(models, xlfile, xlexport, 
 def test_file_img2img_matches_diffusers_single_file_pipeline(models, xlfile, xlexport, offline):  # noqa: F811
     """The user's two commands: export the SDXL file, run img2img; the image is the one diffusers'
     SDXL img2img pipeline makes from the same file (same noise), and its infotext names the file
-    with A1111's Model hash."""
+    with A1111's Model hash and the VAE file with its hash; the VAE file got SDXL's scale."""
     from diffusers import StableDiffusionXLImg2ImgPipeline
 
     from sdrt.runtime import load
@@ -185,7 +190,10 @@ def test_file_img2img_matches_diffusers_single_file_pipeline(models, xlfile, xle
                              num_inference_steps=8, guidance_scale=6.0).images[0]
     assert _compare("SDXL single file img2img", res.images[0], theirs) <= 2
     short = hashlib.sha256(path.read_bytes()).hexdigest()[:10]
-    assert f"Model hash: {short}, Model: {path.stem}" in res.infotexts[0]
+    vae = xlexport("ckpt-sdxl").parent / "sdxl_vae.safetensors"
+    vae_short = hashlib.sha256(vae.read_bytes()).hexdigest()[:10]
+    assert f"Model hash: {short}, Model: {path.stem}, VAE hash: {vae_short}, VAE: {vae.name}" in res.infotexts[0]
+    assert json.loads((xlexport("ckpt-sdxl") / "sdrt.json").read_text())["vae_scaling_factor"] == 0.13025
 
 
 def _bad_sdxl_files(root: Path, sd: dict) -> list[tuple[str, Path, str]]:

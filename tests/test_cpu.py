@@ -49,7 +49,7 @@ Features	: fp asimd evtstrm aes pmull sha1 sha2 crc32 cpuid
     (SKYLAKE_SP, "x86_64", "x86_64: AVX2, AVX-512", True),
     (ICE_LAKE, "x86_64", "x86_64: AVX2, AVX-512, AVX512-VNNI", False),
     (ALDER_LAKE, "x86_64", "x86_64: AVX2, AVX-VNNI", False),
-    (SAPPHIRE_RAPIDS, "x86_64", "x86_64: AVX2, AVX-512, AVX512-VNNI, AVX-VNNI, AMX-INT8", False),
+    (SAPPHIRE_RAPIDS, "x86_64", "x86_64: AVX2, AVX-512, AVX512-VNNI, AVX-VNNI, AMX-INT8, AVX512-BF16, AMX-BF16", False),
     (GRAVITON_3, "aarch64", "arm64: dotprod, i8mm", False),
     (CORTEX_A72, "aarch64", "arm64: none of dotprod, i8mm", False),
 ])
