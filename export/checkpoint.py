@@ -708,8 +708,31 @@ def tokenizer_for(family: str):
                          pad_token="!" if family == "sd2" else "<|endoftext|>", model_max_length=77)
 
 
-class CheckpointSource:
-    """A single-file checkpoint as an export source (the interface of export.DiffusersSource)."""
+class FileSource:
+    """What the export sources of single files share: each model built from the file's tensors,
+    one model at a time (subclasses give configs, `_text_module` and the scheduler config)."""
+
+    def weight_bytes(self) -> dict[str, int]:
+        return file_weight_bytes(self.tf)
+
+    def module(self, component: str):
+        """(the module on the meta device, its key map, what it is called in messages)"""
+        if component == "unet":
+            return build_module("unet", self.unet_config), unet_key_map(self.tf, self.unet_config), "UNet"
+        if component == "vae":
+            return build_module("vae", self.vae_config), vae_key_map(self.tf, VAE, self.vae_config), "VAE"
+        return self._text_module(component)
+
+    def load(self, component: str):
+        return load_module(self, component)
+
+    def write_scheduler(self, dst: Path) -> None:
+        dst.mkdir(parents=True, exist_ok=True)
+        (dst / "scheduler_config.json").write_text(json.dumps(self.scheduler_config, indent=2) + "\n")
+
+
+class CheckpointSource(FileSource):
+    """An SD 1.x/2.x single-file checkpoint as an export source (the interface of export.DiffusersSource)."""
 
     def __init__(self, path: Path, prediction_type: str | None = None, log=print, tensors: TensorFile | None = None):
         from transformers import CLIPTextConfig
@@ -756,15 +779,7 @@ class CheckpointSource:
         log(f"  {self.name}: SD {det.family[-1]}.x{' inpainting' if inpaint else ''}, {det.in_channels}-channel UNet, "
             f"{det.prediction_type} ({how}), {text}{ema}")
 
-    def weight_bytes(self) -> dict[str, int]:
-        return file_weight_bytes(self.tf)
-
-    def module(self, component: str):
-        """(the module on the meta device, its key map, what it is called in messages)"""
-        if component == "unet":
-            return build_module("unet", self.unet_config), unet_key_map(self.tf, self.unet_config), "UNet"
-        if component == "vae":
-            return build_module("vae", self.vae_config), vae_key_map(self.tf, VAE, self.vae_config), "VAE"
+    def _text_module(self, component: str):
         if self.detected.family == "sd2":
             keys = open_clip_key_map(self.tf, self._text["num_hidden_layers"])
         else:
@@ -774,11 +789,7 @@ class CheckpointSource:
     def load(self, component: str):
         if component in self._cached:
             return self._cached.pop(component)
-        return load_module(self, component)
-
-    def write_scheduler(self, dst: Path) -> None:
-        dst.mkdir(parents=True, exist_ok=True)
-        (dst / "scheduler_config.json").write_text(json.dumps(self.scheduler_config, indent=2) + "\n")
+        return super().load(component)
 
 
 def checkpoint_source(path: Path, prediction_type: str | None = None, log=print, tensors: TensorFile | None = None):

@@ -18,9 +18,9 @@ from pathlib import Path
 
 from . import sdxl
 from .checkpoint import (
-    UNET, VAE, Detected, TensorFile, _error, _template, build_module, check_complete, clip_config, clip_key_map,
-    detect, file_weight_bytes, load_module, open_clip_config, open_clip_key_map, scheduler_config, tokenizer_for,
-    unet_config, unet_key_map, vae_config, vae_key_map,
+    UNET, VAE, Detected, FileSource, TensorFile, _error, _template, build_module, check_complete, clip_config,
+    clip_key_map, detect, open_clip_config, open_clip_key_map, scheduler_config, tokenizer_for, unet_config,
+    vae_config,
 )
 
 CLIP_L = "conditioner.embedders.0.transformer."
@@ -47,7 +47,7 @@ def recognise_sdxl(tf: TensorFile) -> str:
                  f"with OpenCLIP under {OPEN_CLIP!r}, nor a refiner's OpenCLIP under {REFINER_OPEN_CLIP!r})")
 
 
-class SDXLCheckpointSource:
+class SDXLCheckpointSource(FileSource):
     """An SDXL single file as an export source (the interface of export.SDXLSource)."""
 
     sdxl = True
@@ -83,29 +83,12 @@ class SDXLCheckpointSource:
         log(f"  {self.name}: {det.label}{' inpainting' if det.in_channels == 9 else ''}, {det.in_channels}-channel "
             f"UNet, {det.prediction_type} ({det.how}), {text}{ema}")
 
-    def weight_bytes(self) -> dict[str, int]:
-        return file_weight_bytes(self.tf)
-
-    def module(self, component: str):
-        """(the module on the meta device, its key map, what it is called in messages)"""
-        if component == "unet":
-            return build_module("unet", self.unet_config), unet_key_map(self.tf, self.unet_config), "UNet"
-        if component == "vae":
-            return build_module("vae", self.vae_config), vae_key_map(self.tf, VAE, self.vae_config), "VAE"
+    def _text_module(self, component: str):
         m = build_module(component, self._text[component])
         if component == "text_encoder_2":
             layers = self._text[component]["num_hidden_layers"]
             return m, open_clip_key_map(self.tf, layers, self._open_clip), "OpenCLIP text encoder"
         return m, clip_key_map(self.tf, CLIP_L), "CLIP text encoder"
-
-    def load(self, component: str):
-        return load_module(self, component)
-
-    def write_scheduler(self, dst: Path) -> None:
-        import json
-
-        dst.mkdir(parents=True, exist_ok=True)
-        (dst / "scheduler_config.json").write_text(json.dumps(self.scheduler_config, indent=2) + "\n")
 
 
 def _unet_config(tf: TensorFile, det: Detected, pooled: int, time_ids: int) -> dict:
