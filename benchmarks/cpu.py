@@ -142,7 +142,7 @@ def worker_diffusers(model: Path, w: dict, image: Path, repeats: int) -> dict:
     t = time.perf_counter()
     cls = getattr(diffusers, MODELS[w["model"]][2])
     extra = {"add_watermarker": False} if w["model"] == "sdxl" else {"safety_checker": None, "requires_safety_checker": False}
-    pipe = cls.from_pretrained(model, **extra)
+    pipe = cls.from_pretrained(model, torch_dtype=torch.float32, **extra)  # fp32, as every system here
     pipe.scheduler = getattr(diffusers, w["sampler"]).from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     load = time.perf_counter() - t
@@ -319,20 +319,45 @@ def prepare(work: Path, args, model: str = "sd15") -> dict:
     if "optimum" in args.systems:
         py_opt = args.peer_py["optimum"] = peer_python(work, args.optimum_python, "optimum")
         opt_dir = work / f"{kind}-optimum"
-        if not (opt_dir / "model_index.json").exists():
-            sh([py_opt.parent / "optimum-cli", "export", "onnx", "-m", src, "--task", "text-to-image", opt_dir], env=env)
-        models["optimum"] = opt_dir
+        if (opt_dir / "model_index.json").exists() or peer_export(
+                args, "optimum", [py_opt.parent / "optimum-cli", "export", "onnx", "-m", src, "--task", "text-to-image", opt_dir],
+                env=env):
+            models["optimum"] = opt_dir
     if model == "sd15" and any(s.startswith("openvino") for s in args.systems):
         py_ov = args.peer_py["openvino"] = peer_python(work, args.openvino_python, "openvino")
         formats = {"openvino": "fp32", "openvino f32": "fp32", "openvino dynamic": "fp32", "openvino int8": "int8"}
         for system in [s for s in args.systems if s.startswith("openvino")]:
             ov_dir = work / f"{kind}-openvino-{formats[system]}"
-            if not (ov_dir / "model_index.json").exists():
-                sh([py_ov.parent / "optimum-cli", "export", "openvino", "-m", src, "--task", "image-to-image",
-                    "--weight-format", formats[system], ov_dir], env=env)
-            models[system] = ov_dir
+            if (ov_dir / "model_index.json").exists() or peer_export(
+                    args, system, [py_ov.parent / "optimum-cli", "export", "openvino", "-m", src, "--task", "image-to-image",
+                                   "--weight-format", formats[system], ov_dir], env=env):
+                models[system] = ov_dir
     models["diffusers"] = src
     return models
+
+
+def peer_export(args, system: str, cmd: list, **kw) -> bool:
+    """Run a peer's export; one that fails is recorded in args.failed (the table says why) instead
+    of ending the benchmark: a peer that cannot export a model on this machine is a result too.
+    The failure is kept beside the output folder (OUT.failed; delete it to try again)."""
+    import shutil
+
+    marker = Path(f"{cmd[-1]}.failed")
+    if marker.exists():
+        args.failed[system] = marker.read_text().strip()
+        return False
+    try:
+        sh(cmd, **kw)
+        return True
+    except subprocess.CalledProcessError as e:
+        shutil.rmtree(cmd[-1], ignore_errors=True)
+        gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+        why = (f"killed by the out-of-memory killer on this machine's {gib:.0f} GiB" if e.returncode == -9
+               else f"exit status {e.returncode}")
+        args.failed[system] = f"`{Path(cmd[0]).name} {cmd[1]} {cmd[2]}` failed ({why}), so it was not run"
+        marker.write_text(args.failed[system] + "\n")
+        print(f"{system}: {args.failed[system]}", flush=True)
+        return False
 
 
 def peer_python(work: Path, given: str | None, peer: str) -> Path:
@@ -488,6 +513,7 @@ def main() -> None:
     if args.int8 and "openvino" in systems:
         systems.insert(systems.index("openvino") + 1, "openvino int8")
     args.systems = systems
+    args.failed = {}  # system -> why it was not run (its export failed)
     names = [s.strip() for s in args.workloads.split(",")]
     models = {m: prepare(args.work, args, m) for m in dict.fromkeys(WORKLOADS[n]["model"] for n in names)}
     if args.prepare_only:
@@ -503,7 +529,7 @@ def main() -> None:
         image = args.work / f"input-{w['size']}.png"
         test_image(w["size"]).save(image)
         recs = []
-        for system in [s for s in systems if only is None or s in only]:
+        for system in [s for s in systems if (only is None or s in only) and s in models[w["model"]]]:
             python = args.peer_py.get(system.split()[0], Path(sys.executable))
             save = args.work / f"out-{system.replace(' ', '-')}-{w['size']}.png" if system.startswith(("sdrt", "openvino")) else None
             recs.append(run_worker(system, python, models[w["model"]][system], w, image, repeats, save))
@@ -515,18 +541,23 @@ def main() -> None:
             label = f"{model_label}: {label}"
         t = table(recs)
         ran = [r["system"] for r in recs]
-        t = "\n".join([t, *lossy_costs(args.work, w["size"], ran), goal_line(recs)]).rstrip()
+        failed = [f"- {s}: {why}" for s, why in args.failed.items() if only is None or s in only]
+        t = "\n".join([t, *failed, *lossy_costs(args.work, w["size"], ran), goal_line(recs)]).rstrip()
         print(f"\n### {label}\n\n{t}\n", flush=True)
         sections[w["model"]].append(f"### {label}\n\n{t}")
         for r in recs:
-            records.append({"date": date, "device": machine(), "workload": {**w, "name": name, "prompt": PROMPT, "timed_runs": repeats}, **r})
+            workload = {**r.get("workload", {}), **w, "name": name, "prompt": PROMPT, "timed_runs": repeats}
+            records.append({**r, "date": date, "device": machine(), "workload": workload})
     if not args.no_docs:
         for m, secs in sections.items():
             head = f"Machine: {machine()}. Model: {MODELS[m][1]}, random weights, fp32. Date: {date}."
             doc = write_docs([head, *secs], command, m)
         out = ROOT / "benchmarks" / "results" / f"cpu-{date}.json"
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(records, indent=1) + "\n")
+        # The day's file keeps the records of other workloads measured that day.
+        ran = {r["workload"]["name"] for r in records}
+        kept = [r for r in json.loads(out.read_text()) if r["workload"].get("name") not in ran] if out.exists() else []
+        out.write_text(json.dumps(kept + records, indent=1) + "\n")
         print(f"wrote {doc} and {out}")
 
 
