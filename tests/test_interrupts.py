@@ -22,9 +22,12 @@ from sdrt.cli.app import app
 from sdrt.runtime.infotext import STALE_TEMP_SECONDS, remove_stale_temp_files
 
 # Runs the CLI with os.fsync held at its N-th call (SDRT_TEST_HOLD_AT) until a line arrives on
-# stdin: the moment a PNG's temporary file is written but not yet renamed into place.
+# stdin: the moment a PNG's temporary file is written but not yet renamed into place. Ctrl-C acts as
+# in a terminal even when the tests themselves run in the background (`cmd &` starts with SIGINT
+# ignored, and children inherit that).
 HOLD = r"""
-import os, sys
+import os, signal, sys
+signal.signal(signal.SIGINT, signal.default_int_handler)
 real_fsync = os.fsync
 calls = [0]
 def fsync(fd):
