@@ -120,10 +120,6 @@ class DiffusersSource:
         if self._override:
             self.scheduler_config["prediction_type"] = prediction_type
 
-    def weight_bytes(self) -> dict[str, int]:
-        """fp32 bytes of each model's weights, from the weight files' headers (no weights read)."""
-        return {c: _folder_weight_bytes(self.src / c) for c in self.COMPONENTS}
-
     def load(self, component: str):
         import torch
         from diffusers import AutoencoderKL, UNet2DConditionModel

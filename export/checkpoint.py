@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import struct
 from dataclasses import dataclass, replace
@@ -239,6 +240,11 @@ class Detected:
     def label(self) -> str:
         return FAMILY_LABELS[self.family]
 
+    @property
+    def configs(self) -> str:
+        """The folder of models/checkpoint-configs with this family's configs (a refiner's are SDXL's)."""
+        return "sdxl" if self.family.startswith("sdxl") else self.family
+
 
 FAMILY_LABELS = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL", "sdxl-refiner": "SDXL refiner"}
 
@@ -353,7 +359,7 @@ def _indices(keys, pattern: str) -> list[int]:
 def unet_config(tf: TensorFile, det: Detected) -> dict:
     """diffusers UNet2DConditionModel config: sizes from the tensors, the rest from the family."""
     keys = [k[len(UNET):] for k in tf.keys() if k.startswith(UNET)]
-    cfg = _template("sdxl" if det.family.startswith("sdxl") else det.family, "unet")
+    cfg = _template(det.configs, "unet")
     w_in = tf.shape(UNET + "input_blocks.0.0.weight")
     cfg["in_channels"] = int(w_in[1])
     cfg["out_channels"] = int(tf.shape(UNET + "out.2.weight")[0])
@@ -388,9 +394,10 @@ def unet_config(tf: TensorFile, det: Detected) -> dict:
     return cfg
 
 
-def vae_config(tf: TensorFile, prefix: str) -> dict:
+def vae_config(tf: TensorFile, prefix: str, configs: str = "common") -> dict:
+    """diffusers AutoencoderKL config: sizes from the tensors, scale and the rest from `configs`'s vae.json."""
     keys = [k[len(prefix):] for k in tf.keys() if k.startswith(prefix)]
-    cfg = _template("common", "vae")
+    cfg = _template(configs, "vae")
     down = _indices(keys, r"encoder\.down\.(\d+)\.")
     cfg["block_out_channels"] = [int(tf.shape(prefix + f"encoder.down.{i}.block.0.conv1.weight")[0]) for i in down]
     cfg["down_block_types"] = ["DownEncoderBlock2D"] * len(down)
@@ -648,14 +655,8 @@ def _file_shape(tf: TensorFile, src) -> tuple[int, ...]:
 
 def _check_shape(tf: TensorFile, src, shape: tuple[int, ...], dst: str, what: str) -> None:
     got = _file_shape(tf, src)
-    n = 1
-    for d in shape:
-        n *= d
-    m = 1
-    for d in got:
-        m *= d
     # 1x1 convolutions stored for linear layers (the VAE's attention) are read as the linear weight.
-    if got != shape and not (m == n and len(got) > len(shape)):
+    if got != shape and not (math.prod(got) == math.prod(shape) and len(got) > len(shape)):
         raise _error(f"{tf.path.name}: {src if isinstance(src, str) else src[0]} has shape {got}, the {what} "
                      f"expects {shape} for {dst}")
 
@@ -711,9 +712,6 @@ def tokenizer_for(family: str):
 class FileSource:
     """What the export sources of single files share: each model built from the file's tensors,
     one model at a time (subclasses give configs, `_text_module` and the scheduler config)."""
-
-    def weight_bytes(self) -> dict[str, int]:
-        return file_weight_bytes(self.tf)
 
     def module(self, component: str):
         """(the module on the meta device, its key map, what it is called in messages)"""
@@ -811,8 +809,7 @@ def file_weight_bytes(tf: TensorFile) -> dict[str, int]:
 def scheduler_config(det: Detected) -> dict:
     """The family's training schedule with the file's prediction type (and, for a file marked
     "ztsnr", the zero-terminal-SNR rescaling, as ComfyUI reads that marker)."""
-    cfg = {**_template("sdxl" if det.family.startswith("sdxl") else det.family, "scheduler"),
-           "prediction_type": det.prediction_type}
+    cfg = {**_template(det.configs, "scheduler"), "prediction_type": det.prediction_type}
     if det.zero_snr:
         cfg["rescale_betas_zero_snr"] = True
     return cfg

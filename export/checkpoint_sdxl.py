@@ -70,8 +70,7 @@ class SDXLCheckpointSource(FileSource):
         self.COMPONENTS = (*sdxl.text_encoders(self.index), "unet", "vae")
         self.unet_config = _unet_config(tf, det, self._text["text_encoder_2"]["projection_dim"],
                                         sdxl.time_ids(self.index))
-        self.vae_config = {**vae_config(tf, VAE), **{k: _template("sdxl", "vae")[k] for k in
-                                                     ("scaling_factor", "force_upcast", "sample_size")}}
+        self.vae_config = vae_config(tf, VAE, det.configs)
         # SDXL's first tokenizer pads with <|endoftext|> (SD 1.x's), the second with "!" (SD 2.x's).
         self.tokenizers = {n: tokenizer_for("sd2" if n == "text_encoder_2" else "sd1") for n in self.COMPONENTS
                            if n.startswith("text_encoder")}

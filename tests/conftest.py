@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import socket
 import threading
 from pathlib import Path
 
@@ -90,3 +91,23 @@ def _private_cache_dir(tmp_path_factory):
         os.environ.pop("SDRT_CACHE_DIR", None)
     else:
         os.environ["SDRT_CACHE_DIR"] = old
+
+
+@pytest.fixture()
+def offline(monkeypatch):
+    """No network in this process: hub libraries told to stay offline, and every socket connection
+    refused (a test that reaches for the network fails)."""
+    for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "DIFFUSERS_OFFLINE"):
+        monkeypatch.setenv(k, "1")
+    attempts = []
+
+    def refuse(*args, **kwargs):
+        attempts.append(args)
+        raise OSError("network access in an offline test")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    yield attempts
+    assert not attempts, f"network access attempted: {attempts[:3]}"

@@ -14,7 +14,6 @@ import json
 import os
 import pickle
 import shutil
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -38,26 +37,6 @@ FAMILIES = {  # test model kind -> (OpenCLIP text encoder, diffusers pipeline cl
 # schedule only, which a file does not state. The ckpt-sd2 file exported with --prediction-type
 # v_prediction stands for it below, and the A1111 test that tells them apart is tested on its own.
 GRAPHS = ("text_encoder", "unet", "vae_encoder", "vae_decoder")
-
-
-@pytest.fixture()
-def offline(monkeypatch):
-    """No network in this process: hub libraries told to stay offline, and every socket connection
-    refused (a test that reaches for the network fails)."""
-    for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "DIFFUSERS_OFFLINE"):
-        monkeypatch.setenv(k, "1")
-    attempts = []
-
-    def refuse(*args, **kwargs):
-        attempts.append(args)
-        raise OSError("network access in an offline test")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
-    monkeypatch.setattr(socket, "getaddrinfo", refuse)
-    yield attempts
-    assert not attempts, f"network access attempted: {attempts[:3]}"
 
 
 def _quiet(msg):

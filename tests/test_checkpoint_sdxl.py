@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from ckpt_layout import save, sdxl_original_state_dict, training_extras
-from test_checkpoint import offline, vae_to_original_plain  # noqa: F401  (offline: a fixture, no network in these tests)
+from test_checkpoint import vae_to_original_plain
 from test_pipeline_parity import _compare, _diffusers_noise, _scheduler_modules, _step_noise_source
 from test_sdxl import NEGATIVE, PROMPT, XL_MODULES, _noise, _xl_image, graph_differences
 
@@ -85,7 +85,7 @@ def _single_file_pipeline(kind: str, path: Path, folder: Path):
 
 
 @pytest.mark.parametrize("kind", list(KINDS))
-def test_diffusers_reads_the_written_file_back(models, xlfile, kind, offline):  # noqa: F811
+def test_diffusers_reads_the_written_file_back(models, xlfile, kind, offline):
     """The test files are what diffusers understands as SDXL single files: its loader reads each
     back to the folder's exact weights (every tensor of the UNet, VAE and text encoders)."""
     import diffusers
@@ -104,7 +104,7 @@ def test_diffusers_reads_the_written_file_back(models, xlfile, kind, offline):  
 
 
 @pytest.mark.parametrize("kind", list(KINDS))
-def test_configs_read_from_the_tensors_are_the_folders(models, xlfile, kind, offline):  # noqa: F811
+def test_configs_read_from_the_tensors_are_the_folders(models, xlfile, kind, offline):
     """Every size sdrt reads from an SDXL file (levels, transformer blocks per level, heads, widths,
     the added embedding's time-id width, text layers and projections) is the folder's; the
     pipeline kind, tokenizers' padding and schedule are SDXL's."""
@@ -148,7 +148,7 @@ def test_configs_read_from_the_tensors_are_the_folders(models, xlfile, kind, off
 
 
 @pytest.mark.parametrize("kind", ["ckpt-sdxl", "ckpt-sdxl-refiner"])
-def test_file_export_computes_what_diffusers_computes(models, xlfile, xlexport, kind, offline):  # noqa: F811
+def test_file_export_computes_what_diffusers_computes(models, xlfile, xlexport, kind, offline):
     """The graphs exported from the file compute what diffusers' modules of the folder compute
     (every hidden state and pooled output of each text encoder, the UNet with its time ids, the
     VAE), and the folder records the file and its A1111 hash."""
@@ -167,7 +167,7 @@ def test_file_export_computes_what_diffusers_computes(models, xlfile, xlexport, 
     assert manifest["sdxl"]["requires_aesthetics_score"] == (kind == "ckpt-sdxl-refiner")
 
 
-def test_file_img2img_matches_diffusers_single_file_pipeline(models, xlfile, xlexport, offline):  # noqa: F811
+def test_file_img2img_matches_diffusers_single_file_pipeline(models, xlfile, xlexport, offline):
     """The user's two commands: export the SDXL file, run img2img; the image is the one diffusers'
     SDXL img2img pipeline makes from the same file (same noise), and its infotext names the file
     with A1111's Model hash and the VAE file with its hash; the VAE file got SDXL's scale."""
@@ -233,7 +233,7 @@ def _bad_sdxl_files(root: Path, sd: dict) -> list[tuple[str, Path, str]]:
     return out
 
 
-def test_bad_sdxl_files_are_refused_in_one_line(models, tmp_path, offline):  # noqa: F811
+def test_bad_sdxl_files_are_refused_in_one_line(models, tmp_path, offline):
     """Incomplete or inconsistent SDXL files: one line naming the file and what is wrong, exit 1
     from the CLI, no output folder."""
     from typer.testing import CliRunner
